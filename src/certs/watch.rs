@@ -1,0 +1,229 @@
+//! Watches the certificate directories and installs each new valid set; keeps the last good one.
+//!
+//! `notify` watches the directories (never the files: the kubelet swaps `..data`, the visible
+//! symlinks never change). Events are debounced, then the whole set is read (`source`) and
+//! validated (`bundle`). A set identical to the one being served is ignored; a new valid set is
+//! handed to the [`ReloadSink`]; a bad or half-written set is reported and retried with back-off
+//! while the previous set keeps serving. A periodic re-check catches any missed event, and the
+//! directories may not exist at start (the kubelet may mount them later).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::{RecursiveMode, Watcher as _};
+use rustls::crypto::CryptoProvider;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::bundle::{CertBundle, Usage};
+use super::source::{SecretSource, SourceError};
+use crate::config::ReloadTiming;
+
+/// What woke the watcher up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The first load at start.
+    Start,
+    /// A file-system event in a watched directory.
+    Event,
+    /// The periodic re-check.
+    Recheck,
+    /// A retry after a failed load.
+    Retry,
+}
+
+impl Trigger {
+    /// Lowercase name for logs and span attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Event => "event",
+            Trigger::Recheck => "recheck",
+            Trigger::Retry => "retry",
+        }
+    }
+}
+
+/// The outcome of one load attempt that changed something or failed.
+#[derive(Debug, Clone)]
+pub struct ReloadReport {
+    /// What triggered it.
+    pub trigger: Trigger,
+    /// When the attempt started.
+    pub started: SystemTime,
+    /// How long reading, validating and installing took.
+    pub duration: Duration,
+    /// Serial and not-after of the installed leaf, or why the set was refused.
+    pub result: Result<(String, SystemTime), String>,
+    /// Whether the set was refused because files are still missing (not an error at start).
+    pub waiting: bool,
+    /// Consecutive failures so far (0 after a success).
+    pub failures: u32,
+}
+
+/// Receives validated sets and reports. Implemented by the composition root, which builds the
+/// rustls configs and publishes them.
+pub trait ReloadSink: Send + 'static {
+    /// Installs a validated set that differs from the one being served; an error keeps the old one.
+    fn install(&mut self, bundle: CertBundle) -> Result<(), String>;
+    /// Called after each attempt that installed a set or failed.
+    fn report(&mut self, report: &ReloadReport);
+}
+
+/// The certificate watcher for one source.
+pub struct CertWatcher {
+    source: SecretSource,
+    usage: Usage,
+    timing: ReloadTiming,
+    provider: Arc<CryptoProvider>,
+}
+
+enum Attempt {
+    Unchanged,
+    Installed(String, SystemTime),
+    Failed { reason: String, waiting: bool },
+}
+
+impl CertWatcher {
+    /// A watcher for `source` whose leaf must be good for `usage`.
+    pub fn new(source: SecretSource, usage: Usage, timing: ReloadTiming, provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            source,
+            usage,
+            timing,
+            provider,
+        }
+    }
+
+    /// Reads and validates the set (blocking). `Ok(None)` when its bytes are those of `known`,
+    /// the set being served; the error says why and whether files are merely not there yet.
+    pub fn load(&self, known: Option<[u8; 32]>) -> Result<Option<CertBundle>, (String, bool)> {
+        match self.source.read() {
+            Ok(raw) if Some(raw.fingerprint()) == known => Ok(None),
+            Ok(raw) => CertBundle::from_raw(&raw, self.usage, SystemTime::now(), &self.provider)
+                .map(Some)
+                .map_err(|e| (e.to_string(), false)),
+            Err(e) => {
+                let waiting = matches!(e, SourceError::DirMissing(_) | SourceError::FileMissing { .. });
+                Err((e.to_string(), waiting))
+            }
+        }
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(16);
+        self.timing
+            .min_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.timing.max_backoff)
+    }
+
+    fn start_notify(&self, wake: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+        let wake = wake.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                wake.notify_one();
+            }
+        })
+        .ok()?;
+        for dir in self.source.watch_dirs() {
+            if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch yet; relying on re-checks");
+                return None;
+            }
+        }
+        Some(watcher)
+    }
+
+    /// Runs until `cancel` fires: loads at once, then on every event, re-check and retry.
+    pub async fn run<S: ReloadSink>(self, mut sink: S, cancel: CancellationToken) {
+        let this = Arc::new(self);
+        let wake = Arc::new(Notify::new());
+        let mut fs_watch = None;
+        let mut served: Option<[u8; 32]> = None;
+        let mut failures: u32 = 0;
+        let mut trigger = Trigger::Start;
+        loop {
+            if fs_watch.is_none() {
+                fs_watch = this.start_notify(&wake);
+            }
+            let started = SystemTime::now();
+            let t0 = Instant::now();
+            let worker = this.clone();
+            let known = served;
+            let attempt = tokio::task::spawn_blocking(move || worker.load(known)).await;
+            let attempt = match attempt {
+                Ok(Ok(None)) => Attempt::Unchanged,
+                Ok(Ok(Some(bundle))) => {
+                    let fp = bundle.fingerprint;
+                    let serial = bundle.leaf.serial.clone();
+                    let not_after = bundle.leaf.not_after;
+                    match sink.install(bundle) {
+                        Ok(()) => {
+                            served = Some(fp);
+                            Attempt::Installed(serial, not_after)
+                        }
+                        Err(reason) => Attempt::Failed { reason, waiting: false },
+                    }
+                }
+                Ok(Err((reason, waiting))) => Attempt::Failed { reason, waiting },
+                Err(join) => Attempt::Failed {
+                    reason: format!("certificate load task failed: {join}"),
+                    waiting: false,
+                },
+            };
+            let next = match attempt {
+                Attempt::Unchanged => {
+                    failures = 0;
+                    this.timing.recheck
+                }
+                Attempt::Installed(serial, not_after) => {
+                    failures = 0;
+                    sink.report(&ReloadReport {
+                        trigger,
+                        started,
+                        duration: t0.elapsed(),
+                        result: Ok((serial, not_after)),
+                        waiting: false,
+                        failures,
+                    });
+                    this.timing.recheck
+                }
+                Attempt::Failed { reason, waiting } => {
+                    failures = failures.saturating_add(1);
+                    if waiting {
+                        // The directory may be replaced when it finally appears: watch it afresh.
+                        fs_watch = None;
+                    }
+                    sink.report(&ReloadReport {
+                        trigger,
+                        started,
+                        duration: t0.elapsed(),
+                        result: Err(reason),
+                        waiting,
+                        failures,
+                    });
+                    this.backoff(failures)
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => {
+                    trigger = Trigger::Event;
+                    // Debounce: the kubelet creates a directory, a symlink, renames it and removes
+                    // the old directory; wait until the events stop.
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(this.timing.debounce) => break,
+                            _ = wake.notified() => {}
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(next) => {
+                    trigger = if failures > 0 { Trigger::Retry } else { Trigger::Recheck };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! `wsgate proxy`: binds the ports, starts the certificate watcher, the accept loop and the
+//! admin server, and drains gracefully.
+//!
+//! `listener`, `upgrade`, `pump` are the stages; `inbound` wires them per connection; this file
+//! wires the process. Everything here is reachable from the library, so the demo and the tests
+//! run the real proxy in-process.
+
+pub mod inbound;
+pub mod listener;
+pub mod pump;
+pub mod upgrade;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwapOption;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::certs::summary::rfc3339;
+use crate::certs::watch::{CertWatcher, ReloadReport, ReloadSink};
+use crate::certs::{CertBundle, SecretSource, Usage};
+use crate::config::{ProxyConfig, TlsMinVersion};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::ReloadLabels;
+use crate::tls::{Serving, TlsStore};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A port could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// `listener` or `admin`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Shared state behind `/readyz`, `/metrics`, `/drain`.
+pub struct Status {
+    store: Arc<TlsStore>,
+    metrics: Arc<Metrics>,
+    last_error: ArcSwapOption<String>,
+    draining: AtomicBool,
+    drain: CancellationToken,
+}
+
+impl AdminState for Status {
+    fn readiness(&self) -> Result<String, String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        let Some(serving) = self.store.current() else {
+            let why = self
+                .last_error
+                .load_full()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "no certificate loaded yet".into());
+            return Err(format!("no valid certificate: {why}"));
+        };
+        if SystemTime::now() > serving.leaf.not_after {
+            return Err(format!(
+                "the serving certificate (serial {}) expired at {}",
+                serving.leaf.serial,
+                rfc3339(serving.leaf.not_after)
+            ));
+        }
+        Ok(format!(
+            "serving certificate serial {}, valid until {}",
+            serving.leaf.serial,
+            rfc3339(serving.leaf.not_after)
+        ))
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain.cancel();
+    }
+}
+
+/// Installs validated bundles into the store and reports reloads.
+struct InboundSink {
+    store: Arc<TlsStore>,
+    status: Arc<Status>,
+    min_version: TlsMinVersion,
+}
+
+impl ReloadSink for InboundSink {
+    fn install(&mut self, bundle: CertBundle) -> Result<(), String> {
+        let server = crate::tls::server::server_config(&bundle, self.min_version).map_err(|e| e.to_string())?;
+        self.status
+            .metrics
+            .cert_not_after
+            .set(crate::certs::summary::to_unix(bundle.leaf.not_after) as f64);
+        self.store.install(Serving {
+            server,
+            leaf: bundle.leaf,
+            installed_at: SystemTime::now(),
+            fingerprint: bundle.fingerprint,
+        });
+        Ok(())
+    }
+
+    fn report(&mut self, report: &ReloadReport) {
+        let result = if report.result.is_ok() { "success" } else { "failure" };
+        self.status
+            .metrics
+            .reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+        match &report.result {
+            Ok((serial, not_after)) => {
+                self.status.last_error.store(None);
+                tracing::info!(
+                    target: "wsgate::certs",
+                    trigger = report.trigger.as_str(),
+                    serial = %serial,
+                    not_after = %rfc3339(*not_after),
+                    duration_ms = report.duration.as_secs_f64() * 1e3,
+                    "certificate installed"
+                );
+            }
+            Err(reason) => {
+                self.status.last_error.store(Some(Arc::new(reason.clone())));
+                let serving = self.store.current().map(|s| s.leaf.serial.clone());
+                tracing::warn!(
+                    target: "wsgate::certs",
+                    trigger = report.trigger.as_str(),
+                    reason = %reason,
+                    consecutive_failures = report.failures,
+                    still_serving = serving.as_deref().unwrap_or("nothing"),
+                    "certificate set refused; keeping the previous one"
+                );
+            }
+        }
+    }
+}
+
+/// A running proxy.
+pub struct ProxyHandle {
+    /// Where the mTLS listener is bound.
+    pub listen_addr: SocketAddr,
+    /// Where the admin server is bound.
+    pub admin_addr: SocketAddr,
+    /// The TLS store (tests and the demo read the serving serial from it).
+    pub store: Arc<TlsStore>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Starts a graceful drain (idempotent): stop accepting, Close 1001 on every connection.
+    pub fn drain(&self) {
+        self.status.drain();
+    }
+
+    /// Waits until the drain has finished (all connections closed, or the drain timeout).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// Resolves once a drain has started (by [`ProxyHandle::drain`] or `POST /drain`).
+    pub async fn drained(&self) {
+        self.status.drain.cancelled().await;
+    }
+
+    /// The readiness answer `/readyz` would give.
+    pub fn readiness(&self) -> Result<String, String> {
+        self.status.readiness()
+    }
+}
+
+/// Binds the ports and starts everything; returns once the ports are bound.
+pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| ProxyError::Bind {
+        what: "listener",
+        addr: cfg.listen,
+        source,
+    })?;
+    let admin_listener = TcpListener::bind(cfg.admin).await.map_err(|source| ProxyError::Bind {
+        what: "admin",
+        addr: cfg.admin,
+        source,
+    })?;
+    let listen_addr = listener.local_addr().unwrap_or(cfg.listen);
+    let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
+    let metrics = Metrics::new();
+    let store = Arc::new(TlsStore::new());
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let status = Arc::new(Status {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        last_error: ArcSwapOption::empty(),
+        draining: AtomicBool::new(false),
+        drain: drain.clone(),
+    });
+
+    let source = SecretSource {
+        cert_dir: cfg.cert_dir.clone(),
+        trust_bundle: cfg.trust_bundle.clone(),
+    };
+    let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
+    let sink = InboundSink {
+        store: store.clone(),
+        status: status.clone(),
+        min_version: cfg.tls_min_version,
+    };
+    tokio::spawn(watcher.run(sink, stop.clone()));
+    tokio::spawn(admin::serve(admin_listener, status.clone(), stop.clone()));
+
+    let inbound = Arc::new(inbound::Inbound {
+        store: store.clone(),
+        policy: cfg.policy.clone(),
+        upstream: cfg.upstream.clone(),
+        limits: cfg.limits,
+        handshake_timeout: cfg.handshake_timeout,
+        metrics: metrics.clone(),
+        drain: drain.clone(),
+    });
+    let tracker = TaskTracker::new();
+    let accept = tokio::spawn(listener::accept_loop(
+        listener,
+        cfg.limits.max_connections,
+        drain.clone(),
+        tracker.clone(),
+        move |stream, peer, permit| inbound.clone().handle(stream, peer, permit),
+    ));
+    tracing::info!(
+        listen = %listen_addr,
+        admin = %admin_addr,
+        upstream = %cfg.upstream.authority(),
+        cert_dir = %cfg.cert_dir.display(),
+        "wsgate proxy started"
+    );
+    let drain_timeout = cfg.drain_timeout;
+    let done = tokio::spawn(async move {
+        drain.cancelled().await;
+        let _ = accept.await;
+        tracker.close();
+        tracing::info!(open = tracker.len(), "draining: sent Close 1001 to every connection");
+        if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(open = tracker.len(), "drain timeout reached; closing the rest");
+        }
+        stop.cancel();
+        tracing::info!("wsgate proxy stopped");
+    });
+    Ok(ProxyHandle {
+        listen_addr,
+        admin_addr,
+        store,
+        metrics,
+        status,
+        done,
+    })
+}

@@ -1,0 +1,272 @@
+//! The frame pump: relays WebSocket messages both ways until either side closes.
+//!
+//! Each direction is a loop that reads one leg and writes the other; both loops run in the
+//! connection's one task (no extra spawn, no lock held across an await). Writes are batched:
+//! a loop flushes only when its source has nothing more ready. Pings are answered on each leg
+//! by tungstenite and not forwarded; Close frames are forwarded with their code and reason; a
+//! drain sends Close 1001 "going away" on both legs; an oversized message closes its sender's
+//! leg with 1009 and a protocol violation with 1002. Depends on tokio-tungstenite.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+/// Which way a message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the TLS client to the app.
+    ClientToUpstream,
+    /// From the app to the TLS client.
+    UpstreamToClient,
+}
+
+/// Who closed a connection first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The TLS client.
+    Client,
+    /// The app.
+    Upstream,
+    /// wsgate itself (drain, limits, protocol errors).
+    Proxy,
+}
+
+impl Initiator {
+    /// Lowercase name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Upstream => "upstream",
+            Initiator::Proxy => "proxy",
+        }
+    }
+}
+
+/// How the connection ended: the first close seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseSummary {
+    /// Who closed first.
+    pub initiator: Initiator,
+    /// The close code, `None` when a side vanished without a Close frame.
+    pub code: Option<u16>,
+    /// The close reason or what happened.
+    pub reason: String,
+}
+
+/// Receives relay counts, once per flushed batch.
+pub trait RelayMeter: Send + Sync {
+    /// `messages` data messages carrying `bytes` payload bytes went `dir`.
+    fn relayed(&self, dir: Direction, messages: u64, bytes: u64);
+}
+
+/// How long the other direction may take to finish its close handshake once one has ended.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Most messages relayed back to back before checking drain and close requests again.
+const MAX_BATCH: usize = 64;
+
+fn close(code: CloseCode, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+struct Leg<'a, S, D> {
+    src: SplitStream<WebSocketStream<S>>,
+    dst: SplitSink<WebSocketStream<D>, Message>,
+    dir: Direction,
+    /// Requests from the other loop to close `dst` with a given frame.
+    close_dst: oneshot::Receiver<Message>,
+    /// Asks the other loop to close `src`.
+    close_src: Option<oneshot::Sender<Message>>,
+    first: &'a OnceLock<CloseSummary>,
+    meter: &'a dyn RelayMeter,
+}
+
+impl<S, D> Leg<'_, S, D>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    fn source(&self) -> Initiator {
+        match self.dir {
+            Direction::ClientToUpstream => Initiator::Client,
+            Direction::UpstreamToClient => Initiator::Upstream,
+        }
+    }
+
+    fn note(&self, initiator: Initiator, code: Option<u16>, reason: String) {
+        let _ = self.first.set(CloseSummary {
+            initiator,
+            code,
+            reason,
+        });
+    }
+
+    async fn run(mut self, drain: CancellationToken) {
+        let mut dst_open = true;
+        let mut draining = false;
+        let mut close_dst_done = false;
+        let mut pending: Option<Option<Result<Message, WsError>>> = None;
+        let (mut msgs, mut bytes, mut batch) = (0u64, 0u64, 0usize);
+        loop {
+            let item = match pending.take() {
+                Some(item) => item,
+                None => {
+                    if msgs > 0 {
+                        if dst_open && self.dst.flush().await.is_err() {
+                            dst_open = false;
+                        }
+                        self.meter.relayed(self.dir, msgs, bytes);
+                        (msgs, bytes) = (0, 0);
+                    }
+                    batch = 0;
+                    tokio::select! {
+                        biased;
+                        frame = &mut self.close_dst, if !close_dst_done => {
+                            close_dst_done = true;
+                            if let Ok(frame) = frame && dst_open {
+                                dst_open = false;
+                                let _ = self.dst.send(frame).await;
+                            }
+                            continue;
+                        }
+                        _ = drain.cancelled(), if !draining => {
+                            draining = true;
+                            self.note(Initiator::Proxy, Some(1001), "going away (drain)".into());
+                            if dst_open {
+                                dst_open = false;
+                                let _ = self.dst.send(close(CloseCode::Away, "going away")).await;
+                            }
+                            continue;
+                        }
+                        item = self.src.next() => item,
+                    }
+                }
+            };
+            match item {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if dst_open {
+                        let len = msg.len() as u64;
+                        if self.dst.feed(msg).await.is_err() {
+                            dst_open = false;
+                        } else {
+                            msgs += 1;
+                            bytes += len;
+                        }
+                    }
+                    batch += 1;
+                    if batch < MAX_BATCH {
+                        pending = self.src.next().now_or_never();
+                    }
+                }
+                // Answered on this leg by tungstenite; each leg keeps its own liveness.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .as_ref()
+                        .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
+                        .unwrap_or((None, String::new()));
+                    self.note(self.source(), code, reason);
+                    if dst_open {
+                        dst_open = false;
+                        // A Close without a code is forwarded as such; tungstenite replies on `src`.
+                        let _ = self.dst.send(Message::Close(frame)).await;
+                    }
+                }
+                None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                    self.note(self.source(), None, "connection closed without a Close frame".into());
+                    if dst_open {
+                        let _ = self.dst.send(close(CloseCode::Away, "peer went away")).await;
+                    }
+                    return;
+                }
+                Some(Err(err)) => {
+                    let to_src = match &err {
+                        WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
+                        WsError::Protocol(_) | WsError::Utf8(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
+                        _ => None,
+                    };
+                    match to_src {
+                        Some((code, reason, num)) => {
+                            self.note(
+                                Initiator::Proxy,
+                                Some(num),
+                                format!("{}: {err}", self.source().as_str()),
+                            );
+                            if let Some(tx) = self.close_src.take() {
+                                let _ = tx.send(close(code, reason));
+                            }
+                        }
+                        None => self.note(self.source(), None, format!("read failed: {err}")),
+                    }
+                    if dst_open {
+                        let _ = self.dst.send(close(CloseCode::Away, "peer connection failed")).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Relays messages between the client's and the app's WebSocket until both have closed (or one
+/// has and the other did not finish within [`CLOSE_GRACE`]). Returns the first close seen.
+pub async fn relay<C, U>(
+    client: WebSocketStream<C>,
+    upstream: WebSocketStream<U>,
+    drain: CancellationToken,
+    meter: &dyn RelayMeter,
+) -> CloseSummary
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let first = OnceLock::new();
+    let (client_tx, client_rx) = client.split();
+    let (up_tx, up_rx) = upstream.split();
+    let (close_client_tx, close_client_rx) = oneshot::channel();
+    let (close_up_tx, close_up_rx) = oneshot::channel();
+    {
+        let inbound = Leg {
+            src: client_rx,
+            dst: up_tx,
+            dir: Direction::ClientToUpstream,
+            close_dst: close_up_rx,
+            close_src: Some(close_client_tx),
+            first: &first,
+            meter,
+        }
+        .run(drain.clone());
+        let outbound = Leg {
+            src: up_rx,
+            dst: client_tx,
+            dir: Direction::UpstreamToClient,
+            close_dst: close_client_rx,
+            close_src: Some(close_up_tx),
+            first: &first,
+            meter,
+        }
+        .run(drain);
+        let mut inbound = std::pin::pin!(inbound);
+        let mut outbound = std::pin::pin!(outbound);
+        tokio::select! {
+            _ = &mut inbound => { let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await; }
+            _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
+        }
+    }
+    first.into_inner().unwrap_or(CloseSummary {
+        initiator: Initiator::Proxy,
+        code: None,
+        reason: "closed".into(),
+    })
+}

@@ -1,0 +1,334 @@
+//! The HTTP/1.1 WebSocket upgrade on both legs, and header hygiene.
+//!
+//! Pure functions over `http` types: check the client's request, build the app's request (strip
+//! hop-by-hop headers, extensions wsgate does not relay, and any identity header the client
+//! tried to forge; add the verified identity), check the app's 101 and build the client's, or
+//! relay the app's refusal. Depends on `tls::identity`.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Empty, Full};
+
+use crate::tls::PeerIdentity;
+
+/// The identity header, in Envoy's format.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// The client certificate's not-after, RFC 3339.
+pub const CLIENT_NOT_AFTER: HeaderName = HeaderName::from_static("x-wsgate-client-not-after");
+const OUR_PREFIX: &str = "x-wsgate-";
+const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
+const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
+const SEC_WEBSOCKET_PROTOCOL: HeaderName = HeaderName::from_static("sec-websocket-protocol");
+const SEC_WEBSOCKET_EXTENSIONS: HeaderName = HeaderName::from_static("sec-websocket-extensions");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Why a request is not a WebSocket upgrade this proxy can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotUpgrade(pub String);
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks the client's request is a WebSocket opening handshake (RFC 6455 §4.2.1).
+pub fn check_client_request<B>(req: &Request<B>) -> Result<(), NotUpgrade> {
+    let h = req.headers();
+    if req.method() != Method::GET {
+        return Err(NotUpgrade(format!("method {} is not GET", req.method())));
+    }
+    if req.version() != Version::HTTP_11 {
+        return Err(NotUpgrade(format!(
+            "{:?} cannot upgrade to WebSocket, use HTTP/1.1",
+            req.version()
+        )));
+    }
+    if !has_token(h, &header::UPGRADE, "websocket") {
+        return Err(NotUpgrade("no 'Upgrade: websocket' header".into()));
+    }
+    if !has_token(h, &header::CONNECTION, "upgrade") {
+        return Err(NotUpgrade("no 'Connection: upgrade' header".into()));
+    }
+    match h.get(SEC_WEBSOCKET_KEY) {
+        Some(k) if k.len() == 24 => {}
+        _ => return Err(NotUpgrade("missing or malformed Sec-WebSocket-Key".into())),
+    }
+    if h.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(NotUpgrade("Sec-WebSocket-Version must be 13".into()));
+    }
+    Ok(())
+}
+
+/// The 426 sent for a request that is not a WebSocket upgrade.
+pub fn upgrade_required(reason: &str) -> Response<Full<Bytes>> {
+    let mut resp = text_response(StatusCode::UPGRADE_REQUIRED, &format!("426 upgrade required: {reason}"));
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    resp
+}
+
+/// A plain-text response with a one-line body that closes the connection.
+pub fn text_response(status: StatusCode, line: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{line}\n"))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Removes hop-by-hop headers, and every header the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Builds the upgrade request for the app: the client's path, query, subprotocols, key and
+/// ordinary headers; no hop-by-hop headers, no extensions (frames are relayed one by one, so
+/// none can be negotiated end to end); any client-sent `X-Forwarded-Client-Cert` or
+/// `x-wsgate-*` removed and the verified identity added.
+pub fn upstream_request<B>(
+    req: &Request<B>,
+    identity: &PeerIdentity,
+    peer: IpAddr,
+    extra: &[(HeaderName, HeaderValue)],
+) -> Request<Empty<Bytes>> {
+    let mut headers = req.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    headers.remove(XFCC);
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(OUR_PREFIX))
+        .cloned()
+        .collect();
+    for k in ours {
+        headers.remove(k);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {peer}"),
+        None => peer.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    // Certificate names are ASCII (IA5String); a value that still fails is left out, not forged.
+    if let Ok(v) = HeaderValue::from_str(&identity.xfcc()) {
+        headers.insert(XFCC, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&identity.not_after_rfc3339()) {
+        headers.insert(CLIENT_NOT_AFTER, v);
+    }
+    for (k, v) in extra {
+        headers.insert(k.clone(), v.clone());
+    }
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut out = Request::new(Empty::new());
+    *out.method_mut() = Method::GET;
+    *out.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Checks the app's 101 against the client's request and builds the 101 for the client.
+/// Returns the response and the subprotocol the app chose.
+pub fn switching_response(
+    client_headers: &HeaderMap,
+    upstream: &Response<hyper::body::Incoming>,
+) -> Result<(Response<Full<Bytes>>, Option<String>), String> {
+    let uh = upstream.headers();
+    if !has_token(uh, &header::UPGRADE, "websocket") || !has_token(uh, &header::CONNECTION, "upgrade") {
+        return Err("the app answered 101 without 'Upgrade: websocket' and 'Connection: upgrade'".into());
+    }
+    let key = client_headers
+        .get(SEC_WEBSOCKET_KEY)
+        .map(|k| k.as_bytes())
+        .unwrap_or_default();
+    let want = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    if uh.get(SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(want.as_bytes()) {
+        return Err("the app's Sec-WebSocket-Accept does not match the key".into());
+    }
+    if uh.contains_key(SEC_WEBSOCKET_EXTENSIONS) {
+        return Err("the app negotiated a WebSocket extension that was not offered".into());
+    }
+    let subprotocol = match uh.get(SEC_WEBSOCKET_PROTOCOL) {
+        None => None,
+        Some(chosen) => {
+            let chosen = chosen
+                .to_str()
+                .map_err(|_| "the app chose a non-ASCII subprotocol")?
+                .trim();
+            let offered = client_headers
+                .get_all(SEC_WEBSOCKET_PROTOCOL)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|p| p.trim() == chosen);
+            if !offered {
+                return Err(format!(
+                    "the app chose subprotocol '{chosen}', which the client did not offer"
+                ));
+            }
+            Some(chosen.to_owned())
+        }
+    };
+    let mut headers = uh.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.remove(header::CONTENT_LENGTH);
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = headers;
+    Ok((resp, subprotocol))
+}
+
+/// Relays the app's refusal (any status but 101) with its body, closing the connection.
+pub fn relay_refusal(parts: http::response::Parts, body: Bytes) -> Response<Full<Bytes>> {
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = parts.status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::summary::CertSummary;
+    use std::time::UNIX_EPOCH;
+
+    fn identity() -> PeerIdentity {
+        PeerIdentity {
+            cert: CertSummary {
+                subject: "CN=frontend".into(),
+                issuer: "CN=ca".into(),
+                common_name: Some("frontend".into()),
+                uri_sans: vec!["spiffe://td/ns/shop/sa/frontend".into()],
+                dns_sans: vec![],
+                serial: "01".into(),
+                not_before: UNIX_EPOCH,
+                not_after: UNIX_EPOCH,
+                eku: None,
+                is_ca: false,
+            },
+            sha256: [1; 32],
+        }
+    }
+
+    fn upgrade_req() -> http::request::Builder {
+        Request::builder()
+            .method("GET")
+            .uri("/chat?room=1")
+            .header("host", "app.shop.svc")
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+    }
+
+    #[test]
+    fn a_proper_upgrade_request_is_accepted() {
+        assert_eq!(check_client_request(&upgrade_req().body(()).unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn requests_that_are_not_upgrades_are_named() {
+        let plain = Request::get("/").body(()).unwrap();
+        assert!(check_client_request(&plain).unwrap_err().0.contains("Upgrade"));
+        let post = upgrade_req().method("POST").body(()).unwrap();
+        assert!(check_client_request(&post).unwrap_err().0.contains("POST"));
+        let v12 = upgrade_req().header("sec-websocket-version", "12");
+        let mut r = v12.body(()).unwrap();
+        r.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("12"));
+        assert!(check_client_request(&r).unwrap_err().0.contains("13"));
+    }
+
+    #[test]
+    fn forged_identity_headers_never_reach_the_app() {
+        let req = upgrade_req()
+            .header("x-forwarded-client-cert", "URI=spiffe://td/ns/kube-system/sa/admin")
+            .header("X-WSGATE-Client-Not-After", "2999-01-01T00:00:00Z")
+            .header("x-wsgate-anything", "x")
+            .body(())
+            .unwrap();
+        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]);
+        let xfcc: Vec<_> = out.headers().get_all(XFCC).iter().collect();
+        assert_eq!(xfcc.len(), 1);
+        assert!(
+            xfcc[0]
+                .to_str()
+                .unwrap()
+                .contains("URI=spiffe://td/ns/shop/sa/frontend")
+        );
+        assert!(!xfcc[0].to_str().unwrap().contains("admin"));
+        assert_eq!(out.headers().get_all(CLIENT_NOT_AFTER).iter().count(), 1);
+        assert_eq!(out.headers().get(CLIENT_NOT_AFTER).unwrap(), "1970-01-01T00:00:00Z");
+        assert!(!out.headers().contains_key("x-wsgate-anything"));
+    }
+
+    #[test]
+    fn the_app_request_keeps_path_key_and_subprotocols_and_drops_hop_by_hop() {
+        let req = upgrade_req()
+            .header("sec-websocket-protocol", "chat, superchat")
+            .header("sec-websocket-extensions", "permessage-deflate")
+            .header("keep-alive", "timeout=5")
+            .header("x-request-id", "abc")
+            .body(())
+            .unwrap();
+        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]);
+        let h = out.headers();
+        assert_eq!(out.uri(), "/chat?room=1");
+        assert_eq!(h.get("sec-websocket-key").unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(h.get("sec-websocket-protocol").unwrap(), "chat, superchat");
+        assert_eq!(h.get("x-request-id").unwrap(), "abc");
+        assert_eq!(h.get("host").unwrap(), "app.shop.svc");
+        assert_eq!(h.get("connection").unwrap(), "Upgrade");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.1.2.3");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key("sec-websocket-extensions"));
+    }
+}

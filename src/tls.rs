@@ -1,0 +1,51 @@
+//! TLS: rustls configs built from a validated bundle, the one swappable store, peer identity.
+//!
+//! One crypto provider (ring) everywhere, so no second one is linked in.
+
+pub mod client;
+pub mod identity;
+pub mod server;
+pub mod store;
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+
+pub use identity::{PeerIdentity, TlsFacts};
+pub use store::{Serving, TlsStore};
+
+/// Why a rustls config could not be built from a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the roots, versions or key.
+    #[error("building the TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built from the roots.
+    #[error("building the client-certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// The process-wide crypto provider (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+fn versions(min: crate::config::TlsMinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match min {
+        crate::config::TlsMinVersion::Tls12 => BOTH,
+        crate::config::TlsMinVersion::Tls13 => TLS13,
+    }
+}
+
+fn root_store(roots: &[rustls_pki_types::CertificateDer<'static>]) -> Result<rustls::RootCertStore, TlsError> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone())?;
+    }
+    Ok(store)
+}

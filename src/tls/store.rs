@@ -1,0 +1,49 @@
+//! The one swappable slot holding the configs currently served.
+//!
+//! One writer (the certificate watcher), many readers: each new connection calls
+//! [`TlsStore::current`] once and keeps that `Arc` for its whole handshake, so a swap never
+//! touches a handshake in progress or an established connection. Lock-free (arc-swap).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwapOption;
+use rustls::ServerConfig;
+
+use crate::certs::summary::CertSummary;
+
+/// What is being served now.
+#[derive(Debug)]
+pub struct Serving {
+    /// The inbound server config.
+    pub server: Arc<ServerConfig>,
+    /// The leaf it presents.
+    pub leaf: CertSummary,
+    /// When it was installed.
+    pub installed_at: SystemTime,
+    /// Fingerprint of the files it was built from.
+    pub fingerprint: [u8; 32],
+}
+
+/// The swappable slot. Empty until the first valid set is installed.
+#[derive(Debug, Default)]
+pub struct TlsStore {
+    current: ArcSwapOption<Serving>,
+}
+
+impl TlsStore {
+    /// An empty store: nothing is served until [`TlsStore::install`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The configs to use for one new connection, or `None` while no valid set exists.
+    pub fn current(&self) -> Option<Arc<Serving>> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new set; connections already holding the previous one keep it.
+    pub fn install(&self, serving: Serving) {
+        self.current.store(Some(Arc::new(serving)));
+    }
+}
