@@ -209,8 +209,11 @@ pub async fn run() -> Result<(), DemoError> {
     println!("   certificate from another CA → {}", describe(refused_stranger)?);
     println!("   {} → {}", spiffe("intruder"), describe(refused_sa)?);
 
-    let _ = ws.close(None).await;
-    let _ = ws2.close(None).await;
+    for mut conn in [ws, ws2] {
+        // Close, then read until the proxy closes the connection too.
+        let _ = conn.close(None).await;
+        while let Some(Ok(_)) = conn.next().await {}
+    }
     handle.drain();
     handle.wait().await;
     println!(

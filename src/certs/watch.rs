@@ -227,3 +227,45 @@ impl CertWatcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watcher(min: u64, max: u64) -> CertWatcher {
+        CertWatcher::new(
+            SecretSource {
+                cert_dir: "/nonexistent".into(),
+                trust_bundle: None,
+            },
+            Usage::Server,
+            ReloadTiming {
+                min_backoff: Duration::from_millis(min),
+                max_backoff: Duration::from_millis(max),
+                ..ReloadTiming::default()
+            },
+            crate::tls::provider(),
+        )
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        let w = watcher(500, 30_000);
+        let delays: Vec<u64> = (1..=10).map(|n| w.backoff(n).as_millis() as u64).collect();
+        assert_eq!(
+            delays,
+            [500, 1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000, 30_000]
+        );
+        assert_eq!(w.backoff(u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_missing_directory_is_reported_as_waiting_not_as_an_error() {
+        let (reason, waiting) = watcher(1, 1).load(None).unwrap_err();
+        assert!(waiting);
+        assert!(
+            reason.contains("/nonexistent") && reason.contains("does not exist"),
+            "{reason}"
+        );
+    }
+}

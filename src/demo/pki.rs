@@ -163,6 +163,18 @@ impl Ca {
 
     /// Signs a new leaf (with a fresh P-256 key and a random serial).
     pub fn leaf(&self, spec: &LeafSpec) -> Result<Leaf, PkiError> {
+        self.leaf_for(spec, KeyPair::generate()?)
+    }
+
+    /// Signs a new leaf for an existing key, given as PKCS#8 PEM (RSA or ECDSA). The returned
+    /// `key_pem` is that PEM.
+    pub fn leaf_for_key(&self, spec: &LeafSpec, pkcs8_pem: &str) -> Result<Leaf, PkiError> {
+        let mut leaf = self.leaf_for(spec, KeyPair::from_pem(pkcs8_pem)?)?;
+        leaf.key_pem = pkcs8_pem.to_owned();
+        Ok(leaf)
+    }
+
+    fn leaf_for(&self, spec: &LeafSpec, key: KeyPair) -> Result<Leaf, PkiError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
@@ -194,7 +206,6 @@ impl Ca {
         let serial_hex = hex(serial.to_bytes().as_slice());
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Leaf {
             cert_pem: cert.pem(),

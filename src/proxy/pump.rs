@@ -81,8 +81,8 @@ fn close(code: CloseCode, reason: &'static str) -> Message {
 }
 
 struct Leg<'a, S, D> {
-    src: SplitStream<WebSocketStream<S>>,
-    dst: SplitSink<WebSocketStream<D>, Message>,
+    src: &'a mut SplitStream<WebSocketStream<S>>,
+    dst: &'a mut SplitSink<WebSocketStream<D>, Message>,
     dir: Direction,
     /// Requests from the other loop to close `dst` with a given frame.
     close_dst: oneshot::Receiver<Message>,
@@ -184,6 +184,7 @@ where
                     }
                 }
                 None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                    tracing::trace!(dir = ?self.dir, "source ended");
                     self.note(self.source(), None, "connection closed without a Close frame".into());
                     if dst_open {
                         let _ = self.dst.send(close(CloseCode::Away, "peer went away")).await;
@@ -191,6 +192,7 @@ where
                     return;
                 }
                 Some(Err(err)) => {
+                    tracing::trace!(dir = ?self.dir, error = %err, "source failed");
                     let to_src = match &err {
                         WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
                         WsError::Protocol(_) | WsError::Utf8(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
@@ -220,7 +222,8 @@ where
 }
 
 /// Relays messages between the client's and the app's WebSocket until both have closed (or one
-/// has and the other did not finish within [`CLOSE_GRACE`]). Returns the first close seen.
+/// has and the other did not finish within [`CLOSE_GRACE`]), then closes the client's
+/// connection gracefully. Returns the first close seen.
 pub async fn relay<C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
@@ -232,14 +235,14 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let first = OnceLock::new();
-    let (client_tx, client_rx) = client.split();
-    let (up_tx, up_rx) = upstream.split();
-    let (close_client_tx, close_client_rx) = oneshot::channel();
-    let (close_up_tx, close_up_rx) = oneshot::channel();
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut up_tx, mut up_rx) = upstream.split();
     {
+        let (close_client_tx, close_client_rx) = oneshot::channel();
+        let (close_up_tx, close_up_rx) = oneshot::channel();
         let inbound = Leg {
-            src: client_rx,
-            dst: up_tx,
+            src: &mut client_rx,
+            dst: &mut up_tx,
             dir: Direction::ClientToUpstream,
             close_dst: close_up_rx,
             close_src: Some(close_client_tx),
@@ -248,8 +251,8 @@ where
         }
         .run(drain.clone());
         let outbound = Leg {
-            src: up_rx,
-            dst: client_tx,
+            src: &mut up_rx,
+            dst: &mut client_tx,
             dir: Direction::UpstreamToClient,
             close_dst: close_client_rx,
             close_src: Some(close_up_tx),
@@ -264,9 +267,37 @@ where
             _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
         }
     }
+    if let Ok(client) = client_rx.reunite(client_tx) {
+        linger(client.into_inner()).await;
+    }
     first.into_inner().unwrap_or(CloseSummary {
         initiator: Initiator::Proxy,
         code: None,
         reason: "closed".into(),
     })
+}
+
+/// How long a closed client connection is read from (and discarded) before it is dropped.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes the client's connection the way a careful server does: send TLS close_notify and FIN,
+/// then read and discard what the client still sends for a moment. Dropping a socket with
+/// unread input makes the kernel send a reset, which can destroy the Close frame the client has
+/// not read yet (after a 1009, for instance, the rest of the oversized message is still coming).
+async fn linger<C: AsyncRead + AsyncWrite + Unpin>(mut io: C) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        let mut buf = vec![0u8; 8192];
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    })
+    .await;
 }

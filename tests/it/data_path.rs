@@ -1,0 +1,348 @@
+//! The data path: identity reaches the app, forged identity does not, upgrades and refusals are
+//! relayed faithfully, frames flow both ways with their close codes, limits hold.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+use crate::support::raw::metric;
+use crate::support::{Env, Mode, connect, roundtrip, spiffe};
+
+fn allow() -> [String; 1] {
+    [spiffe("frontend")]
+}
+
+async fn env() -> Env {
+    let a = allow();
+    Env::start(&[a[0].as_str()]).await
+}
+
+/// Opens a wss connection with a hand-made request (extra headers) and returns the response.
+async fn connect_with_headers(
+    env: &Env,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(crate::support::WssStream, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+    let leaf = env.pki.client("frontend");
+    let cfg = env.pki.client_config(Some(&leaf));
+    let tcp = tokio::net::TcpStream::connect(env.proxy.listen_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut req = format!("wss://localhost{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut()
+            .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    tokio_tungstenite::client_async(req, tls).await
+}
+
+/// Reads until the Close frame, then once more so tungstenite sends its reply and sees the end.
+async fn next_close(ws: &mut crate::support::WssStream) -> Option<(u16, String)> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(frame))) => {
+                let _ = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a Close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_echoed_through_the_proxy_in_order() {
+    let env = env().await;
+    let mut ws = env.connect_as("frontend", "/chat").await.unwrap();
+    for i in 0..50 {
+        let reply = roundtrip(&mut ws, Message::text(format!("m{i}"))).await;
+        assert_eq!(reply.to_text().unwrap(), format!("m{i}"));
+    }
+    let big = Bytes::from(vec![7u8; 300_000]);
+    let reply = roundtrip(&mut ws, Message::Binary(big.clone())).await;
+    assert_eq!(reply.into_data(), big);
+    // Pipelined: many in flight at once, replies in order.
+    for i in 0..200 {
+        ws.feed(Message::text(format!("p{i}"))).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    for i in 0..200 {
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.to_text().unwrap(), format!("p{i}"));
+    }
+    let text = env.metrics();
+    assert!(metric(&text, "wsgate_messages_relayed_total{direction=\"client_to_upstream\"}").unwrap() >= 251.0);
+    assert!(metric(&text, "wsgate_messages_relayed_total{direction=\"upstream_to_client\"}").unwrap() >= 251.0);
+    assert_eq!(metric(&text, "wsgate_connections_open"), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_receives_the_verified_identity_in_envoy_format() {
+    let env = env().await;
+    let leaf = env.pki.client("frontend");
+    let (_ws, _) = connect(
+        env.proxy.listen_addr,
+        env.pki.client_config(Some(&leaf)),
+        "localhost",
+        "/x?y=1",
+    )
+    .await
+    .unwrap();
+    let seen = env.app.last_seen();
+    assert_eq!(seen.path_and_query, "/x?y=1");
+    let xfcc = seen.header("x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "{xfcc:?}");
+    let der = &leaf.cert_der;
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        xfcc[0],
+        format!("Hash={hash};URI={};Subject=\"CN=frontend\"", spiffe("frontend"))
+    );
+    let not_after = seen.header("x-wsgate-client-not-after");
+    assert_eq!(not_after.len(), 1);
+    assert!(
+        not_after[0].ends_with('Z') && not_after[0].contains('T'),
+        "{not_after:?}"
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), vec!["https"]);
+    assert_eq!(seen.header("x-forwarded-for"), vec!["127.0.0.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_identity_header_never_reaches_the_app() {
+    let env = env().await;
+    let (_ws, _) = connect_with_headers(
+        &env,
+        "/",
+        &[
+            (
+                "X-Forwarded-Client-Cert",
+                "Hash=00;URI=spiffe://test.wsgate.local/ns/kube-system/sa/admin",
+            ),
+            ("x-forwarded-client-cert", "URI=spiffe://evil"),
+            ("X-Wsgate-Client-Not-After", "2999-12-31T00:00:00Z"),
+        ],
+    )
+    .await
+    .unwrap();
+    let seen = env.app.last_seen();
+    let xfcc = seen.header("x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1);
+    assert!(xfcc[0].contains(&spiffe("frontend")), "{xfcc:?}");
+    assert!(!xfcc[0].contains("admin") && !xfcc[0].contains("evil"), "{xfcc:?}");
+    assert_ne!(seen.header("x-wsgate-client-not-after"), vec!["2999-12-31T00:00:00Z"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subprotocol_and_ordinary_headers_are_relayed() {
+    let env = env().await;
+    let (_ws, resp) = connect_with_headers(
+        &env,
+        "/",
+        &[
+            ("Sec-WebSocket-Protocol", "chat.v2, chat.v1"),
+            ("X-Request-Id", "req-42"),
+            ("Cookie", "a=b"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "chat.v2");
+    let seen = env.app.last_seen();
+    assert_eq!(seen.header("sec-websocket-protocol"), vec!["chat.v2, chat.v1"]);
+    assert_eq!(seen.header("x-request-id"), vec!["req-42"]);
+    assert_eq!(seen.header("cookie"), vec!["a=b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_outside_the_allow_list_gets_403_with_a_reason() {
+    let env = env().await;
+    let err = env.connect_as("intruder", "/").await.unwrap_err();
+    assert_eq!(err.status(), Some(403), "{err}");
+    let body = match &err {
+        crate::support::ClientError::Upgrade(e) => match e.as_ref() {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                String::from_utf8(resp.body().clone().unwrap_or_default()).unwrap()
+            }
+            other => panic!("{other}"),
+        },
+        other => panic!("{other}"),
+    };
+    assert!(body.contains(&spiffe("intruder")), "{body}");
+    assert_eq!(body.trim_end().lines().count(), 1, "{body}");
+    assert!(
+        env.app.seen.lock().unwrap().is_empty(),
+        "a refused client reached the app"
+    );
+    let text = env.metrics();
+    assert_eq!(
+        metric(
+            &text,
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_refuses_the_tcp_connection_gives_502_without_hanging() {
+    let a = allow();
+    // Take a free port and close it again: nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = Env::start_with(&[a[0].as_str()], |cfg| {
+        cfg.upstream = wsgate::config::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    let err = env.connect_as("frontend", "/").await.unwrap_err();
+    assert_eq!(err.status(), Some(502), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"upstream_unavailable\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_error_status_and_body_are_relayed() {
+    let env = env().await;
+    env.app.set_mode(Mode::Refuse(503, "down for maintenance"));
+    let err = connect_with_headers(&env, "/", &[]).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 503);
+            assert_eq!(resp.headers().get("x-app-reason").unwrap(), "maintenance");
+            assert_eq!(resp.body().as_deref(), Some(&b"down for maintenance"[..]));
+        }
+        other => panic!("expected the app's 503, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_an_upgrade_gets_426() {
+    let env = env().await;
+    let leaf = env.pki.client("frontend");
+    let tcp = tokio::net::TcpStream::connect(env.proxy.listen_addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(env.pki.client_config(Some(&leaf)))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 426"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("upgrade: websocket"), "{text}");
+    assert_eq!(
+        metric(
+            &env.metrics(),
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_reaches_the_app_with_code_and_reason() {
+    let env = env().await;
+    let mut ws = env.connect_as("frontend", "/").await.unwrap();
+    roundtrip(&mut ws, "hello".into()).await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Library(4001),
+        reason: "client is done".into(),
+    }))
+    .await
+    .unwrap();
+    // The client's close handshake completes.
+    assert_eq!(next_close(&mut ws).await, Some((4001, "client is done".into())));
+    crate::support::eventually("app saw the close", Duration::from_secs(5), || {
+        env.app.closes.lock().unwrap().first() == Some(&Some((4001, "client is done".into())))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_close_reaches_the_client_with_code_and_reason() {
+    let env = env().await;
+    let mut ws = env.connect_as("frontend", "/").await.unwrap();
+    ws.send(Message::text("close:4002:app says bye")).await.unwrap();
+    assert_eq!(next_close(&mut ws).await, Some((4002, "app says bye".into())));
+    crate::support::eventually("connection counted as closed", Duration::from_secs(5), || {
+        metric(
+            &env.metrics(),
+            "wsgate_connections_closed_total{code=\"4002\",initiator=\"upstream\"}",
+        ) == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered() {
+    let env = env().await;
+    let mut ws = env.connect_as("frontend", "/").await.unwrap();
+    ws.send(Message::Ping(Bytes::from_static(b"are you there")))
+        .await
+        .unwrap();
+    let pong = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(p))) => break p,
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"are you there");
+    // The connection is still good afterwards.
+    assert_eq!(
+        roundtrip(&mut ws, "after ping".into()).await.to_text().unwrap(),
+        "after ping"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_closes_with_1009_and_the_app_sees_a_close() {
+    let a = allow();
+    let env = Env::start_with(&[a[0].as_str()], |cfg| {
+        cfg.limits.max_message_size = 64 * 1024;
+        cfg.limits.max_frame_size = 16 * 1024;
+    })
+    .await;
+    let mut ws = env.connect_as("frontend", "/").await.unwrap();
+    roundtrip(&mut ws, "small".into()).await;
+    ws.send(Message::Binary(Bytes::from(vec![0u8; 200_000]))).await.unwrap();
+    let (code, _) = next_close(&mut ws).await.expect("a close code");
+    assert_eq!(code, 1009);
+    crate::support::eventually("app told the client went away", Duration::from_secs(5), || {
+        env.app
+            .closes
+            .lock()
+            .unwrap()
+            .first()
+            .is_some_and(|c| c.as_ref().map(|(code, _)| *code) == Some(1001))
+    })
+    .await;
+}

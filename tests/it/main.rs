@@ -1,0 +1,11 @@
+//! wsgate's integration tests: one binary (every extra file under `tests/` would be linked
+//! separately against the whole dependency tree), a module per area.
+
+mod admin;
+mod certs;
+mod cli;
+mod data_path;
+mod drain;
+mod rotation;
+mod support;
+mod tls_refusals;

@@ -1,0 +1,201 @@
+//! Shared test support: PKIs (rcgen), Secret volumes written the kubelet's way, a test app,
+//! in-process proxies and the real binary.
+
+#![allow(dead_code)]
+
+pub mod app;
+pub mod bin;
+pub mod raw;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use app::{Mode, TestApp};
+use wsgate::authz::Policy;
+use wsgate::config::{Limits, ProxyConfig, ReloadTiming, TlsMinVersion, Upstream};
+pub use wsgate::demo::client::{ClientError, WssStream, config as client_config, connect};
+pub use wsgate::demo::pki::{Ca, Leaf, LeafSpec};
+/// The kubelet-faithful Secret-volume writer (new hidden timestamped directory, `..data_tmp`
+/// renamed over `..data`, visible symlinks, old directory removed).
+pub use wsgate::demo::volume::SecretVolume;
+use wsgate::proxy::ProxyHandle;
+
+pub const TRUST_DOMAIN: &str = "test.wsgate.local";
+
+pub fn spiffe(sa: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{sa}")
+}
+
+/// Logs to stderr when RUST_LOG is set (`RUST_LOG=debug cargo nextest run …`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        wsgate::telemetry::logs::init(wsgate::config::LogFormat::Text, "info");
+    }
+}
+
+/// A CA with helpers to mint the proxy's and clients' certificates.
+pub struct Pki {
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        Self {
+            ca: Ca::new("wsgate test CA").unwrap(),
+        }
+    }
+
+    /// The proxy's certificate spec: SPIFFE ID of the app, DNS localhost, IP 127.0.0.1.
+    pub fn server_spec() -> LeafSpec {
+        LeafSpec::new("app")
+            .uri(&spiffe("app"))
+            .dns("localhost")
+            .ip(Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// A fresh server leaf (new key, new serial).
+    pub fn server(&self) -> Leaf {
+        self.ca.leaf(&Self::server_spec()).unwrap()
+    }
+
+    /// A client leaf for service account `sa`.
+    pub fn client(&self, sa: &str) -> Leaf {
+        self.ca.leaf(&LeafSpec::new(sa).uri(&spiffe(sa))).unwrap()
+    }
+
+    /// A client config presenting `leaf` (or nothing) and trusting this CA.
+    pub fn client_config(&self, leaf: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+        client_config(
+            leaf.map(|l| (l.cert_pem.as_str(), l.key_pem.as_str())),
+            std::slice::from_ref(&self.ca.cert_der),
+        )
+        .unwrap()
+    }
+}
+
+/// Writes tls.crt, tls.key, ca.crt the kubelet's way.
+pub fn write_set(vol: &SecretVolume, leaf: &Leaf, ca: &Ca) {
+    vol.write(&[
+        ("ca.crt", ca.cert_pem.as_bytes()),
+        ("tls.crt", leaf.cert_pem.as_bytes()),
+        ("tls.key", leaf.key_pem.as_bytes()),
+    ])
+    .unwrap();
+}
+
+/// A proxy config on loopback ports chosen by the OS.
+pub fn proxy_config(cert_dir: &std::path::Path, app: SocketAddr, allow: &[&str]) -> ProxyConfig {
+    let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+    ProxyConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        upstream: Upstream::parse(&format!("ws://{app}"), false).unwrap(),
+        cert_dir: cert_dir.to_path_buf(),
+        trust_bundle: None,
+        policy: Policy::new(&allow, false).unwrap(),
+        admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        tls_min_version: TlsMinVersion::Tls13,
+        handshake_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(10),
+        limits: Limits::default(),
+        reload: ReloadTiming {
+            debounce: Duration::from_millis(50),
+            ..ReloadTiming::default()
+        },
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds, failing the test after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the proxy serves `serial`.
+pub async fn wait_serial(proxy: &ProxyHandle, serial: &str) {
+    eventually(&format!("serial {serial} served"), Duration::from_secs(10), || {
+        proxy.store.current().is_some_and(|s| s.leaf.serial == serial)
+    })
+    .await;
+}
+
+/// The usual set-up: a CA, a Secret volume, the test app and a ready proxy in front of it.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub pki: Pki,
+    pub vol: SecretVolume,
+    pub server: Leaf,
+    pub app: TestApp,
+    pub proxy: ProxyHandle,
+}
+
+impl Env {
+    pub async fn start(allow: &[&str]) -> Self {
+        Self::start_with(allow, |_| {}).await
+    }
+
+    pub async fn start_with(allow: &[&str], tweak: impl FnOnce(&mut ProxyConfig)) -> Self {
+        init_logs();
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let vol = SecretVolume::new(tmp.path().join("tls")).unwrap();
+        let server = pki.server();
+        write_set(&vol, &server, &pki.ca);
+        let app = TestApp::start().await;
+        let mut cfg = proxy_config(vol.path(), app.addr, allow);
+        tweak(&mut cfg);
+        let proxy = wsgate::proxy::start(cfg).await.unwrap();
+        wait_serial(&proxy, &server.serial).await;
+        Self {
+            tmp,
+            pki,
+            vol,
+            server,
+            app,
+            proxy,
+        }
+    }
+
+    /// Connects as service account `sa` to `path`.
+    pub async fn connect_as(&self, sa: &str, path: &str) -> Result<WssStream, ClientError> {
+        let leaf = self.pki.client(sa);
+        connect(
+            self.proxy.listen_addr,
+            self.pki.client_config(Some(&leaf)),
+            "localhost",
+            path,
+        )
+        .await
+        .map(|(ws, _)| ws)
+    }
+
+    /// The proxy's metrics text.
+    pub fn metrics(&self) -> String {
+        self.proxy.metrics.encode()
+    }
+}
+
+/// Sends `msg` and returns the next data message.
+pub async fn roundtrip(
+    ws: &mut WssStream,
+    msg: tokio_tungstenite::tungstenite::Message,
+) -> tokio_tungstenite::tungstenite::Message {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(msg).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("reply in time")
+        {
+            Some(Ok(m)) if m.is_text() || m.is_binary() => return m,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+}
