@@ -191,21 +191,9 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::UNIX_EPOCH;
 
     fn id(uris: &[&str], dns: &[&str], cn: Option<&str>) -> CertSummary {
-        CertSummary {
-            subject: cn.map(|c| format!("CN={c}")).unwrap_or_default(),
-            issuer: "CN=ca".into(),
-            common_name: cn.map(str::to_owned),
-            uri_sans: uris.iter().map(|s| s.to_string()).collect(),
-            dns_sans: dns.iter().map(|s| s.to_string()).collect(),
-            serial: "01".into(),
-            not_before: UNIX_EPOCH,
-            not_after: UNIX_EPOCH,
-            eku: None,
-            is_ca: false,
-        }
+        CertSummary::fake(&cn.map(|c| format!("CN={c}")).unwrap_or_default(), cn, uris, dns)
     }
 
     fn policy(p: &[&str]) -> Policy {

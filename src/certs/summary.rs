@@ -146,3 +146,22 @@ pub fn rfc3339(t: SystemTime) -> String {
     odt.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| to_unix(t).to_string())
 }
+
+#[cfg(test)]
+impl CertSummary {
+    /// A summary with just names, for unit tests of code that reads identities.
+    pub(crate) fn fake(subject: &str, cn: Option<&str>, uris: &[&str], dns: &[&str]) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            issuer: "CN=ca".into(),
+            common_name: cn.map(str::to_owned),
+            uri_sans: uris.iter().map(|s| s.to_string()).collect(),
+            dns_sans: dns.iter().map(|s| s.to_string()).collect(),
+            serial: "01".into(),
+            not_before: UNIX_EPOCH,
+            not_after: UNIX_EPOCH,
+            eku: None,
+            is_ca: false,
+        }
+    }
+}

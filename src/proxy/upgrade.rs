@@ -237,22 +237,15 @@ pub fn relay_refusal(parts: http::response::Parts, body: Bytes) -> Response<Full
 mod tests {
     use super::*;
     use crate::certs::summary::CertSummary;
-    use std::time::UNIX_EPOCH;
 
     fn identity() -> PeerIdentity {
         PeerIdentity {
-            cert: CertSummary {
-                subject: "CN=frontend".into(),
-                issuer: "CN=ca".into(),
-                common_name: Some("frontend".into()),
-                uri_sans: vec!["spiffe://td/ns/shop/sa/frontend".into()],
-                dns_sans: vec![],
-                serial: "01".into(),
-                not_before: UNIX_EPOCH,
-                not_after: UNIX_EPOCH,
-                eku: None,
-                is_ca: false,
-            },
+            cert: CertSummary::fake(
+                "CN=frontend",
+                Some("frontend"),
+                &["spiffe://td/ns/shop/sa/frontend"],
+                &[],
+            ),
             sha256: [1; 32],
         }
     }

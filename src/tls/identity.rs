@@ -132,22 +132,10 @@ impl TlsFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::UNIX_EPOCH;
 
     fn identity(subject: &str, uris: &[&str], dns: &[&str]) -> PeerIdentity {
         PeerIdentity {
-            cert: CertSummary {
-                subject: subject.into(),
-                issuer: "CN=ca".into(),
-                common_name: None,
-                uri_sans: uris.iter().map(|s| s.to_string()).collect(),
-                dns_sans: dns.iter().map(|s| s.to_string()).collect(),
-                serial: "01".into(),
-                not_before: UNIX_EPOCH,
-                not_after: UNIX_EPOCH,
-                eku: None,
-                is_ca: false,
-            },
+            cert: CertSummary::fake(subject, None, uris, dns),
             sha256: [0xab; 32],
         }
     }

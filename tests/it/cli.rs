@@ -113,20 +113,10 @@ async fn binary_waits_for_certificates_then_serves_and_stops_on_sigterm() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tls");
     let app = TestApp::start().await;
-    let upstream = format!("ws://{}", app.addr);
     let allow = spiffe("frontend");
-    let mut proc = Proc::spawn(
-        &[
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream,
-            "--allow",
-            &allow,
-        ],
+    let mut proc = Proc::proxy(
+        app.addr,
+        &["--allow", &allow],
         &[
             ("WSGATE_CERT_DIR", dir.to_str().unwrap()),
             ("WSGATE_RELOAD_INTERVAL", "1s"),

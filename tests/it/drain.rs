@@ -97,21 +97,10 @@ async fn sigterm_closes_connections_with_1001_and_exits_zero() {
     let vol = SecretVolume::new(tmp.path().join("tls")).unwrap();
     write_set(&vol, &pki.server(), &pki.ca);
     let app = TestApp::start().await;
-    let upstream = format!("ws://{}", app.addr);
-    let mut proc = Proc::spawn(
-        &[
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream,
-            "--allow",
-            &spiffe("frontend"),
-            "--cert-dir",
-            vol.path().to_str().unwrap(),
-        ],
+    let allow = spiffe("frontend");
+    let mut proc = Proc::proxy(
+        app.addr,
+        &["--allow", &allow, "--cert-dir", vol.path().to_str().unwrap()],
         &[],
     );
     let (listen, _admin) = proc.addrs().await;

@@ -75,6 +75,22 @@ impl Proc {
         Self { child, lines }
     }
 
+    /// `wsgate proxy` on loopback ports chosen by the OS, in front of `upstream`, plus `extra`.
+    pub fn proxy(upstream: std::net::SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let upstream = format!("ws://{upstream}");
+        let mut args = vec![
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            &upstream,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, env)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
