@@ -138,6 +138,7 @@ impl ProxyArgs {
                 recheck: self.reload_interval,
                 ..ReloadTiming::default()
             },
+            otel: crate::telemetry::OtelSettings::from_env(),
         })
     }
 }

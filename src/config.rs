@@ -227,6 +227,8 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Certificate watcher timings.
     pub reload: ReloadTiming,
+    /// OpenTelemetry export (from the `OTEL_*` variables); off by default.
+    pub otel: crate::telemetry::OtelSettings,
 }
 
 /// Parses a duration: `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.

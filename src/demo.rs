@@ -126,6 +126,8 @@ pub async fn run() -> Result<(), DemoError> {
         drain_timeout: Duration::from_secs(5),
         limits: Limits::default(),
         reload: ReloadTiming::default(),
+        // OTEL_EXPORTER_OTLP_ENDPOINT=… wsgate demo sends the demo's spans to a collector.
+        otel: crate::telemetry::OtelSettings::from_env(),
     };
     let handle = crate::proxy::start(cfg).await.map_err(step)?;
     wait_for_serial(&handle, &first.serial).await?;

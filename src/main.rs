@@ -69,6 +69,9 @@ enum Run {
 
 async fn run_proxy(cfg: wsgate::config::ProxyConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    for warning in &cfg.otel.warnings {
+        tracing::warn!(target: "wsgate::otel", "{warning}");
+    }
     let mut term = signal(SignalKind::terminate())?;
     let handle = wsgate::proxy::start(cfg).await?;
     tokio::select! {

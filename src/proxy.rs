@@ -25,13 +25,17 @@ use crate::certs::summary::rfc3339;
 use crate::certs::watch::{CertWatcher, ReloadReport, ReloadSink};
 use crate::certs::{CertBundle, SecretSource, Usage};
 use crate::config::{ProxyConfig, TlsMinVersion};
-use crate::telemetry::Metrics;
 use crate::telemetry::metrics::ReloadLabels;
+use crate::telemetry::spans::attr;
+use crate::telemetry::{Metrics, Telemetry, Tracer};
 use crate::tls::{Serving, TlsStore};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The OTLP exporter could not be built.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::spans::SpanError),
     /// A port could not be bound.
     #[error("binding {what} on {addr}: {source}")]
     Bind {
@@ -94,16 +98,16 @@ impl AdminState for Status {
 struct InboundSink {
     store: Arc<TlsStore>,
     status: Arc<Status>,
+    telemetry: Arc<Telemetry>,
     min_version: TlsMinVersion,
 }
 
 impl ReloadSink for InboundSink {
     fn install(&mut self, bundle: CertBundle) -> Result<(), String> {
         let server = crate::tls::server::server_config(&bundle, self.min_version).map_err(|e| e.to_string())?;
-        self.status
+        self.telemetry
             .metrics
-            .cert_not_after
-            .set(crate::certs::summary::to_unix(bundle.leaf.not_after) as f64);
+            .certificate_served(&bundle.leaf.serial, bundle.leaf.not_after);
         self.store.install(Serving {
             server,
             leaf: bundle.leaf,
@@ -115,14 +119,21 @@ impl ReloadSink for InboundSink {
 
     fn report(&mut self, report: &ReloadReport) {
         let result = if report.result.is_ok() { "success" } else { "failure" };
-        self.status
+        self.telemetry
             .metrics
             .reloads
             .get_or_create(&ReloadLabels { result })
             .inc();
+        let mut attributes = vec![
+            opentelemetry::KeyValue::new(attr::RELOAD_RESULT, result),
+            opentelemetry::KeyValue::new(attr::RELOAD_TRIGGER, report.trigger.as_str()),
+        ];
         match &report.result {
             Ok((serial, not_after)) => {
                 self.status.last_error.store(None);
+                attributes.push(opentelemetry::KeyValue::new(attr::CERT_SERIAL, serial.clone()));
+                attributes.push(opentelemetry::KeyValue::new(attr::CERT_NOT_AFTER, rfc3339(*not_after)));
+                self.telemetry.tracer.reload(report.started, attributes, None);
                 tracing::info!(
                     target: "wsgate::certs",
                     trigger = report.trigger.as_str(),
@@ -135,6 +146,11 @@ impl ReloadSink for InboundSink {
             Err(reason) => {
                 self.status.last_error.store(Some(Arc::new(reason.clone())));
                 let serving = self.store.current().map(|s| s.leaf.serial.clone());
+                attributes.push(opentelemetry::KeyValue::new(attr::RELOAD_REASON, reason.clone()));
+                if let Some(serial) = &serving {
+                    attributes.push(opentelemetry::KeyValue::new(attr::CERT_SERIAL, serial.clone()));
+                }
+                self.telemetry.tracer.reload(report.started, attributes, Some(reason));
                 tracing::warn!(
                     target: "wsgate::certs",
                     trigger = report.trigger.as_str(),
@@ -145,6 +161,11 @@ impl ReloadSink for InboundSink {
                 );
             }
         }
+    }
+
+    fn checked(&mut self, disk_matches_served: bool) {
+        let serving = self.store.current().is_some();
+        self.telemetry.metrics.disk_differs(serving && !disk_matches_served);
     }
 }
 
@@ -199,9 +220,14 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let listen_addr = listener.local_addr().unwrap_or(cfg.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
     let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let (tracer, exporter_task) = Tracer::start(&cfg.otel, metrics.clone(), stop.clone())?;
+    let telemetry = Arc::new(Telemetry {
+        metrics: metrics.clone(),
+        tracer,
+    });
     let store = Arc::new(TlsStore::new());
     let drain = CancellationToken::new();
-    let stop = CancellationToken::new();
     let status = Arc::new(Status {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -218,6 +244,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let sink = InboundSink {
         store: store.clone(),
         status: status.clone(),
+        telemetry: telemetry.clone(),
         min_version: cfg.tls_min_version,
     };
     tokio::spawn(watcher.run(sink, stop.clone()));
@@ -229,7 +256,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         upstream: cfg.upstream.clone(),
         limits: cfg.limits,
         handshake_timeout: cfg.handshake_timeout,
-        metrics: metrics.clone(),
+        telemetry,
         drain: drain.clone(),
     });
     let tracker = TaskTracker::new();
@@ -257,6 +284,10 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
             tracing::warn!(open = tracker.len(), "drain timeout reached; closing the rest");
         }
         stop.cancel();
+        if let Some(task) = exporter_task {
+            // The exporter flushes what is queued (bounded by its own timeout).
+            let _ = task.await;
+        }
         tracing::info!("wsgate proxy stopped");
     });
     Ok(ProxyHandle {

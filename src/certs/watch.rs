@@ -68,6 +68,10 @@ pub trait ReloadSink: Send + 'static {
     fn install(&mut self, bundle: CertBundle) -> Result<(), String>;
     /// Called after each attempt that installed a set or failed.
     fn report(&mut self, report: &ReloadReport);
+    /// Called after every attempt: whether the files on disk are those being served.
+    fn checked(&mut self, disk_matches_served: bool) {
+        let _ = disk_matches_served;
+    }
 }
 
 /// The certificate watcher for one source.
@@ -172,6 +176,7 @@ impl CertWatcher {
                     waiting: false,
                 },
             };
+            sink.checked(matches!(attempt, Attempt::Unchanged | Attempt::Installed(..)));
             let next = match attempt {
                 Attempt::Unchanged => {
                     failures = 0;

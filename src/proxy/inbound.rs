@@ -26,7 +26,8 @@ use super::upgrade;
 use crate::authz::{Decision, Policy};
 use crate::config::{Limits, Upstream};
 use crate::telemetry::metrics::CloseLabels;
-use crate::telemetry::{FailureKind, HandshakeRecord, Metrics};
+use crate::telemetry::spans::TraceStart;
+use crate::telemetry::{FailureKind, HandshakeRecord, Metrics, Telemetry};
 use crate::tls::{PeerIdentity, TlsFacts, TlsStore};
 
 /// Largest body of an app's refusal relayed to the client.
@@ -48,8 +49,8 @@ pub struct Inbound {
     pub limits: Limits,
     /// From accept to 101.
     pub handshake_timeout: Duration,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    /// Metrics and spans.
+    pub telemetry: Arc<Telemetry>,
     /// Fires when the proxy drains.
     pub drain: CancellationToken,
 }
@@ -75,6 +76,7 @@ struct Exchange {
     upgrade_read: Option<Duration>,
     upstream_connect: Option<Duration>,
     legs: Option<(OnUpgrade, Upgraded)>,
+    trace: Option<TraceStart>,
 }
 
 type Slot = Arc<Mutex<Exchange>>;
@@ -107,12 +109,12 @@ impl Inbound {
                     self.limits.max_connections
                 ),
             );
-            rec.finish(&self.metrics);
+            rec.finish(&self.telemetry);
             return;
         }
         if self.drain.is_cancelled() {
             rec.fail(FailureKind::NotReady, "draining: no new connections");
-            rec.finish(&self.metrics);
+            rec.finish(&self.telemetry);
             return;
         }
         let timeout = self.handshake_timeout;
@@ -126,15 +128,23 @@ impl Inbound {
                 None
             }
         };
-        rec.finish(&self.metrics);
+        let client_not_after = rec.identity.as_ref().map(|id| id.cert.not_after_unix());
+        rec.finish(&self.telemetry);
         let Some((client, app)) = legs else { return };
-        self.metrics.connections_open.inc();
+        let metrics = &self.telemetry.metrics;
+        metrics.connections_open.inc();
+        if let Some(t) = client_not_after {
+            metrics.client_connected(t);
+        }
         let cfg = self.ws_config();
         let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(cfg)).await;
         let app = WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(cfg)).await;
-        let summary = pump::relay(client, app, self.drain.clone(), self.metrics.as_ref()).await;
-        self.metrics.connections_open.dec();
-        self.metrics
+        let summary = pump::relay(client, app, self.drain.clone(), metrics.as_ref()).await;
+        metrics.connections_open.dec();
+        if let Some(t) = client_not_after {
+            metrics.client_disconnected(t);
+        }
+        metrics
             .connections_closed
             .get_or_create(&CloseLabels {
                 code: summary.code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
@@ -238,6 +248,7 @@ impl Inbound {
         rec.subprotocol = ex.subprotocol.take();
         rec.upgrade_read_time = ex.upgrade_read;
         rec.upstream_connect_time = ex.upstream_connect;
+        rec.trace = ex.trace.take();
         if let Some((kind, reason)) = ex.failure.take() {
             rec.fail(kind, reason);
             return None;
@@ -277,9 +288,15 @@ impl Inbound {
         slot: &Slot,
     ) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
+        // The trace is fixed first, so that refusals join the client's trace too.
+        let (trace, trace_headers) = match self.telemetry.tracer.start_handshake(req.headers()) {
+            Some((trace, headers)) => (Some(trace), headers),
+            None => (None, Vec::new()),
+        };
         with_slot(slot, |ex| {
             ex.upgrade_read = Some(tls_done.elapsed());
             ex.path = Some(path);
+            ex.trace = trace;
         });
         let refuse = |status: StatusCode, kind: FailureKind, reason: String, resp: Response<Full<Bytes>>| {
             with_slot(slot, |ex| {
@@ -316,7 +333,7 @@ impl Inbound {
         };
         with_slot(slot, |ex| ex.upstream_connect = Some(t0.elapsed()));
         let _ = tcp.set_nodelay(true);
-        let app_req = upgrade::upstream_request(&req, identity, peer.ip(), &[]);
+        let app_req = upgrade::upstream_request(&req, identity, peer.ip(), &trace_headers);
         let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
             .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
             .await

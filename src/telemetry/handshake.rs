@@ -8,7 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::metrics::{HandshakeLabels, Metrics};
+use opentelemetry::{Array, KeyValue, StringValue, Value};
+
+use super::Telemetry;
+use super::metrics::HandshakeLabels;
+use super::spans::{TraceStart, attr};
+use crate::certs::summary::rfc3339;
 use crate::tls::{PeerIdentity, TlsFacts};
 
 /// Why a handshake failed: the fixed set of `error.type` values (documented in the README).
@@ -156,6 +161,8 @@ pub struct HandshakeRecord {
     pub upstream_connect_time: Option<Duration>,
     /// Why it failed, if it did.
     pub failure: Option<(FailureKind, String)>,
+    /// Trace identity, fixed when the upgrade request was read (tracing on).
+    pub trace: Option<TraceStart>,
 }
 
 impl HandshakeRecord {
@@ -179,6 +186,7 @@ impl HandshakeRecord {
             upgrade_read_time: None,
             upstream_connect_time: None,
             failure: None,
+            trace: None,
         }
     }
 
@@ -189,9 +197,10 @@ impl HandshakeRecord {
         }
     }
 
-    /// Emits the log line and metrics. Call exactly once.
-    pub fn finish(self, metrics: &Metrics) {
+    /// Emits the log line, the metrics and the span. Call exactly once.
+    pub fn finish(mut self, telemetry: &Telemetry) {
         let elapsed = self.started.elapsed();
+        let metrics = &telemetry.metrics;
         let labels = HandshakeLabels {
             result: if self.failure.is_some() { "failure" } else { "success" },
             error_type: self.failure.as_ref().map(|(k, _)| k.as_str()).unwrap_or(""),
@@ -201,41 +210,116 @@ impl HandshakeRecord {
             .handshake_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
+        self.log(elapsed);
+        let trace = self.trace.take();
+        let failed = self.failure.as_ref().map(|(k, r)| (k.as_str(), r.as_str()));
+        telemetry
+            .tracer
+            .end_handshake(trace, failed, self.started_at, || self.attributes());
+    }
+
+    fn log(&self, elapsed: Duration) {
         let identity = self.identity.as_ref().map(|i| i.name()).unwrap_or("");
         let (version, cipher) = self
             .tls
             .as_ref()
             .map(|t| (t.version, t.cipher.as_str()))
             .unwrap_or(("", ""));
-        let duration_ms = elapsed.as_secs_f64() * 1e3;
-        match &self.failure {
-            None => tracing::info!(
-                target: "wsgate::handshake",
-                peer = %self.peer,
-                identity,
-                tls.version = version,
-                tls.cipher = cipher,
-                path = self.path.as_deref().unwrap_or(""),
-                status = self.status.unwrap_or(0),
-                outcome = "accepted",
-                duration_ms,
-                "handshake"
-            ),
-            Some((kind, reason)) => tracing::warn!(
-                target: "wsgate::handshake",
-                peer = %self.peer,
-                identity,
-                tls.version = version,
-                tls.cipher = cipher,
-                path = self.path.as_deref().unwrap_or(""),
-                status = self.status.unwrap_or(0),
-                outcome = "refused",
-                error.type = kind.as_str(),
-                reason = reason.as_str(),
-                duration_ms,
-                "handshake"
-            ),
+        let (outcome, error_type, reason) = match &self.failure {
+            None => ("accepted", "", ""),
+            Some((kind, reason)) => ("refused", kind.as_str(), reason.as_str()),
+        };
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "wsgate::handshake",
+                    peer = %self.peer,
+                    identity,
+                    tls.version = version,
+                    tls.cipher = cipher,
+                    path = self.path.as_deref().unwrap_or(""),
+                    status = self.status.unwrap_or(0),
+                    outcome,
+                    error.type = error_type,
+                    reason,
+                    duration_ms = elapsed.as_secs_f64() * 1e3,
+                    "handshake"
+                )
+            };
         }
+        if self.failure.is_some() {
+            line!(warn);
+        } else {
+            line!(info);
+        }
+    }
+
+    /// The span attributes (only built when the span is recorded).
+    fn attributes(&self) -> Vec<KeyValue> {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+        let strings = |v: &[String]| Value::Array(Array::String(v.iter().cloned().map(StringValue::from).collect()));
+        let mut a = Vec::with_capacity(32);
+        a.push(KeyValue::new(attr::NETWORK_PEER_ADDRESS, self.peer.ip().to_string()));
+        a.push(KeyValue::new(attr::NETWORK_PEER_PORT, i64::from(self.peer.port())));
+        a.push(KeyValue::new(attr::SERVER_PORT, i64::from(self.server_port)));
+        a.push(KeyValue::new(attr::TLS_PROTOCOL_NAME, "tls"));
+        a.push(KeyValue::new(attr::TLS_ESTABLISHED, self.tls.is_some()));
+        a.push(KeyValue::new(attr::UPSTREAM_ADDRESS, self.upstream.clone()));
+        if let Some(tls) = &self.tls {
+            a.push(KeyValue::new(attr::TLS_PROTOCOL_VERSION, tls.version));
+            a.push(KeyValue::new(attr::TLS_CIPHER, tls.cipher.clone()));
+            a.push(KeyValue::new(attr::TLS_RESUMED, tls.resumed));
+            if !tls.curve.is_empty() {
+                a.push(KeyValue::new(attr::TLS_CURVE, tls.curve.clone()));
+            }
+            a.push(KeyValue::new(attr::TLS_NEXT_PROTOCOL, "http/1.1"));
+        }
+        if let Some(id) = &self.identity {
+            a.push(KeyValue::new(attr::TLS_CLIENT_SUBJECT, id.cert.subject.clone()));
+            a.push(KeyValue::new(attr::TLS_CLIENT_ISSUER, id.cert.issuer.clone()));
+            a.push(KeyValue::new(attr::TLS_CLIENT_NOT_AFTER, rfc3339(id.cert.not_after)));
+            a.push(KeyValue::new(
+                attr::TLS_CLIENT_HASH_SHA256,
+                id.sha256_hex().to_ascii_uppercase(),
+            ));
+            if let Some(spiffe) = id.cert.spiffe_id() {
+                a.push(KeyValue::new(attr::CLIENT_SPIFFE_ID, spiffe.to_owned()));
+            }
+            if !id.cert.uri_sans.is_empty() {
+                a.push(KeyValue::new(attr::CLIENT_URI_SANS, strings(&id.cert.uri_sans)));
+            }
+            if !id.cert.dns_sans.is_empty() {
+                a.push(KeyValue::new(attr::CLIENT_DNS_SANS, strings(&id.cert.dns_sans)));
+            }
+        }
+        if let Some(decision) = self.decision {
+            a.push(KeyValue::new(attr::AUTHZ_DECISION, decision));
+        }
+        if let Some(rule) = &self.matched_rule {
+            a.push(KeyValue::new(attr::AUTHZ_RULE, rule.clone()));
+        }
+        if let Some(path) = &self.path {
+            a.push(KeyValue::new(attr::URL_PATH, path.clone()));
+        }
+        if let Some(status) = self.status {
+            a.push(KeyValue::new(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(status)));
+        }
+        if let Some(sub) = &self.subprotocol {
+            a.push(KeyValue::new(attr::SUBPROTOCOL, sub.clone()));
+        }
+        if let Some(serial) = &self.serving_serial {
+            a.push(KeyValue::new(attr::SERVER_CERT_SERIAL, serial.clone()));
+        }
+        for (key, value) in [
+            (attr::PHASE_TLS_MS, ms(self.tls_time)),
+            (attr::PHASE_UPGRADE_READ_MS, ms(self.upgrade_read_time)),
+            (attr::PHASE_UPSTREAM_CONNECT_MS, ms(self.upstream_connect_time)),
+        ] {
+            if let Some(v) = value {
+                a.push(KeyValue::new(key, v));
+            }
+        }
+        a
     }
 }
 

@@ -3,8 +3,10 @@
 //! Handles for fixed label sets are resolved once at start, so the data path only touches
 //! atomics. Names follow Prometheus conventions: `wsgate_…_total` counters, base units.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -45,6 +47,22 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Labels of `wsgate_certificate_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertInfoLabels {
+    /// Serial of the certificate being served, hex.
+    pub serial: String,
+    /// Its not-after, RFC 3339.
+    pub not_after: String,
+}
+
+/// Labels of `wsgate_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate version.
+    pub version: &'static str,
+}
+
 /// Every metric wsgate exports, with the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -68,6 +86,22 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// The serving certificate's not-after, Unix seconds.
     pub cert_not_after: Gauge<f64, AtomicU64>,
+    /// The serving certificate's serial, as an info metric.
+    pub cert_info: Family<CertInfoLabels, Gauge>,
+    /// Earliest not-after among the certificates of connected clients; absent when none.
+    client_earliest_not_after: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
+    /// Not-afters of connected clients' certificates (a multiset), behind the gauge above.
+    client_not_afters: Mutex<BTreeMap<i64, u32>>,
+    /// Seconds since the files on disk stopped matching the certificate served (0 when equal).
+    cert_stale: Gauge<f64, AtomicU64>,
+    /// Since when the files on disk differ from the certificate served.
+    stale_since: Mutex<Option<SystemTime>>,
+    /// Spans dropped: queue full or export failed.
+    pub spans_dropped: Counter,
+    /// Spans exported.
+    pub spans_exported: Counter,
+    /// Export requests that failed.
+    pub span_export_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -139,7 +173,60 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             cert_not_after.clone(),
         );
+        let cert_info = Family::<CertInfoLabels, Gauge>::default();
+        registry.register(
+            "certificate_info",
+            "The certificate being served: serial and not-after as labels, value 1",
+            cert_info.clone(),
+        );
+        let client_earliest_not_after = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "client_certificate_earliest_not_after",
+            "Earliest not-after among the certificates of connected clients, Unix time (absent when none is connected)",
+            prometheus_client::registry::Unit::Seconds,
+            client_earliest_not_after.clone(),
+        );
+        let cert_stale = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "certificate_stale",
+            "Time since the certificate files on disk stopped matching the one served (0 when they match)",
+            prometheus_client::registry::Unit::Seconds,
+            cert_stale.clone(),
+        );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "otel_spans_dropped",
+            "Spans dropped because the export queue was full or the export failed",
+            spans_dropped.clone(),
+        );
+        let spans_exported = Counter::default();
+        registry.register(
+            "otel_spans_exported",
+            "Spans exported to the OTLP collector",
+            spans_exported.clone(),
+        );
+        let span_export_failures = Counter::default();
+        registry.register(
+            "otel_export_failures",
+            "OTLP export requests that failed or timed out",
+            span_export_failures.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "wsgate build: version as a label, value 1", build);
         Arc::new(Self {
+            cert_info,
+            client_earliest_not_after,
+            client_not_afters: Mutex::new(BTreeMap::new()),
+            cert_stale,
+            stale_since: Mutex::new(None),
+            spans_dropped,
+            spans_exported,
+            span_export_failures,
             handshakes,
             handshake_duration,
             connections_open,
@@ -154,8 +241,73 @@ impl Metrics {
         })
     }
 
+    /// A connection with a client certificate valid until `not_after` (Unix seconds) opened.
+    pub fn client_connected(&self, not_after: i64) {
+        if let Ok(mut set) = self.client_not_afters.lock() {
+            *set.entry(not_after).or_insert(0) += 1;
+            self.publish_earliest(&set);
+        }
+    }
+
+    /// That connection closed.
+    pub fn client_disconnected(&self, not_after: i64) {
+        if let Ok(mut set) = self.client_not_afters.lock() {
+            if let Some(n) = set.get_mut(&not_after) {
+                *n -= 1;
+                if *n == 0 {
+                    set.remove(&not_after);
+                }
+            }
+            self.publish_earliest(&set);
+        }
+    }
+
+    fn publish_earliest(&self, set: &BTreeMap<i64, u32>) {
+        match set.keys().next() {
+            Some(earliest) => {
+                self.client_earliest_not_after
+                    .get_or_create(&Vec::new())
+                    .set(*earliest as f64);
+            }
+            None => self.client_earliest_not_after.clear(),
+        }
+    }
+
+    /// A new certificate is served.
+    pub fn certificate_served(&self, serial: &str, not_after: SystemTime) {
+        self.cert_not_after
+            .set(crate::certs::summary::to_unix(not_after) as f64);
+        self.cert_info.clear();
+        self.cert_info
+            .get_or_create(&CertInfoLabels {
+                serial: serial.to_owned(),
+                not_after: crate::certs::summary::rfc3339(not_after),
+            })
+            .set(1);
+    }
+
+    /// Whether the files on disk differ from the certificate served, as of now.
+    pub fn disk_differs(&self, differs: bool) {
+        if let Ok(mut since) = self.stale_since.lock() {
+            match (differs, *since) {
+                (true, None) => *since = Some(SystemTime::now()),
+                (false, _) => *since = None,
+                (true, Some(_)) => {}
+            }
+        }
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        let stale = self
+            .stale_since
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.cert_stale.set(stale);
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -21,25 +20,13 @@ async fn env() -> Env {
     Env::start(&[a[0].as_str()]).await
 }
 
-/// Opens a wss connection with a hand-made request (extra headers) and returns the response.
+/// Opens a wss connection as `frontend` with extra headers and returns the response too.
 async fn connect_with_headers(
     env: &Env,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(crate::support::WssStream, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
-    let leaf = env.pki.client("frontend");
-    let cfg = env.pki.client_config(Some(&leaf));
-    let tcp = tokio::net::TcpStream::connect(env.proxy.listen_addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut req = format!("wss://localhost{path}").into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut()
-            .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-    }
-    tokio_tungstenite::client_async(req, tls).await
+    env.connect_with(&env.pki.client("frontend"), path, headers).await
 }
 
 /// Reads until the Close frame, then once more so tungstenite sends its reply and sees the end.
@@ -240,22 +227,7 @@ async fn the_apps_error_status_and_body_are_relayed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_is_not_an_upgrade_gets_426() {
     let env = env().await;
-    let leaf = env.pki.client("frontend");
-    let tcp = tokio::net::TcpStream::connect(env.proxy.listen_addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(env.pki.client_config(Some(&leaf)))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap_or(0);
-    let text = String::from_utf8_lossy(&buf);
+    let text = env.raw_tls(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 426"), "{text}");
     assert!(text.to_ascii_lowercase().contains("upgrade: websocket"), "{text}");
     assert_eq!(
@@ -345,4 +317,37 @@ async fn an_oversized_message_closes_with_1009_and_the_app_sees_a_close() {
             .is_some_and(|c| c.as_ref().map(|(code, _)| *code) == Some(1001))
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_headers_get_431_and_count_as_limit_exceeded() {
+    let env = env().await;
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: localhost\r\nX-Junk: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = env.raw_tls(huge.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    crate::support::eventually("counted", Duration::from_secs(5), || {
+        metric(
+            &env.metrics(),
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"limit_exceeded\"}",
+        ) == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_gets_400_and_counts_as_not_websocket() {
+    let env = env().await;
+    let answer = env.raw_tls(b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    crate::support::eventually("counted", Duration::from_secs(5), || {
+        metric(
+            &env.metrics(),
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(env.app.seen.lock().unwrap().is_empty());
 }

@@ -8,4 +8,5 @@ mod data_path;
 mod drain;
 mod rotation;
 mod support;
+mod telemetry;
 mod tls_refusals;

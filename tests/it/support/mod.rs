@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod otlp;
 pub mod raw;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -102,6 +103,7 @@ pub fn proxy_config(cert_dir: &std::path::Path, app: SocketAddr, allow: &[&str])
             debounce: Duration::from_millis(50),
             ..ReloadTiming::default()
         },
+        otel: wsgate::telemetry::OtelSettings::default(),
     }
 }
 
@@ -173,6 +175,41 @@ impl Env {
         )
         .await
         .map(|(ws, _)| ws)
+    }
+
+    /// Connects as `leaf` to `path` with extra request headers; returns the app's answer too.
+    pub async fn connect_with(
+        &self,
+        leaf: &Leaf,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(WssStream, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let tcp = tokio::net::TcpStream::connect(self.proxy.listen_addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(self.pki.client_config(Some(leaf)))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await?;
+        let mut req = format!("wss://localhost{path}").into_client_request()?;
+        for (k, v) in headers {
+            req.headers_mut()
+                .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        tokio_tungstenite::client_async(req, tls).await
+    }
+
+    /// Sends raw bytes over a TLS connection authenticated as `frontend`; returns the answer.
+    pub async fn raw_tls(&self, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let leaf = self.pki.client("frontend");
+        let tcp = tokio::net::TcpStream::connect(self.proxy.listen_addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(self.pki.client_config(Some(&leaf)))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let _ = tls.write_all(request).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).into_owned()
     }
 
     /// The proxy's metrics text.
