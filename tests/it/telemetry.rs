@@ -135,9 +135,11 @@ async fn handshake_spans_arrive_over_http_protobuf_with_their_parent_and_attribu
     let env = traced_env(otel(&[
         ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s3cr%3Dt"),
     ]))
     .await;
     traced_handshake_joins_the_callers_trace(&env, &received, "http/protobuf").await;
+    assert_eq!(received.last_headers().get("x-api-key").unwrap(), "s3cr=t");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

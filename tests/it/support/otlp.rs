@@ -87,11 +87,16 @@ impl Span {
     }
 }
 
-/// Spans received so far.
+/// Spans received so far, and the headers of the last HTTP export request.
 #[derive(Clone, Default)]
-pub struct Received(Arc<Mutex<Vec<Span>>>);
+pub struct Received(Arc<Mutex<Vec<Span>>>, Arc<Mutex<http::HeaderMap>>);
 
 impl Received {
+    /// Headers of the last export request (HTTP receiver only).
+    pub fn last_headers(&self) -> http::HeaderMap {
+        self.1.lock().unwrap().clone()
+    }
+
     fn add(&self, req: ExportTraceServiceRequest, transport: &'static str) {
         let mut spans = self.0.lock().unwrap();
         for rs in req.resource_spans {
@@ -200,6 +205,7 @@ pub async fn http_receiver() -> (String, Received) {
                 let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let sink = sink.clone();
                     async move {
+                        *sink.1.lock().unwrap() = req.headers().clone();
                         let ok = req.uri().path() == "/v1/traces"
                             && req.headers().get("content-type").map(|v| v.as_bytes())
                                 == Some(b"application/x-protobuf");
