@@ -3,6 +3,7 @@
 
 mod admin;
 mod certs;
+mod chart;
 mod cli;
 mod data_path;
 mod drain;

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod k8s_tools;
 pub mod otlp;
 pub mod raw;
 

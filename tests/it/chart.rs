@@ -1,0 +1,1 @@
+//! Helm chart, plain manifests and Dockerfile checks (rendered with helm, validated offline).

@@ -1,0 +1,1 @@
+//! Installs and locates the Kubernetes tool chain the chart tests need (helm, kubernetes-validate, hadolint).
