@@ -34,8 +34,285 @@ pub struct Cli {
 pub enum Command {
     /// Run the inbound mTLS WebSocket sidecar.
     Proxy(Box<ProxyArgs>),
+    /// Run the admission webhook that injects the sidecar, and the certificate controller.
+    Inject(Box<InjectArgs>),
+    /// Ask the local proxy to drain (for a preStop hook): POST /drain on its admin port.
+    Drain(DrainArgs),
     /// Run everything on this machine with throwaway certificates and show rotation at work.
     Demo,
+}
+
+/// Flags of `wsgate drain`.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The proxy's admin address.
+    #[arg(
+        long,
+        env = "WSGATE_ADMIN_LOCAL",
+        default_value = "127.0.0.1:9901",
+        value_name = "ADDR"
+    )]
+    pub admin: SocketAddr,
+}
+
+/// Flags of `wsgate inject`.
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// Address of the HTTPS webhook (POST /mutate, POST /mutate/namespace-enabled).
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "0.0.0.0:9443", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "WSGATE_ADMIN", default_value = "0.0.0.0:9901", value_name = "ADDR")]
+    pub admin: SocketAddr,
+    /// The webhook's serving certificate: a mounted cert-manager Secret (tls.crt, tls.key, ca.crt).
+    #[arg(
+        long,
+        env = "WSGATE_CERT_DIR",
+        default_value = "/var/run/wsgate/webhook-tls",
+        value_name = "DIR"
+    )]
+    pub cert_dir: PathBuf,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(
+        long,
+        env = "WSGATE_TRUST_DOMAIN",
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
+    pub trust_domain: String,
+    /// The sidecar image.
+    #[arg(long, env = "WSGATE_SIDECAR_IMAGE", value_name = "IMAGE")]
+    pub sidecar_image: String,
+    /// The sidecar's image pull policy.
+    #[arg(
+        long,
+        env = "WSGATE_SIDECAR_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent",
+        value_name = "POLICY"
+    )]
+    pub sidecar_image_pull_policy: String,
+    /// The sidecar's CPU request (empty: none).
+    #[arg(
+        long,
+        env = "WSGATE_SIDECAR_CPU_REQUEST",
+        default_value = "50m",
+        value_name = "QUANTITY"
+    )]
+    pub sidecar_cpu_request: String,
+    /// The sidecar's memory request (empty: none).
+    #[arg(
+        long,
+        env = "WSGATE_SIDECAR_MEMORY_REQUEST",
+        default_value = "32Mi",
+        value_name = "QUANTITY"
+    )]
+    pub sidecar_memory_request: String,
+    /// The sidecar's CPU limit (empty: none, the usual advice for proxies).
+    #[arg(long, env = "WSGATE_SIDECAR_CPU_LIMIT", default_value = "", value_name = "QUANTITY")]
+    pub sidecar_cpu_limit: String,
+    /// The sidecar's memory limit (empty: none).
+    #[arg(
+        long,
+        env = "WSGATE_SIDECAR_MEMORY_LIMIT",
+        default_value = "128Mi",
+        value_name = "QUANTITY"
+    )]
+    pub sidecar_memory_limit: String,
+    /// Allow pattern for pods without wsgate.dev/allow (repeatable; comma-separated in the
+    /// environment); {namespace} and {trust-domain} are filled in.
+    #[arg(
+        long = "default-allow",
+        env = "WSGATE_DEFAULT_ALLOW",
+        value_delimiter = ',',
+        default_value = "spiffe://{trust-domain}/ns/{namespace}/sa/*",
+        value_name = "PATTERN"
+    )]
+    pub default_allow: Vec<String>,
+    /// Inject native sidecars (init containers with restartPolicy Always): auto (from the API
+    /// server's version: 1.29 and later), on or off.
+    #[arg(long, env = "WSGATE_NATIVE_SIDECAR", default_value = "auto", value_name = "MODE")]
+    pub native_sidecar: crate::inject::settings::NativeSidecar,
+    /// The sidecar's log format: text or json.
+    #[arg(
+        long,
+        env = "WSGATE_SIDECAR_LOG_FORMAT",
+        default_value = "json",
+        value_name = "FORMAT"
+    )]
+    pub sidecar_log_format: LogFormat,
+    /// OTLP collector endpoint given to every sidecar (plain http://).
+    #[arg(long, env = "WSGATE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP protocol given to every sidecar: grpc or http/protobuf.
+    #[arg(
+        long,
+        env = "WSGATE_OTLP_PROTOCOL",
+        default_value = "http/protobuf",
+        value_name = "PROTOCOL"
+    )]
+    pub otlp_protocol: String,
+    /// cert-manager issuer of workload certificates: name.
+    #[arg(long, env = "WSGATE_ISSUER_NAME", default_value = "wsgate-ca", value_name = "NAME")]
+    pub issuer_name: String,
+    /// cert-manager issuer kind: Issuer or ClusterIssuer.
+    #[arg(
+        long,
+        env = "WSGATE_ISSUER_KIND",
+        default_value = "ClusterIssuer",
+        value_name = "KIND"
+    )]
+    pub issuer_kind: String,
+    /// cert-manager issuer group.
+    #[arg(
+        long,
+        env = "WSGATE_ISSUER_GROUP",
+        default_value = "cert-manager.io",
+        value_name = "GROUP"
+    )]
+    pub issuer_group: String,
+    /// Workload certificate lifetime.
+    #[arg(long, env = "WSGATE_CERT_DURATION", default_value = "24h", value_name = "DURATION")]
+    pub cert_duration: String,
+    /// Renew workload certificates this long before they expire.
+    #[arg(
+        long,
+        env = "WSGATE_CERT_RENEW_BEFORE",
+        default_value = "8h",
+        value_name = "DURATION"
+    )]
+    pub cert_renew_before: String,
+    /// Run the certificate controller (true or false).
+    #[arg(long, env = "WSGATE_CERTIFICATE_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub certificate_controller: bool,
+}
+
+fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, ConfigError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let (num, suffix) = v.split_at(v.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(v.len()));
+    const SUFFIXES: [&str; 14] = [
+        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    ];
+    if num.parse::<f64>().is_err() || !SUFFIXES.contains(&suffix) {
+        return Err(ConfigError::invalid(
+            flag,
+            format!("'{v}' is not a Kubernetes quantity (e.g. 50m, 128Mi)"),
+        ));
+    }
+    Ok(Some(v.to_owned()))
+}
+
+/// A Go duration as cert-manager reads it: numbers with h, m, s units (`24h`, `1h30m`).
+fn go_duration(flag: &'static str, value: &str) -> Result<String, ConfigError> {
+    let v = value.trim();
+    let mut rest = v;
+    let mut seen = false;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len() - digits);
+        let unit = &rest[digits..digits + unit_len];
+        if digits == 0 || !["h", "m", "s"].contains(&unit) {
+            return Err(ConfigError::invalid(
+                flag,
+                format!("'{v}' is not a duration like 24h or 1h30m"),
+            ));
+        }
+        rest = &rest[digits + unit_len..];
+        seen = true;
+    }
+    if !seen {
+        return Err(ConfigError::invalid(flag, "is empty"));
+    }
+    Ok(v.to_owned())
+}
+
+impl InjectArgs {
+    /// Validates the flags into settings.
+    pub fn into_config(self) -> Result<crate::inject::InjectConfig, ConfigError> {
+        use crate::inject::settings::{InjectSettings, IssuerRef, Resources};
+        if self.sidecar_image.trim().is_empty() {
+            return Err(ConfigError::invalid("--sidecar-image", "is required"));
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':', ' ']) {
+            return Err(ConfigError::invalid(
+                "--trust-domain",
+                format!("'{}' is not a trust domain", self.trust_domain),
+            ));
+        }
+        for p in &self.default_allow {
+            let filled = p
+                .replace("{namespace}", "ns")
+                .replace("{trust-domain}", &self.trust_domain);
+            Policy::check_pattern(&filled).map_err(|e| ConfigError::invalid("--default-allow", e.to_string()))?;
+        }
+        if !["IfNotPresent", "Always", "Never"].contains(&self.sidecar_image_pull_policy.as_str()) {
+            return Err(ConfigError::invalid(
+                "--sidecar-image-pull-policy",
+                format!(
+                    "'{}' is not IfNotPresent, Always or Never",
+                    self.sidecar_image_pull_policy
+                ),
+            ));
+        }
+        if !["Issuer", "ClusterIssuer"].contains(&self.issuer_kind.as_str()) {
+            return Err(ConfigError::invalid(
+                "--issuer-kind",
+                format!("'{}' is not Issuer or ClusterIssuer", self.issuer_kind),
+            ));
+        }
+        let otlp = match self.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
+            None => None,
+            Some(endpoint) => {
+                if !endpoint.starts_with("http://") {
+                    return Err(ConfigError::invalid(
+                        "--otlp-endpoint",
+                        format!("'{endpoint}' must be a plain http:// URL"),
+                    ));
+                }
+                if !["grpc", "http/protobuf"].contains(&self.otlp_protocol.as_str()) {
+                    return Err(ConfigError::invalid(
+                        "--otlp-protocol",
+                        format!("'{}' is not grpc or http/protobuf", self.otlp_protocol),
+                    ));
+                }
+                Some((endpoint, self.otlp_protocol))
+            }
+        };
+        let settings = InjectSettings {
+            trust_domain: self.trust_domain,
+            image: self.sidecar_image,
+            pull_policy: self.sidecar_image_pull_policy,
+            resources: Resources {
+                cpu_request: quantity("--sidecar-cpu-request", &self.sidecar_cpu_request)?,
+                memory_request: quantity("--sidecar-memory-request", &self.sidecar_memory_request)?,
+                cpu_limit: quantity("--sidecar-cpu-limit", &self.sidecar_cpu_limit)?,
+                memory_limit: quantity("--sidecar-memory-limit", &self.sidecar_memory_limit)?,
+            },
+            default_allow: self.default_allow,
+            native: self.native_sidecar,
+            log_format: self.sidecar_log_format,
+            otlp,
+            issuer: IssuerRef {
+                name: self.issuer_name,
+                kind: self.issuer_kind,
+                group: self.issuer_group,
+            },
+            cert_duration: go_duration("--cert-duration", &self.cert_duration)?,
+            cert_renew_before: go_duration("--cert-renew-before", &self.cert_renew_before)?,
+        };
+        Ok(crate::inject::InjectConfig {
+            listen: self.listen,
+            admin: self.admin,
+            cert_dir: self.cert_dir,
+            settings,
+            certificate_controller: self.certificate_controller,
+            reload: ReloadTiming::default(),
+        })
+    }
 }
 
 /// Flags of `wsgate proxy`.

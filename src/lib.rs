@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod inject;
 pub mod proxy;
 pub mod telemetry;
 pub mod tls;

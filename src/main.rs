@@ -24,9 +24,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
+            // clap's message, without its usage block and hint, on one line.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line");
-            return usage_error(first.trim_start_matches("error: "));
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            return usage_error(message.join(" ").trim_start_matches("error: "));
         }
     };
     // Validate everything before any port is bound or any thread is started.
@@ -35,10 +41,19 @@ fn main() -> ExitCode {
             Ok(cfg) => Run::Proxy(Box::new(cfg)),
             Err(e) => return usage_error(e),
         },
+        Command::Inject(args) => match args.into_config() {
+            Ok(cfg) => Run::Inject(Box::new(cfg)),
+            Err(e) => return usage_error(e),
+        },
+        Command::Drain(args) => Run::Drain(args.admin),
         Command::Demo => Run::Demo,
     };
     // The demo prints its own story; its logs only say when something goes wrong.
-    let level = if matches!(command, Run::Demo) { "error" } else { "info" };
+    let level = match command {
+        Run::Demo => "error",
+        Run::Drain(_) => "warn",
+        _ => "info",
+    };
     wsgate::telemetry::logs::init(cli.log_format, level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -50,6 +65,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match command {
             Run::Proxy(cfg) => run_proxy(*cfg).await,
+            Run::Inject(cfg) => run_inject(*cfg).await,
+            Run::Drain(admin) => drain(admin).await,
             Run::Demo => wsgate::demo::run().await.map_err(anyhow::Error::from),
         }
     });
@@ -64,7 +81,61 @@ fn main() -> ExitCode {
 
 enum Run {
     Proxy(Box<wsgate::config::ProxyConfig>),
+    Inject(Box<wsgate::inject::InjectConfig>),
+    Drain(std::net::SocketAddr),
     Demo,
+}
+
+async fn run_inject(cfg: wsgate::inject::InjectConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    use wsgate::inject::settings::NativeSidecar;
+    let needs_api = cfg.certificate_controller || cfg.settings.native == NativeSidecar::Auto;
+    let client = if needs_api {
+        match kube::Client::try_default().await {
+            Ok(client) => Some(client),
+            Err(e) if cfg.certificate_controller => {
+                anyhow::bail!("cannot reach the Kubernetes API (needed by the certificate controller): {e}")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the Kubernetes API");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let handle = wsgate::inject::start(cfg, client).await?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = handle.stopped() => {}
+    }
+    handle.stop();
+    handle.wait().await;
+    Ok(())
+}
+
+/// POSTs /drain to the local proxy's admin port (the sidecar's preStop hook).
+async fn drain(admin: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await?;
+    stream
+        .write_all(
+            format!("POST /drain HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    match answer.split_whitespace().nth(1) {
+        Some("202") => Ok(()),
+        _ => anyhow::bail!(
+            "the proxy at {admin} did not accept the drain: {}",
+            answer.lines().next().unwrap_or("")
+        ),
+    }
 }
 
 async fn run_proxy(cfg: wsgate::config::ProxyConfig) -> anyhow::Result<()> {

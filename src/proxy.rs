@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwapOption;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,7 +51,6 @@ pub enum ProxyError {
 pub struct Status {
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
-    last_error: ArcSwapOption<String>,
     draining: AtomicBool,
     drain: CancellationToken,
 }
@@ -62,26 +60,7 @@ impl AdminState for Status {
         if self.draining.load(Ordering::Relaxed) {
             return Err("draining".into());
         }
-        let Some(serving) = self.store.current() else {
-            let why = self
-                .last_error
-                .load_full()
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "no certificate loaded yet".into());
-            return Err(format!("no valid certificate: {why}"));
-        };
-        if SystemTime::now() > serving.leaf.not_after {
-            return Err(format!(
-                "the serving certificate (serial {}) expired at {}",
-                serving.leaf.serial,
-                rfc3339(serving.leaf.not_after)
-            ));
-        }
-        Ok(format!(
-            "serving certificate serial {}, valid until {}",
-            serving.leaf.serial,
-            rfc3339(serving.leaf.not_after)
-        ))
+        self.store.readiness()
     }
 
     fn metrics(&self) -> String {
@@ -97,7 +76,6 @@ impl AdminState for Status {
 /// Installs validated bundles into the store and reports reloads.
 struct InboundSink {
     store: Arc<TlsStore>,
-    status: Arc<Status>,
     telemetry: Arc<Telemetry>,
     min_version: TlsMinVersion,
 }
@@ -130,37 +108,22 @@ impl ReloadSink for InboundSink {
         ];
         match &report.result {
             Ok((serial, not_after)) => {
-                self.status.last_error.store(None);
                 attributes.push(opentelemetry::KeyValue::new(attr::CERT_SERIAL, serial.clone()));
                 attributes.push(opentelemetry::KeyValue::new(attr::CERT_NOT_AFTER, rfc3339(*not_after)));
                 self.telemetry.tracer.reload(report.started, attributes, None);
-                tracing::info!(
-                    target: "wsgate::certs",
-                    trigger = report.trigger.as_str(),
-                    serial = %serial,
-                    not_after = %rfc3339(*not_after),
-                    duration_ms = report.duration.as_secs_f64() * 1e3,
-                    "certificate installed"
-                );
             }
             Err(reason) => {
-                self.status.last_error.store(Some(Arc::new(reason.clone())));
+                self.store.fail(reason);
                 let serving = self.store.current().map(|s| s.leaf.serial.clone());
                 attributes.push(opentelemetry::KeyValue::new(attr::RELOAD_REASON, reason.clone()));
                 if let Some(serial) = &serving {
                     attributes.push(opentelemetry::KeyValue::new(attr::CERT_SERIAL, serial.clone()));
                 }
                 self.telemetry.tracer.reload(report.started, attributes, Some(reason));
-                tracing::warn!(
-                    target: "wsgate::certs",
-                    trigger = report.trigger.as_str(),
-                    reason = %reason,
-                    consecutive_failures = report.failures,
-                    still_serving = serving.as_deref().unwrap_or("nothing"),
-                    "certificate set refused; keeping the previous one"
-                );
             }
         }
+        let serving = self.store.current();
+        crate::certs::watch::log_report(report, serving.as_ref().map(|s| s.leaf.serial.as_str()));
     }
 
     fn checked(&mut self, disk_matches_served: bool) {
@@ -231,7 +194,6 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let status = Arc::new(Status {
         store: store.clone(),
         metrics: metrics.clone(),
-        last_error: ArcSwapOption::empty(),
         draining: AtomicBool::new(false),
         drain: drain.clone(),
     });
@@ -243,7 +205,6 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
     let sink = InboundSink {
         store: store.clone(),
-        status: status.clone(),
         telemetry: telemetry.clone(),
         min_version: cfg.tls_min_version,
     };

@@ -74,6 +74,29 @@ pub trait ReloadSink: Send + 'static {
     }
 }
 
+/// Logs one reload report: `certificate installed`, or `certificate set refused; keeping the
+/// previous one` with the reason and the serial still served.
+pub fn log_report(report: &ReloadReport, still_serving: Option<&str>) {
+    match &report.result {
+        Ok((serial, not_after)) => tracing::info!(
+            target: "wsgate::certs",
+            trigger = report.trigger.as_str(),
+            serial = %serial,
+            not_after = %crate::certs::summary::rfc3339(*not_after),
+            duration_ms = report.duration.as_secs_f64() * 1e3,
+            "certificate installed"
+        ),
+        Err(reason) => tracing::warn!(
+            target: "wsgate::certs",
+            trigger = report.trigger.as_str(),
+            reason = %reason,
+            consecutive_failures = report.failures,
+            still_serving = still_serving.unwrap_or("nothing"),
+            "certificate set refused; keeping the previous one"
+        ),
+    }
+}
+
 /// The certificate watcher for one source.
 pub struct CertWatcher {
     source: SecretSource,

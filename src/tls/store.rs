@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use rustls::ServerConfig;
 
-use crate::certs::summary::CertSummary;
+use crate::certs::summary::{CertSummary, rfc3339};
 
 /// What is being served now.
 #[derive(Debug)]
@@ -29,6 +29,7 @@ pub struct Serving {
 #[derive(Debug, Default)]
 pub struct TlsStore {
     current: ArcSwapOption<Serving>,
+    last_error: ArcSwapOption<String>,
 }
 
 impl TlsStore {
@@ -45,5 +46,35 @@ impl TlsStore {
     /// Publishes a new set; connections already holding the previous one keep it.
     pub fn install(&self, serving: Serving) {
         self.current.store(Some(Arc::new(serving)));
+        self.last_error.store(None);
+    }
+
+    /// Remembers why the latest set was refused (for readiness while nothing is served).
+    pub fn fail(&self, reason: &str) {
+        self.last_error.store(Some(Arc::new(reason.to_owned())));
+    }
+
+    /// `Ok(summary)` while a valid certificate is served; otherwise why not.
+    pub fn readiness(&self) -> Result<String, String> {
+        let Some(serving) = self.current() else {
+            let why = self
+                .last_error
+                .load_full()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "no certificate loaded yet".into());
+            return Err(format!("no valid certificate: {why}"));
+        };
+        if SystemTime::now() > serving.leaf.not_after {
+            return Err(format!(
+                "the serving certificate (serial {}) expired at {}",
+                serving.leaf.serial,
+                rfc3339(serving.leaf.not_after)
+            ));
+        }
+        Ok(format!(
+            "serving certificate serial {}, valid until {}",
+            serving.leaf.serial,
+            rfc3339(serving.leaf.not_after)
+        ))
     }
 }

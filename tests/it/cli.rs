@@ -190,3 +190,69 @@ fn demo_runs_and_exits_zero() {
         "{out}"
     );
 }
+
+/// `wsgate inject` validates its flags like the proxy does.
+#[test]
+fn inject_usage_errors_exit_64_naming_the_flag() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let base = [
+        "inject",
+        "--listen",
+        &listen,
+        "--admin",
+        "127.0.0.1:0",
+        "--certificate-controller",
+        "false",
+    ];
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "--sidecar-image"),
+        (
+            &["--sidecar-image", "img", "--sidecar-memory-limit", "lots"],
+            "--sidecar-memory-limit",
+        ),
+        (&["--sidecar-image", "img", "--issuer-kind", "Vault"], "--issuer-kind"),
+        (
+            &["--sidecar-image", "img", "--default-allow", "spiffe://x/fr*nt"],
+            "--default-allow",
+        ),
+        (
+            &["--sidecar-image", "img", "--cert-duration", "a day"],
+            "--cert-duration",
+        ),
+        (&["--sidecar-image", "img", "--native-sidecar", "maybe"], "maybe"),
+        (
+            &["--sidecar-image", "img", "--otlp-endpoint", "https://collector:4318"],
+            "--otlp-endpoint",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        let (code, _, err) = run(&args, &[]);
+        assert_eq!(code, 64, "{extra:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+}
+
+/// `wsgate drain` (the sidecar's preStop hook) asks the local proxy to drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_command_drains_the_local_proxy() {
+    let allow = spiffe("frontend");
+    let env = crate::support::Env::start(&[allow.as_str()]).await;
+    let admin = env.proxy.admin_addr.to_string();
+    let (code, _, err) = tokio::task::spawn_blocking(move || run(&["drain", "--admin", &admin], &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(env.proxy.readiness().is_err_and(|e| e.contains("draining")));
+    // Nothing listening: the hook fails visibly.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (code, _, err) = run(&["drain", "--admin", &dead], &[]);
+    assert_eq!(code, 1, "{err}");
+}

@@ -7,6 +7,8 @@ mod chart;
 mod cli;
 mod data_path;
 mod drain;
+mod e2e;
+mod inject;
 mod rotation;
 mod support;
 mod telemetry;

@@ -122,8 +122,13 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
 
 /// Waits until the proxy serves `serial`.
 pub async fn wait_serial(proxy: &ProxyHandle, serial: &str) {
+    wait_serial_of(&proxy.store, serial).await;
+}
+
+/// Waits until `store` serves `serial`.
+pub async fn wait_serial_of(store: &wsgate::tls::TlsStore, serial: &str) {
     eventually(&format!("serial {serial} served"), Duration::from_secs(10), || {
-        proxy.store.current().is_some_and(|s| s.leaf.serial == serial)
+        store.current().is_some_and(|s| s.leaf.serial == serial)
     })
     .await;
 }

@@ -1,0 +1,292 @@
+//! `wsgate inject`: the mutating admission webhook that injects the sidecar, and the controller
+//! that requests a cert-manager Certificate for every service account whose pods are injected.
+//!
+//! `settings` and `annotations` are pure; `patch` is the pure injection; `webhook` serves it
+//! over HTTPS; `certificates` is the controller.
+
+pub mod annotations;
+pub mod certificates;
+pub mod metrics;
+pub mod patch;
+pub mod settings;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminState;
+use crate::certs::watch::{CertWatcher, ReloadReport, ReloadSink, log_report};
+use crate::certs::{CertBundle, SecretSource, Usage};
+use crate::config::ReloadTiming;
+use crate::telemetry::metrics::ReloadLabels;
+use crate::tls::{Serving, TlsStore};
+use metrics::InjectMetrics;
+use settings::{InjectSettings, NativeSidecar};
+
+/// Everything `wsgate inject` needs, validated.
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// The HTTPS webhook address.
+    pub listen: SocketAddr,
+    /// The admin address.
+    pub admin: SocketAddr,
+    /// The webhook's serving certificate (a mounted cert-manager Secret).
+    pub cert_dir: PathBuf,
+    /// What to inject and how to request certificates.
+    pub settings: InjectSettings,
+    /// Run the certificate controller.
+    pub certificate_controller: bool,
+    /// Serving-certificate watcher timings.
+    pub reload: ReloadTiming,
+}
+
+/// Why the injector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// A port could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// `webhook` or `admin`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Serving-certificate loads for the webhook.
+struct WebhookSink {
+    store: Arc<TlsStore>,
+    metrics: Arc<InjectMetrics>,
+}
+
+impl ReloadSink for WebhookSink {
+    fn install(&mut self, bundle: CertBundle) -> Result<(), String> {
+        let server = crate::tls::server::server_config_no_client_auth(&bundle).map_err(|e| e.to_string())?;
+        self.store.install(Serving {
+            server,
+            leaf: bundle.leaf,
+            installed_at: SystemTime::now(),
+            fingerprint: bundle.fingerprint,
+        });
+        Ok(())
+    }
+
+    fn report(&mut self, report: &ReloadReport) {
+        let result = if report.result.is_ok() { "success" } else { "failure" };
+        self.metrics.reloads.get_or_create(&ReloadLabels { result }).inc();
+        if let Err(reason) = &report.result {
+            self.store.fail(reason);
+        }
+        let serving = self.store.current();
+        log_report(report, serving.as_ref().map(|s| s.leaf.serial.as_str()));
+    }
+}
+
+/// State behind the injector's admin endpoints.
+struct InjectStatus {
+    store: Arc<TlsStore>,
+    metrics: Arc<InjectMetrics>,
+    stop: CancellationToken,
+}
+
+impl AdminState for InjectStatus {
+    fn readiness(&self) -> Result<String, String> {
+        if self.stop.is_cancelled() {
+            return Err("stopping".into());
+        }
+        self.store.readiness()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    fn drain(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// The first two numbers of a Kubernetes version (`1.29.3-gke.1` → (1, 29)).
+pub fn parse_version(major: &str, minor: &str) -> Option<(u32, u32)> {
+    let digits = |s: &str| {
+        s.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
+    };
+    Some((digits(major)?, digits(minor)?))
+}
+
+/// Whether a cluster of this version runs native sidecars by default (beta, on, since 1.29).
+pub fn supports_native_sidecars(version: (u32, u32)) -> bool {
+    version >= (1, 29)
+}
+
+async fn detect_native(client: &kube::Client) -> Option<bool> {
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let version = parse_version(&info.major, &info.minor);
+            if version.is_none() {
+                tracing::warn!(major = %info.major, minor = %info.minor, "cannot read the API server's version");
+            }
+            version.map(supports_native_sidecars)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask the API server for its version");
+            None
+        }
+    }
+}
+
+/// A running injector.
+pub struct InjectHandle {
+    /// The webhook's address.
+    pub listen_addr: SocketAddr,
+    /// The admin address.
+    pub admin_addr: SocketAddr,
+    /// The webhook's TLS store.
+    pub store: Arc<TlsStore>,
+    /// Whether sidecars are injected as native sidecars now.
+    pub native: Arc<AtomicBool>,
+    /// Metrics.
+    pub metrics: Arc<InjectMetrics>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl InjectHandle {
+    /// Stops everything.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Resolves when a stop has been requested (`POST /drain` or [`InjectHandle::stop`]).
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// Waits for every task to end.
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the webhook, its certificate watcher, the admin server and (with a client) the
+/// certificate controller and the native-sidecar detection.
+pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<InjectHandle, InjectError> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| InjectError::Bind {
+            what: "webhook",
+            addr: cfg.listen,
+            source,
+        })?;
+    let admin = TcpListener::bind(cfg.admin).await.map_err(|source| InjectError::Bind {
+        what: "admin",
+        addr: cfg.admin,
+        source,
+    })?;
+    let listen_addr = listener.local_addr().unwrap_or(cfg.listen);
+    let admin_addr = admin.local_addr().unwrap_or(cfg.admin);
+    let metrics = InjectMetrics::new();
+    let store = Arc::new(TlsStore::new());
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    let native = Arc::new(AtomicBool::new(false));
+    match (cfg.settings.native, &client) {
+        (NativeSidecar::On, _) => native.store(true, Ordering::Relaxed),
+        (NativeSidecar::Off, _) => native.store(false, Ordering::Relaxed),
+        (NativeSidecar::Auto, None) => {
+            tracing::warn!(
+                "no Kubernetes API access: injecting ordinary containers (set --native-sidecar on to change)"
+            );
+        }
+        (NativeSidecar::Auto, Some(client)) => {
+            native.store(detect_native(client).await.unwrap_or(false), Ordering::Relaxed);
+            let (client, native, stop, metrics) = (client.clone(), native.clone(), stop.clone(), metrics.clone());
+            tasks.push(tokio::spawn(async move {
+                // The control plane may be upgraded while the injector runs.
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                    }
+                    if let Some(now) = detect_native(&client).await {
+                        native.store(now, Ordering::Relaxed);
+                        metrics.native_sidecars.set(i64::from(now));
+                    }
+                }
+            }));
+        }
+    }
+    let is_native = native.load(Ordering::Relaxed);
+    metrics.native_sidecars.set(i64::from(is_native));
+
+    let source = SecretSource {
+        cert_dir: cfg.cert_dir.clone(),
+        trust_bundle: None,
+    };
+    let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
+    let sink = WebhookSink {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    };
+    tasks.push(tokio::spawn(watcher.run(sink, stop.clone())));
+    let status = Arc::new(InjectStatus {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        stop: stop.clone(),
+    });
+    tasks.push(tokio::spawn(crate::admin::serve(admin, status, stop.clone())));
+    let hook = Arc::new(webhook::Webhook {
+        settings: cfg.settings.clone(),
+        native: native.clone(),
+        metrics: metrics.clone(),
+    });
+    tasks.push(tokio::spawn(webhook::serve(
+        listener,
+        store.clone(),
+        hook,
+        stop.clone(),
+    )));
+    match (cfg.certificate_controller, client) {
+        (true, Some(client)) => {
+            tasks.push(tokio::spawn(certificates::run(
+                client,
+                cfg.settings.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )));
+        }
+        (true, None) => tracing::warn!("no Kubernetes API access: the certificate controller is off"),
+        (false, _) => tracing::info!("certificate controller disabled by --certificate-controller false"),
+    }
+    tracing::info!(
+        listen = %listen_addr,
+        admin = %admin_addr,
+        native_sidecars = is_native,
+        cert_dir = %cfg.cert_dir.display(),
+        "wsgate injector started"
+    );
+    Ok(InjectHandle {
+        listen_addr,
+        admin_addr,
+        store,
+        native,
+        metrics,
+        stop,
+        tasks,
+    })
+}

@@ -1,0 +1,291 @@
+//! Reads a pod's `wsgate.dev/*` annotations into validated options, or says which annotation
+//! and value are wrong. Pure.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::settings::InjectSettings;
+use crate::authz::Policy;
+
+/// `"true"` injects, `"false"` opts out (also in an enabled namespace).
+pub const INJECT: &str = "wsgate.dev/inject";
+/// The app's port; may be omitted when the pod declares exactly one container port.
+pub const UPSTREAM_PORT: &str = "wsgate.dev/upstream-port";
+/// The sidecar's mTLS port (default 8443).
+pub const PORT: &str = "wsgate.dev/port";
+/// Comma-separated allow patterns.
+pub const ALLOW: &str = "wsgate.dev/allow";
+/// The Secret with tls.crt/tls.key/ca.crt (default `wsgate-<serviceaccount>`).
+pub const SECRET: &str = "wsgate.dev/secret";
+/// A ConfigMap holding the CA bundle.
+pub const TRUST_BUNDLE: &str = "wsgate.dev/trust-bundle";
+/// Extra DNS SANs for the certificate, comma-separated.
+pub const DNS_NAMES: &str = "wsgate.dev/dns-names";
+/// Reserved for the outbound direction.
+pub const OUTBOUND: &str = "wsgate.dev/outbound";
+/// Namespace label that turns injection on for every pod in it.
+pub const NAMESPACE_LABEL: &str = "wsgate.dev/injection";
+/// Label the injector puts on injected pods (the certificate controller watches it).
+pub const INJECTED_LABEL: &str = "wsgate.dev/injected";
+
+/// The sidecar's default mTLS port.
+pub const DEFAULT_PORT: u16 = 8443;
+/// The sidecar's admin port (fixed: probes and the preStop hook use it).
+pub const ADMIN_PORT: u16 = 9901;
+
+/// A bad annotation: the pod is denied with this message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnotationError {
+    /// The annotation key.
+    pub annotation: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for AnnotationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "annotation {} {}", self.annotation, self.reason)
+        } else {
+            write!(f, "annotation {}: '{}' {}", self.annotation, self.value, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for AnnotationError {}
+
+/// What the annotations ask for, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodOptions {
+    /// The app's port on localhost.
+    pub upstream_port: u16,
+    /// The sidecar's mTLS port.
+    pub port: u16,
+    /// Allow patterns.
+    pub allow: Vec<String>,
+    /// The Secret mounted as the sidecar's certificate.
+    pub secret: String,
+    /// The trust-bundle ConfigMap, if any.
+    pub trust_bundle: Option<String>,
+    /// Extra DNS SANs.
+    pub dns_names: Vec<String>,
+    /// The pod's service account.
+    pub service_account: String,
+    /// Warnings for the user (reserved annotations used, …).
+    pub warnings: Vec<String>,
+}
+
+/// Whether the pod asks for injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Inject.
+    Yes,
+    /// Leave it alone (not opted in, or opted out).
+    No,
+}
+
+fn err(annotation: &'static str, value: &str, reason: impl Into<String>) -> AnnotationError {
+    AnnotationError {
+        annotation,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn annotations(pod: &Pod) -> &BTreeMap<String, String> {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    pod.metadata.annotations.as_ref().unwrap_or(&EMPTY)
+}
+
+/// Decides from `wsgate.dev/inject` and the namespace's label whether to inject.
+pub fn wanted(pod: &Pod, namespace_enabled: bool) -> Result<Wanted, AnnotationError> {
+    match annotations(pod).get(INJECT).map(|v| v.trim()) {
+        Some("true") => Ok(Wanted::Yes),
+        Some("false") => Ok(Wanted::No),
+        Some(other) => Err(err(INJECT, other, "is neither \"true\" nor \"false\"")),
+        None if namespace_enabled => Ok(Wanted::Yes),
+        None => Ok(Wanted::No),
+    }
+}
+
+fn port(annotation: &'static str, value: &str) -> Result<u16, AnnotationError> {
+    match value.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(_) => Err(err(annotation, value, "is out of range: a port is 1 to 65535")),
+        Err(_) => Err(err(annotation, value, "is not a port number")),
+    }
+}
+
+/// An RFC 1123 subdomain, as Kubernetes object names are.
+fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_prefix("*.").unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// All TCP container ports the app containers declare.
+fn declared_ports(pod: &Pod) -> Vec<(String, u16)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| {
+            c.ports.iter().flatten().filter_map(move |p| {
+                let tcp = p.protocol.as_deref().is_none_or(|proto| proto == "TCP");
+                (tcp && (1..=65535).contains(&p.container_port)).then(|| (c.name.clone(), p.container_port as u16))
+            })
+        })
+        .collect()
+}
+
+/// Reads and validates the options of a pod that is to be injected.
+pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<PodOptions, AnnotationError> {
+    let a = annotations(pod);
+    let declared = declared_ports(pod);
+    let upstream_port = match a.get(UPSTREAM_PORT) {
+        Some(v) => port(UPSTREAM_PORT, v)?,
+        None => match declared.as_slice() {
+            [(_, p)] => *p,
+            _ => {
+                return Err(err(
+                    UPSTREAM_PORT,
+                    "",
+                    format!(
+                        "is required: the pod declares {} TCP container ports, not exactly one",
+                        declared.len()
+                    ),
+                ));
+            }
+        },
+    };
+    let port = match a.get(PORT) {
+        Some(v) => self::port(PORT, v)?,
+        None => DEFAULT_PORT,
+    };
+    if let Some(v) = a.get(PORT) {
+        if port == upstream_port {
+            return Err(err(
+                PORT,
+                v,
+                "is the app's own port; the sidecar needs a port of its own",
+            ));
+        }
+        if port == ADMIN_PORT {
+            return Err(err(PORT, v, format!("is the sidecar's admin port {ADMIN_PORT}")));
+        }
+    }
+    if let Some((container, _)) = declared.iter().find(|(_, p)| *p == port) {
+        return Err(err(
+            PORT,
+            &port.to_string(),
+            format!("is already used by container {container}; choose another with {PORT}"),
+        ));
+    }
+    if upstream_port == ADMIN_PORT {
+        return Err(err(
+            UPSTREAM_PORT,
+            &upstream_port.to_string(),
+            format!("collides with the sidecar's admin port {ADMIN_PORT}"),
+        ));
+    }
+    if upstream_port == port {
+        return Err(err(
+            UPSTREAM_PORT,
+            &upstream_port.to_string(),
+            format!("is the sidecar's own port; set {PORT}"),
+        ));
+    }
+    let allow = match a.get(ALLOW) {
+        Some(v) => {
+            let patterns = list(v);
+            if patterns.is_empty() {
+                return Err(err(ALLOW, v, "holds no pattern"));
+            }
+            for p in &patterns {
+                Policy::check_pattern(p).map_err(|e| err(ALLOW, v, format!("has a bad pattern: {e}")))?;
+            }
+            patterns
+        }
+        None => settings.default_allow_for(namespace),
+    };
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let secret = match a.get(SECRET) {
+        Some(v) if is_object_name(v.trim()) => v.trim().to_owned(),
+        Some(v) => return Err(err(SECRET, v, "is not a valid Secret name (lowercase RFC 1123)")),
+        None => format!("wsgate-{service_account}"),
+    };
+    let trust_bundle = match a.get(TRUST_BUNDLE) {
+        Some(v) if is_object_name(v.trim()) => Some(v.trim().to_owned()),
+        Some(v) => {
+            return Err(err(
+                TRUST_BUNDLE,
+                v,
+                "is not a valid ConfigMap name (lowercase RFC 1123)",
+            ));
+        }
+        None => None,
+    };
+    let dns_names = match a.get(DNS_NAMES) {
+        Some(v) => {
+            let names = list(v);
+            if let Some(bad) = names.iter().find(|n| !is_dns_name(n)) {
+                return Err(err(DNS_NAMES, v, format!("holds '{bad}', which is not a DNS name")));
+            }
+            names
+        }
+        None => Vec::new(),
+    };
+    let mut warnings = Vec::new();
+    if a.contains_key(OUTBOUND) {
+        warnings.push(format!(
+            "{OUTBOUND} is reserved for the outbound direction and has no effect yet"
+        ));
+    }
+    Ok(PodOptions {
+        upstream_port,
+        port,
+        allow,
+        secret,
+        trust_bundle,
+        dns_names,
+        service_account,
+        warnings,
+    })
+}

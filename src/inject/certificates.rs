@@ -1,0 +1,338 @@
+//! The certificate controller: every service account whose pods are injected gets a
+//! cert-manager `Certificate` for the Secret those pods mount.
+//!
+//! It watches injected pods (label `wsgate.dev/injected=true`) with kube-runtime; for each,
+//! it computes the Certificate its Secret needs (URI SAN = the service account's SPIFFE ID,
+//! DNS SANs = the union of `wsgate.dev/dns-names` over the pods that mount that Secret),
+//! compares it with what the API server has, and applies it with server-side apply only when
+//! something differs. The Certificate is owned by the ServiceAccount, so it goes away with it.
+//! A cluster without cert-manager is tolerated: a clear log line, retries every five minutes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config, Controller};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET};
+use super::metrics::{InjectMetrics, ReconcileLabels};
+use super::settings::InjectSettings;
+
+/// The field manager of every apply, stable across versions.
+pub const FIELD_MANAGER: &str = "wsgate-injector";
+/// How often an up-to-date Certificate is checked again.
+const RECHECK: Duration = Duration::from_secs(600);
+/// How often to look again when cert-manager is not installed.
+const NO_CERT_MANAGER_RETRY: Duration = Duration::from_secs(300);
+
+/// Why a reconcile failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// An API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The Certificate a Secret needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// Namespace of the pods, the Secret and the Certificate.
+    pub namespace: String,
+    /// Name of the Secret (and of the Certificate).
+    pub secret: String,
+    /// The service account the pods run as.
+    pub service_account: String,
+    /// DNS SANs, sorted and deduplicated.
+    pub dns_names: Vec<String>,
+}
+
+fn service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+/// The Secret a pod mounts as its sidecar certificate.
+pub fn secret_of(pod: &Pod) -> String {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SECRET))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| format!("wsgate-{}", service_account(pod)))
+}
+
+fn is_injected(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.get(INJECTED_LABEL).map(String::as_str) == Some("true"))
+}
+
+/// The Certificate needed for `pod`'s Secret, given all known pods (the pod itself included).
+/// `None` for a pod that is not injected.
+pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> Option<Desired> {
+    if !is_injected(pod) {
+        return None;
+    }
+    let namespace = pod.metadata.namespace.clone()?;
+    let secret = secret_of(pod);
+    let mut dns = BTreeSet::new();
+    let siblings = all.into_iter().filter(|p| {
+        is_injected(p) && p.metadata.namespace.as_deref() == Some(namespace.as_str()) && secret_of(p) == secret
+    });
+    for p in siblings.chain(std::iter::once(pod)) {
+        if let Some(names) = p.metadata.annotations.as_ref().and_then(|a| a.get(DNS_NAMES)) {
+            dns.extend(
+                names
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    Some(Desired {
+        namespace,
+        secret,
+        service_account: service_account(pod),
+        dns_names: dns.into_iter().collect(),
+    })
+}
+
+/// The Certificate manifest, owned by the service account with `owner_uid`.
+pub fn manifest(desired: &Desired, owner_uid: &str, settings: &InjectSettings) -> Value {
+    let mut spec = json!({
+        "secretName": desired.secret,
+        "uris": [settings.spiffe_id(&desired.namespace, &desired.service_account)],
+        "usages": ["server auth", "client auth"],
+        "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+        "duration": settings.cert_duration,
+        "renewBefore": settings.cert_renew_before,
+        "issuerRef": {"name": settings.issuer.name, "kind": settings.issuer.kind, "group": settings.issuer.group},
+    });
+    if !desired.dns_names.is_empty() {
+        spec["dnsNames"] = json!(desired.dns_names);
+    }
+    json!({
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Certificate",
+        "metadata": {
+            "name": desired.secret,
+            "namespace": desired.namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": FIELD_MANAGER,
+                "wsgate.dev/service-account": desired.service_account,
+            },
+            "ownerReferences": [{
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "name": desired.service_account,
+                "uid": owner_uid,
+            }],
+        },
+        "spec": spec,
+    })
+}
+
+/// The spec fields the controller manages; any difference in one of them means an apply.
+const MANAGED_SPEC: [&str; 8] = [
+    "secretName",
+    "uris",
+    "dnsNames",
+    "usages",
+    "privateKey",
+    "duration",
+    "renewBefore",
+    "issuerRef",
+];
+
+/// Whether `existing` (as the API server returned it) already says everything `wanted` says.
+pub fn up_to_date(existing: &Value, wanted: &Value) -> bool {
+    let spec_ok = MANAGED_SPEC.iter().all(|k| {
+        let have = &existing["spec"][k];
+        let want = &wanted["spec"][k];
+        match (want, have) {
+            // privateKey may gain defaults (encoding); compare only what we set.
+            (Value::Object(w), Value::Object(h)) => w.iter().all(|(k, v)| h.get(k) == Some(v)),
+            _ => have == want,
+        }
+    });
+    let labels_ok = wanted["metadata"]["labels"]
+        .as_object()
+        .is_some_and(|w| w.iter().all(|(k, v)| existing["metadata"]["labels"][k] == *v));
+    let uid = &wanted["metadata"]["ownerReferences"][0]["uid"];
+    let owner_ok = existing["metadata"]["ownerReferences"]
+        .as_array()
+        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == *uid));
+    spec_ok && labels_ok && owner_ok
+}
+
+/// The cert-manager Certificate resource.
+pub fn certificate_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),
+        "certificates",
+    )
+}
+
+/// What reconcile shares.
+pub struct Context {
+    /// The API client.
+    pub client: kube::Client,
+    /// The injected pods (the controller's own cache).
+    pub pods: Store<Pod>,
+    /// Settings (issuer, durations, trust domain).
+    pub settings: InjectSettings,
+    /// Metrics.
+    pub metrics: Arc<InjectMetrics>,
+    /// Certificates known to be up to date: manifest and when that was checked.
+    checked: Mutex<HashMap<(String, String), (Value, Instant)>>,
+    /// When the missing-cert-manager warning was last logged.
+    warned: Mutex<Option<Instant>>,
+}
+
+impl Context {
+    /// A context over `client` and the pods in `pods`.
+    pub fn new(client: kube::Client, pods: Store<Pod>, settings: InjectSettings, metrics: Arc<InjectMetrics>) -> Self {
+        Self {
+            client,
+            pods,
+            settings,
+            metrics,
+            checked: Mutex::new(HashMap::new()),
+            warned: Mutex::new(None),
+        }
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics.reconciles.get_or_create(&ReconcileLabels { result }).inc();
+    }
+}
+
+fn crd_missing(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => {
+            s.code == 404
+                && (s.details.as_ref().is_none_or(|d| d.name.is_empty())
+                    || s.message.contains("could not find the requested resource"))
+        }
+        _ => false,
+    }
+}
+
+/// Ensures the Certificate for `pod`'s Secret exists and is up to date.
+pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let all = ctx.pods.state();
+    let Some(desired) = desired_for(&pod, all.iter().map(|p| p.as_ref())) else {
+        return Ok(Action::await_change());
+    };
+    let key = (desired.namespace.clone(), desired.secret.clone());
+    let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &desired.namespace);
+    let Some(sa) = sa_api.get_opt(&desired.service_account).await? else {
+        tracing::warn!(
+            target: "wsgate::certificates",
+            namespace = %desired.namespace,
+            service_account = %desired.service_account,
+            "service account not found; no Certificate requested"
+        );
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    };
+    let uid = sa.metadata.uid.unwrap_or_default();
+    let wanted = manifest(&desired, &uid, &ctx.settings);
+    if let Ok(checked) = ctx.checked.lock()
+        && let Some((manifest, at)) = checked.get(&key)
+        && *manifest == wanted
+        && at.elapsed() < RECHECK
+    {
+        return Ok(Action::requeue(RECHECK));
+    }
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &desired.namespace, &certificate_resource());
+    let existing = match api.get_opt(&desired.secret).await {
+        Ok(existing) => existing,
+        Err(e) if crd_missing(&e) => return Ok(no_cert_manager(&ctx)),
+        Err(e) => return Err(e.into()),
+    };
+    let current = existing.as_ref().and_then(|o| serde_json::to_value(o).ok());
+    if current.as_ref().is_some_and(|c| up_to_date(c, &wanted)) {
+        ctx.count("unchanged");
+    } else {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api.patch(&desired.secret, &params, &Patch::Apply(&wanted)).await {
+            Ok(_) => {}
+            Err(e) if crd_missing(&e) => return Ok(no_cert_manager(&ctx)),
+            Err(e) => return Err(e.into()),
+        }
+        ctx.count("applied");
+        tracing::info!(
+            target: "wsgate::certificates",
+            namespace = %desired.namespace,
+            certificate = %desired.secret,
+            spiffe_id = %ctx.settings.spiffe_id(&desired.namespace, &desired.service_account),
+            dns_names = ?desired.dns_names,
+            created = existing.is_none(),
+            "Certificate applied"
+        );
+    }
+    if let Ok(mut checked) = ctx.checked.lock() {
+        checked.insert(key, (wanted, Instant::now()));
+    }
+    Ok(Action::requeue(RECHECK))
+}
+
+fn no_cert_manager(ctx: &Context) -> Action {
+    ctx.count("no_cert_manager");
+    let due = ctx
+        .warned
+        .lock()
+        .map(|mut w| {
+            let due = w.is_none_or(|t| t.elapsed() >= NO_CERT_MANAGER_RETRY);
+            if due {
+                *w = Some(Instant::now());
+            }
+            due
+        })
+        .unwrap_or(true);
+    if due {
+        tracing::warn!(
+            target: "wsgate::certificates",
+            "cert-manager is not installed (no certificates.cert-manager.io resource): workload Certificates cannot be requested; retrying every 5 minutes"
+        );
+    }
+    Action::requeue(NO_CERT_MANAGER_RETRY)
+}
+
+fn error_policy(_pod: Arc<Pod>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.count("error");
+    tracing::warn!(target: "wsgate::certificates", error = %error, "reconcile failed; retrying in 30 s");
+    Action::requeue(Duration::from_secs(30))
+}
+
+/// Runs the controller until `stop` fires.
+pub async fn run(client: kube::Client, settings: InjectSettings, metrics: Arc<InjectMetrics>, stop: CancellationToken) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let controller = Controller::new(
+        pods,
+        watcher::Config::default().labels(&format!("{INJECTED_LABEL}=true")),
+    )
+    .with_config(Config::default().debounce(Duration::from_secs(1)));
+    let ctx = Arc::new(Context::new(client, controller.store(), settings, metrics));
+    controller
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(target: "wsgate::certificates", error = %e, "controller event");
+            }
+        })
+        .await;
+}

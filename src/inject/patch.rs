@@ -1,0 +1,317 @@
+//! The injection itself, as a pure function: a Pod (and the injector's settings) in, a JSON
+//! patch out — or a reason to leave the pod alone, or to deny it.
+//!
+//! The patch only adds: the `wsgate.dev/injected` label, the certificate volumes (mounted as
+//! directories, never with `subPath`, so rotations reach the sidecar), and the sidecar — first
+//! among the init containers with `restartPolicy: Always` on clusters with native sidecars, last
+//! among the containers on older ones. A pod that already has the sidecar is left as it is, so
+//! the API server's reinvocation (`reinvocationPolicy: IfNeeded`) changes nothing.
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
+    Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
+
+use super::annotations::{self, ADMIN_PORT, AnnotationError, INJECTED_LABEL, PodOptions, Wanted};
+use super::settings::InjectSettings;
+
+/// The sidecar container's name.
+pub const SIDECAR: &str = "wsgate-proxy";
+/// The certificate volume's name.
+pub const TLS_VOLUME: &str = "wsgate-tls";
+/// The trust-bundle volume's name.
+pub const TRUST_VOLUME: &str = "wsgate-trust";
+/// Where the certificate Secret is mounted in the sidecar.
+pub const TLS_MOUNT: &str = "/var/run/wsgate/tls";
+/// Where the trust-bundle ConfigMap is mounted.
+pub const TRUST_MOUNT: &str = "/var/run/wsgate/trust";
+/// The non-root user and group the sidecar runs as (distroless "nonroot").
+pub const SIDECAR_UID: i64 = 65532;
+
+/// What to do with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mutation {
+    /// Admit it unchanged, and why.
+    Skip(&'static str),
+    /// Admit it with this patch.
+    Inject {
+        /// The JSON patch.
+        patch: Patch,
+        /// What the annotations asked for.
+        options: PodOptions,
+    },
+    /// Deny it: an annotation is wrong.
+    Deny(AnnotationError),
+}
+
+fn has_sidecar(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers.iter().any(|c| c.name == SIDECAR) || s.init_containers.iter().flatten().any(|c| c.name == SIDECAR)
+    })
+}
+
+fn add(path: &[&str], value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(path.iter().copied()),
+        value,
+    })
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    // k8s-openapi types always serialize.
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// The sidecar container for a pod with these options.
+pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Container {
+    let mut args: Vec<String> = vec![
+        "proxy".into(),
+        "--listen".into(),
+        format!("0.0.0.0:{}", opts.port),
+        "--admin".into(),
+        format!("0.0.0.0:{ADMIN_PORT}"),
+        "--upstream".into(),
+        format!("ws://127.0.0.1:{}", opts.upstream_port),
+        "--cert-dir".into(),
+        TLS_MOUNT.into(),
+        "--log-format".into(),
+        match settings.log_format {
+            crate::config::LogFormat::Json => "json".into(),
+            crate::config::LogFormat::Text => "text".into(),
+        },
+    ];
+    if opts.trust_bundle.is_some() {
+        args.extend(["--trust-bundle".into(), TRUST_MOUNT.into()]);
+    }
+    for pattern in &opts.allow {
+        args.extend(["--allow".into(), pattern.clone()]);
+    }
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)",
+        ),
+        env("OTEL_SERVICE_NAME", "wsgate"),
+    ];
+    if let Some((endpoint, protocol)) = &settings.otlp {
+        env.push(self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
+        env.push(self::env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol));
+    }
+    let mut mounts = vec![VolumeMount {
+        name: TLS_VOLUME.into(),
+        mount_path: TLS_MOUNT.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    if opts.trust_bundle.is_some() {
+        mounts.push(VolumeMount {
+            name: TRUST_VOLUME.into(),
+            mount_path: TRUST_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let quantities = |pairs: [(&str, &Option<String>); 2]| {
+        let map: std::collections::BTreeMap<String, Quantity> = pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|q| (k.to_owned(), Quantity(q.clone()))))
+            .collect();
+        (!map.is_empty()).then_some(map)
+    };
+    let r = &settings.resources;
+    let requests = quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]);
+    let limits = quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]);
+    Container {
+        name: SIDECAR.into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: Some(settings.pull_policy.clone()),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("wsgate-mtls".into()),
+                container_port: i32::from(opts.port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("wsgate-admin".into()),
+                container_port: i32::from(ADMIN_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // The app starts once this passes (native sidecars): certificates loaded, listener up.
+        // cert-manager may need a while for a new service account, hence the long budget.
+        startup_probe: Some(http_probe("/readyz", 1, 300)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["/wsgate".into(), "drain".into()]),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests,
+            limits,
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        restart_policy: native.then(|| "Always".to_owned()),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    }
+}
+
+fn volumes(opts: &PodOptions) -> Vec<Volume> {
+    let mut v = vec![Volume {
+        name: TLS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(opts.secret.clone()),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    if let Some(cm) = &opts.trust_bundle {
+        v.push(Volume {
+            name: TRUST_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cm.clone(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    v
+}
+
+/// Decides what to do with `pod`, created in `namespace` (`namespace_enabled` when the namespace
+/// carries `wsgate.dev/injection: enabled`), on a cluster with or without native sidecars.
+pub fn mutate(
+    pod: &Pod,
+    namespace: &str,
+    namespace_enabled: bool,
+    settings: &InjectSettings,
+    native: bool,
+) -> Mutation {
+    match annotations::wanted(pod, namespace_enabled) {
+        Err(e) => return Mutation::Deny(e),
+        Ok(Wanted::No) => return Mutation::Skip("not opted in"),
+        Ok(Wanted::Yes) => {}
+    }
+    if has_sidecar(pod) {
+        return Mutation::Skip("already injected");
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return Mutation::Skip("no pod spec");
+    };
+    let options = match annotations::options(pod, namespace, settings) {
+        Ok(o) => o,
+        Err(e) => return Mutation::Deny(e),
+    };
+    let mut ops = Vec::new();
+    match &pod.metadata.labels {
+        None => ops.push(add(
+            &["metadata", "labels"],
+            serde_json::json!({ INJECTED_LABEL: "true" }),
+        )),
+        Some(_) => ops.push(add(&["metadata", "labels", INJECTED_LABEL], Value::from("true"))),
+    }
+    let new_volumes = volumes(&options);
+    match &spec.volumes {
+        None => ops.push(add(&["spec", "volumes"], to_value(&new_volumes))),
+        Some(_) => ops.extend(new_volumes.iter().map(|v| add(&["spec", "volumes", "-"], to_value(v)))),
+    }
+    let container = to_value(&sidecar(&options, settings, native));
+    if native {
+        // First init container: it starts (and passes its startup probe) before any other.
+        match &spec.init_containers {
+            None => ops.push(add(&["spec", "initContainers"], Value::Array(vec![container]))),
+            Some(_) => ops.push(add(&["spec", "initContainers", "0"], container)),
+        }
+    } else {
+        ops.push(add(&["spec", "containers", "-"], container));
+        let has_default = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("kubectl.kubernetes.io/default-container"));
+        if !has_default && let Some(app) = spec.containers.first() {
+            // kubectl exec/logs keep going to the app, not to the sidecar appended after it.
+            let key = "kubectl.kubernetes.io/default-container";
+            match &pod.metadata.annotations {
+                None => ops.push(add(&["metadata", "annotations"], serde_json::json!({ key: app.name }))),
+                Some(_) => ops.push(add(&["metadata", "annotations", key], Value::from(app.name.clone()))),
+            }
+        }
+    }
+    Mutation::Inject {
+        patch: Patch(ops),
+        options,
+    }
+}

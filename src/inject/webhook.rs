@@ -1,0 +1,215 @@
+//! The admission webhook over HTTPS: `POST /mutate` (namespace not enabled) and
+//! `POST /mutate/namespace-enabled` (namespace labelled `wsgate.dev/injection: enabled`).
+//!
+//! The serving certificate comes from a mounted Secret and is hot-rotated through the same
+//! `certs` + `tls::store` code as the proxy. A malformed review gets HTTP 400, never a panic.
+//! Dry-run requests are answered like any other: the webhook has no side effects at all.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::metrics::{InjectMetrics, ReviewLabels};
+use super::patch::{Mutation, mutate};
+use super::settings::InjectSettings;
+use crate::tls::TlsStore;
+
+/// The API server sends at most 3 MiB per request.
+const MAX_BODY: usize = 3 << 20;
+/// An idle or slow client is dropped after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a review could not be answered (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    /// The body is not an AdmissionReview.
+    #[error("the body is not an admission.k8s.io/v1 AdmissionReview: {0}")]
+    Malformed(String),
+    /// The review has no request.
+    #[error("the AdmissionReview carries no request")]
+    NoRequest,
+}
+
+/// The webhook's logic, independent of HTTP.
+pub struct Webhook {
+    /// Injection settings.
+    pub settings: InjectSettings,
+    /// Whether the cluster runs native sidecars (decided from its version, or by setting).
+    pub native: Arc<AtomicBool>,
+    /// Metrics.
+    pub metrics: Arc<InjectMetrics>,
+}
+
+impl Webhook {
+    /// Answers one review body. `namespace_enabled` comes from the path.
+    pub fn review(&self, body: &[u8], namespace_enabled: bool) -> Result<Vec<u8>, ReviewError> {
+        let review: AdmissionReview<Pod> =
+            serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+        let request: AdmissionRequest<Pod> = review.try_into().map_err(|_| ReviewError::NoRequest)?;
+        let response = self.decide(&request, namespace_enabled);
+        serde_json::to_vec(&response.into_review()).map_err(|e| ReviewError::Malformed(e.to_string()))
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics.reviews.get_or_create(&ReviewLabels { result }).inc();
+    }
+
+    fn decide(&self, request: &AdmissionRequest<Pod>, namespace_enabled: bool) -> AdmissionResponse {
+        let allowed = AdmissionResponse::from(request);
+        let pod = match (&request.operation, &request.object) {
+            (Operation::Create, Some(pod)) if request.kind.kind == "Pod" => pod,
+            _ => {
+                self.count("skipped");
+                return allowed;
+            }
+        };
+        let namespace = request
+            .namespace
+            .clone()
+            .or_else(|| pod.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .or_else(|| pod.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
+            .unwrap_or_default();
+        let native = self.native.load(Ordering::Relaxed);
+        match mutate(pod, &namespace, namespace_enabled, &self.settings, native) {
+            Mutation::Skip(why) => {
+                self.count("skipped");
+                tracing::debug!(target: "wsgate::inject", %namespace, pod = %name, why, "not injected");
+                allowed
+            }
+            Mutation::Deny(e) => {
+                self.count("denied");
+                tracing::info!(target: "wsgate::inject", %namespace, pod = %name, reason = %e, "pod denied");
+                allowed.deny(format!("wsgate: {e}"))
+            }
+            Mutation::Inject { patch, options } => match allowed.clone().with_patch(patch) {
+                Ok(mut resp) => {
+                    self.count("injected");
+                    if !options.warnings.is_empty() {
+                        resp.warnings = Some(options.warnings.clone());
+                    }
+                    tracing::info!(
+                        target: "wsgate::inject",
+                        %namespace,
+                        pod = %name,
+                        native,
+                        secret = %options.secret,
+                        upstream_port = options.upstream_port,
+                        dry_run = request.dry_run,
+                        "sidecar injected"
+                    );
+                    resp
+                }
+                Err(e) => {
+                    self.count("invalid");
+                    allowed.deny(format!("wsgate: could not encode the patch: {e}"))
+                }
+            },
+        }
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp
+}
+
+async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let namespace_enabled = match req.uri().path() {
+        "/mutate" => false,
+        "/mutate/namespace-enabled" => true,
+        _ => {
+            return respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"not found: POST /mutate\n".to_vec(),
+            );
+        }
+    };
+    if req.method() != Method::POST {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
+    }
+    let t0 = Instant::now();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("reading the body: {e}\n").into_bytes(),
+            );
+        }
+    };
+    let resp = match webhook.review(&body, namespace_enabled) {
+        Ok(json) => respond(StatusCode::OK, "application/json", json),
+        Err(e) => {
+            webhook.count("invalid");
+            tracing::warn!(target: "wsgate::inject", error = %e, "malformed admission review");
+            respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n").into_bytes())
+        }
+    };
+    webhook.metrics.review_duration.observe(t0.elapsed().as_secs_f64());
+    resp
+}
+
+async fn connection(webhook: Arc<Webhook>, store: Arc<TlsStore>, tcp: TcpStream, peer: SocketAddr) {
+    let Some(serving) = store.current() else {
+        tracing::debug!(%peer, "no serving certificate yet; closing");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(serving.server.clone());
+    drop(serving);
+    let work = async {
+        let tls = match acceptor.accept(tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                return;
+            }
+        };
+        let service = hyper::service::service_fn(move |req| {
+            let webhook = webhook.clone();
+            async move { Ok::<_, Infallible>(handle(webhook, req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    };
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, work).await;
+}
+
+/// Serves the webhook on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Webhook>, stop: CancellationToken) {
+    let tracker = TaskTracker::new();
+    crate::proxy::listener::accept_loop(listener, 4096, stop, tracker.clone(), move |tcp, peer, permit| {
+        let work = connection(webhook.clone(), store.clone(), tcp, peer);
+        async move {
+            if permit.is_some() {
+                work.await;
+            }
+        }
+    })
+    .await;
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+}

@@ -1,0 +1,284 @@
+//! End-to-end against a real API server: skipped unless `WSGATE_E2E_KUBECONFIG` names a
+//! kubeconfig (see the README: `../shared`-style loopback API server, or any test cluster).
+//!
+//! The test runs the injector in this process on 127.0.0.1, registers it by URL with our own
+//! CA as `caBundle`, creates annotated and plain pods in two fresh namespaces, and checks what
+//! the API server stored (the injected sidecar, after the ServiceAccount plugin's reinvocation)
+//! and the Certificates the controller applied.
+
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use serde_json::{Value, json};
+
+use crate::support::{Pki, SecretVolume, wait_serial_of, write_set};
+
+async fn client() -> Option<kube::Client> {
+    let path = std::env::var_os("WSGATE_E2E_KUBECONFIG")?;
+    let kc = kube::config::Kubeconfig::read_from(&path).expect("reading WSGATE_E2E_KUBECONFIG");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("a usable kubeconfig");
+    Some(kube::Client::try_from(cfg).expect("a client"))
+}
+
+async fn create<K>(api: &Api<K>, value: Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(value).unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap()
+}
+
+fn pod(name: &str, sa: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations, "labels": {"app": name}},
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [{"name": "app", "image": "registry.example.org/echo:1", "ports": [{"containerPort": 8080}]}]
+        }
+    })
+}
+
+fn sidecar(p: &Pod) -> Option<k8s_openapi::api::core::v1::Container> {
+    let spec = p.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == wsgate::inject::patch::SIDECAR)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_and_controller_work_against_a_real_api_server() {
+    let Some(client) = client().await else {
+        eprintln!("skipped: set WSGATE_E2E_KUBECONFIG to run the end-to-end tests");
+        return;
+    };
+    crate::support::init_logs();
+    let id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+
+    // cert-manager's Certificate CRD (no cert-manager controller runs: the test only checks
+    // the objects the injector's controller writes).
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd_json: Value =
+        serde_json::from_str(include_str!("../data/e2e/certificates.cert-manager.io.crd.json")).unwrap();
+    if crds.get_opt("certificates.cert-manager.io").await.unwrap().is_none() {
+        create(&crds, crd_json).await;
+    }
+    let all_certs: Api<DynamicObject> =
+        Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
+    let t0 = std::time::Instant::now();
+    while all_certs.list(&Default::default()).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the Certificate CRD never became served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The injector, with a serving certificate for 127.0.0.1 from our own CA.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+    let serving = pki.server();
+    write_set(&vol, &serving, &pki.ca);
+    let mut settings = wsgate::inject::settings::InjectSettings::example();
+    settings.native = wsgate::inject::settings::NativeSidecar::Auto;
+    let cfg = wsgate::inject::InjectConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        cert_dir: vol.path().to_path_buf(),
+        settings,
+        certificate_controller: true,
+        reload: Default::default(),
+    };
+    let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
+    wait_serial_of(&hook.store, &serving.serial).await;
+    let version = client.apiserver_version().await.unwrap();
+    let expect_native = wsgate::inject::parse_version(&version.major, &version.minor)
+        .is_some_and(wsgate::inject::supports_native_sidecars);
+    assert_eq!(hook.native.load(std::sync::atomic::Ordering::Relaxed), expect_native);
+
+    // Two namespaces: one labelled for injection, one not.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let (enabled, plain) = (format!("wsgate-e2e-on-{id}"), format!("wsgate-e2e-off-{id}"));
+    create(
+        &namespaces,
+        json!({"metadata": {"name": enabled, "labels": {"wsgate-e2e": id, "wsgate.dev/injection": "enabled"}}}),
+    )
+    .await;
+    create(
+        &namespaces,
+        json!({"metadata": {"name": plain, "labels": {"wsgate-e2e": id}}}),
+    )
+    .await;
+    for ns in [&enabled, &plain] {
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+        for sa in ["default", "checkout"] {
+            create(&sas, json!({"metadata": {"name": sa}})).await;
+        }
+    }
+
+    // Register the webhook by URL, with our CA as caBundle.
+    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pki.ca.cert_pem.as_bytes());
+    let url = |path: &str| format!("https://{}{path}", hook.listen_addr);
+    let entry = |name: &str, path: &str, selector: Value| {
+        json!({
+            "name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Fail",
+            "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 10,
+            "clientConfig": {"url": url(path), "caBundle": ca_bundle},
+            "namespaceSelector": selector,
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]
+        })
+    };
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config_name = format!("wsgate-e2e-{id}");
+    create(&configs, json!({
+        "metadata": {"name": config_name},
+        "webhooks": [
+            entry("namespace.inject.wsgate.dev", "/mutate/namespace-enabled",
+                json!({"matchLabels": {"wsgate-e2e": id, "wsgate.dev/injection": "enabled"}})),
+            entry("pod.inject.wsgate.dev", "/mutate",
+                json!({"matchLabels": {"wsgate-e2e": id},
+                       "matchExpressions": [{"key": "wsgate.dev/injection", "operator": "NotIn", "values": ["enabled"]}]})),
+        ]
+    })).await;
+    // The API server picks the configuration up through an informer.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let on: Api<Pod> = Api::namespaced(client.clone(), &enabled);
+    let off: Api<Pod> = Api::namespaced(client.clone(), &plain);
+    let annotated = create(
+        &off,
+        pod(
+            "annotated",
+            "checkout",
+            json!({"wsgate.dev/inject": "true", "wsgate.dev/dns-names": "checkout.e2e.svc"}),
+        ),
+    )
+    .await;
+    let untouched = create(&off, pod("untouched", "default", json!({}))).await;
+    let by_namespace = create(&on, pod("by-namespace", "default", json!({}))).await;
+    let opted_out = create(&on, pod("opted-out", "default", json!({"wsgate.dev/inject": "false"}))).await;
+
+    for p in [&annotated, &by_namespace] {
+        let c = sidecar(p).unwrap_or_else(|| panic!("{:?} has no sidecar", p.metadata.name));
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/wsgate/wsgate:0.1.0"));
+        // Reinvocation happened: the ServiceAccount plugin's token mount is on our container,
+        // and there is exactly one sidecar.
+        let spec = p.spec.as_ref().unwrap();
+        let count = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .filter(|c| c.name == "wsgate-proxy")
+            .count();
+        assert_eq!(count, 1);
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount")
+        );
+        assert_eq!(p.metadata.labels.as_ref().unwrap()["wsgate.dev/injected"], "true");
+        if !expect_native {
+            assert!(
+                spec.containers.iter().any(|c| c.name == "wsgate-proxy"),
+                "ordinary container on a pre-1.29 cluster"
+            );
+        }
+    }
+    assert!(sidecar(&untouched).is_none());
+    assert!(sidecar(&opted_out).is_none());
+
+    // A bad annotation is refused by the API server with our message.
+    let bad: Pod = serde_json::from_value(pod("bad-port", "default", json!({"wsgate.dev/port": "70000"}))).unwrap();
+    let err = on.create(&PostParams::default(), &bad).await.unwrap_err().to_string();
+    assert!(err.contains("wsgate.dev/port") && err.contains("70000"), "{err}");
+
+    // A server-side dry run is injected too, and leaves nothing behind.
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let dry_pod: Pod = serde_json::from_value(pod("dry", "default", json!({}))).unwrap();
+    let answered = on.create(&dry, &dry_pod).await.unwrap();
+    assert!(sidecar(&answered).is_some());
+    assert!(on.get_opt("dry").await.unwrap().is_none());
+
+    // The controller requested a Certificate per service account of injected pods.
+    let certs_off: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &plain,
+        &wsgate::inject::certificates::certificate_resource(),
+    );
+    let certs_on: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &enabled,
+        &wsgate::inject::certificates::certificate_resource(),
+    );
+    let t0 = std::time::Instant::now();
+    let (checkout, default_cert) = loop {
+        let a = certs_off.get_opt("wsgate-checkout").await.unwrap();
+        let b = certs_on.get_opt("wsgate-default").await.unwrap();
+        if let (Some(a), Some(b)) = (a, b) {
+            break (a, b);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "Certificates were not created");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let spec = &checkout.data["spec"];
+    assert_eq!(
+        spec["uris"],
+        json!([format!("spiffe://cluster.local/ns/{plain}/sa/checkout")])
+    );
+    assert_eq!(spec["dnsNames"], json!(["checkout.e2e.svc"]));
+    assert_eq!(spec["usages"], json!(["server auth", "client auth"]));
+    assert_eq!(spec["privateKey"]["rotationPolicy"], "Always");
+    let sa_uid = Api::<ServiceAccount>::namespaced(client.clone(), &plain)
+        .get("checkout")
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    assert_eq!(
+        checkout.metadata.owner_references.as_ref().unwrap()[0].uid,
+        sa_uid.unwrap()
+    );
+    let managers: Vec<_> = checkout
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert!(managers.contains(&"wsgate-injector".to_owned()), "{managers:?}");
+    assert_eq!(
+        default_cert.data["spec"]["uris"],
+        json!([format!("spiffe://cluster.local/ns/{enabled}/sa/default")])
+    );
+    assert!(
+        certs_on.get_opt("wsgate-checkout").await.unwrap().is_none(),
+        "no pod of checkout in the enabled namespace"
+    );
+
+    // Clean up what would otherwise affect later runs on the same API server.
+    configs.delete(&config_name, &DeleteParams::default()).await.unwrap();
+    for ns in [&enabled, &plain] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+    hook.stop();
+    hook.wait().await;
+}

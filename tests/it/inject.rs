@@ -1,0 +1,871 @@
+//! The injector: golden patch tests over real AdmissionReview requests (captured from an API
+//! server), every bad-annotation case, the webhook over real HTTPS with a rotating serving
+//! certificate, and the certificate controller against a mocked API.
+
+use std::path::PathBuf;
+
+use json_patch::Patch;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::{Value, json};
+use wsgate::inject::patch::{SIDECAR, TLS_MOUNT};
+use wsgate::inject::settings::InjectSettings;
+
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/admission");
+
+fn fixture(name: &str) -> Value {
+    let text = std::fs::read_to_string(format!("{DATA}/{name}")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn annotate(review: &mut Value, annotations: &[(&str, &str)]) {
+    let meta = &mut review["request"]["object"]["metadata"];
+    if !meta["annotations"].is_object() {
+        meta["annotations"] = json!({});
+    }
+    for (k, v) in annotations {
+        meta["annotations"][*k] = json!(v);
+    }
+}
+
+fn webhook(native: bool) -> wsgate::inject::webhook::Webhook {
+    wsgate::inject::webhook::Webhook {
+        settings: InjectSettings::example(),
+        native: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(native)),
+        metrics: wsgate::inject::metrics::InjectMetrics::new(),
+    }
+}
+
+/// The response's patch, accepting both wire forms (base64 string, array of bytes).
+fn patch_of(response: &Value) -> Option<Patch> {
+    let bytes: Vec<u8> = match &response["response"]["patch"] {
+        Value::Null => return None,
+        Value::String(b64) => base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap(),
+        Value::Array(a) => a.iter().map(|b| b.as_u64().unwrap() as u8).collect(),
+        other => panic!("unexpected patch form {other}"),
+    };
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+struct Outcome {
+    response: Value,
+    pod: Pod,
+    patch: Option<Patch>,
+}
+
+/// Sends `review` through the webhook and applies its patch to the request's object.
+fn run(review: &Value, namespace_enabled: bool, native: bool) -> Outcome {
+    let body = serde_json::to_vec(review).unwrap();
+    let out = webhook(native).review(&body, namespace_enabled).unwrap();
+    let response: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], review["request"]["uid"], "uid is echoed");
+    let mut object = review["request"]["object"].clone();
+    let patch = patch_of(&response);
+    if let Some(p) = &patch {
+        assert_eq!(response["response"]["patchType"], "JSONPatch");
+        json_patch::patch(&mut object, p).unwrap();
+    }
+    let pod: Pod = serde_json::from_value(object).unwrap();
+    Outcome { response, pod, patch }
+}
+
+/// Compares the patch with the committed golden file (`WSGATE_UPDATE_GOLDEN=1` rewrites it).
+fn golden(name: &str, patch: &Patch) {
+    let path = PathBuf::from(DATA).join("golden").join(format!("{name}.patch.json"));
+    let actual = serde_json::to_string_pretty(patch).unwrap() + "\n";
+    if std::env::var_os("WSGATE_UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("no golden file {} (run with WSGATE_UPDATE_GOLDEN=1)", path.display()));
+    assert_eq!(actual, expected, "the patch for {name} differs from {}", path.display());
+}
+
+fn sidecar_of(pod: &Pod, native: bool) -> Container {
+    let spec = pod.spec.as_ref().unwrap();
+    let found = if native {
+        spec.init_containers.as_ref().and_then(|c| c.first()).cloned()
+    } else {
+        spec.containers.last().cloned()
+    };
+    let c = found.expect("a sidecar");
+    assert_eq!(c.name, SIDECAR);
+    c
+}
+
+fn args(c: &Container) -> Vec<String> {
+    c.args.clone().unwrap()
+}
+
+fn arg_after(c: &Container, flag: &str) -> Vec<String> {
+    let a = args(c);
+    a.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+}
+
+fn assert_hardened(c: &Container) {
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+}
+
+fn assert_common_sidecar(pod: &Pod, c: &Container, secret: &str) {
+    assert_hardened(c);
+    assert_eq!(pod.metadata.labels.as_ref().unwrap()["wsgate.dev/injected"], "true");
+    // The certificate Secret is mounted as a directory, never with subPath.
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    let tls = mounts.iter().find(|m| m.mount_path == TLS_MOUNT).unwrap();
+    assert_eq!(tls.sub_path, None);
+    assert_eq!(tls.read_only, Some(true));
+    let vol = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == tls.name)
+        .unwrap();
+    assert_eq!(vol.secret.as_ref().unwrap().secret_name.as_deref(), Some(secret));
+    for probe in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9901)
+        );
+    }
+    assert_eq!(
+        c.startup_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    let pre_stop = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+    assert_eq!(
+        pre_stop.exec.as_ref().unwrap().command,
+        Some(vec!["/wsgate".to_owned(), "drain".to_owned()])
+    );
+    let env = c.env.as_ref().unwrap();
+    let get = |n: &str| env.iter().find(|e| e.name == n).unwrap().clone();
+    assert_eq!(
+        get("POD_NAME").value_from.unwrap().field_ref.unwrap().field_path,
+        "metadata.name"
+    );
+    assert_eq!(
+        get("POD_NAMESPACE").value_from.unwrap().field_ref.unwrap().field_path,
+        "metadata.namespace"
+    );
+    assert_eq!(
+        get("OTEL_RESOURCE_ATTRIBUTES").value.as_deref(),
+        Some("k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)")
+    );
+    let res = c.resources.as_ref().unwrap();
+    assert_eq!(res.requests.as_ref().unwrap()["memory"].0, "32Mi");
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "128Mi");
+    assert_eq!(c.image.as_deref(), Some("ghcr.io/wsgate/wsgate:0.1.0"));
+}
+
+#[test]
+fn an_annotated_pod_on_an_old_cluster_gets_an_ordinary_sidecar_container() {
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    let out = run(&review, false, false);
+    assert_eq!(out.response["response"]["allowed"], true);
+    let pod = &out.pod;
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.containers.len(), 2);
+    assert_eq!(spec.containers[0].name, "web", "the app stays first");
+    assert!(spec.init_containers.is_none());
+    let c = sidecar_of(pod, false);
+    assert_eq!(c.restart_policy, None);
+    assert_eq!(
+        arg_after(&c, "--upstream"),
+        vec!["ws://127.0.0.1:8080"],
+        "the pod's one container port"
+    );
+    assert_eq!(arg_after(&c, "--listen"), vec!["0.0.0.0:8443"]);
+    assert_eq!(
+        arg_after(&c, "--allow"),
+        vec!["spiffe://cluster.local/ns/demo/sa/*"],
+        "the default, filled in"
+    );
+    assert_common_sidecar(pod, &c, "wsgate-default");
+    assert_eq!(
+        pod.metadata.annotations.as_ref().unwrap()["kubectl.kubernetes.io/default-container"],
+        "web"
+    );
+    // The ServiceAccount plugin's token volume is still there.
+    assert!(
+        spec.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name.starts_with("default-token"))
+    );
+    golden("kubectl-apply-ordinary-container", out.patch.as_ref().unwrap());
+}
+
+#[test]
+fn a_pod_in_an_enabled_namespace_on_a_new_cluster_gets_a_native_sidecar_first() {
+    let review = fixture("pod-create-replicaset-native-sidecar.k8s-1.30.json");
+    let out = run(&review, true, true);
+    let pod = &out.pod;
+    let init: Vec<_> = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(
+        init,
+        vec![SIDECAR, "log-shipper", "migrate"],
+        "the sidecar starts before everything else"
+    );
+    let c = sidecar_of(pod, true);
+    assert_eq!(c.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(arg_after(&c, "--allow"), vec!["spiffe://cluster.local/ns/shop/sa/*"]);
+    assert_common_sidecar(pod, &c, "wsgate-checkout");
+    assert_eq!(pod.spec.as_ref().unwrap().containers.len(), 1);
+    golden("replicaset-native-sidecar", out.patch.as_ref().unwrap());
+}
+
+#[test]
+fn annotations_choose_ports_policy_secret_trust_bundle_and_names() {
+    let mut review = fixture("pod-create-replicaset-native-sidecar.k8s-1.30.json");
+    annotate(
+        &mut review,
+        &[
+            ("wsgate.dev/inject", "true"),
+            ("wsgate.dev/upstream-port", "8080"),
+            ("wsgate.dev/port", "9443"),
+            (
+                "wsgate.dev/allow",
+                "spiffe://cluster.local/ns/web/sa/frontend, dns:*.shop.svc",
+            ),
+            ("wsgate.dev/secret", "checkout-mtls"),
+            ("wsgate.dev/trust-bundle", "cluster-trust"),
+            (
+                "wsgate.dev/dns-names",
+                "checkout.shop.svc,checkout.shop.svc.cluster.local",
+            ),
+        ],
+    );
+    let out = run(&review, false, true);
+    let c = sidecar_of(&out.pod, true);
+    assert_eq!(arg_after(&c, "--listen"), vec!["0.0.0.0:9443"]);
+    assert_eq!(
+        arg_after(&c, "--allow"),
+        vec!["spiffe://cluster.local/ns/web/sa/frontend", "dns:*.shop.svc"]
+    );
+    assert_eq!(arg_after(&c, "--trust-bundle"), vec!["/var/run/wsgate/trust"]);
+    assert_common_sidecar(&out.pod, &c, "checkout-mtls");
+    let vols = out.pod.spec.as_ref().unwrap().volumes.clone().unwrap();
+    let trust = vols.iter().find(|v| v.name == "wsgate-trust").unwrap();
+    assert_eq!(trust.config_map.as_ref().unwrap().name, "cluster-trust");
+    let ports: Vec<i32> = c.ports.unwrap().iter().map(|p| p.container_port).collect();
+    assert_eq!(ports, vec![9443, 9901]);
+    golden("annotated-options", out.patch.as_ref().unwrap());
+}
+
+#[test]
+fn reinvocation_after_the_serviceaccount_plugin_changes_nothing() {
+    // First call: inject. Then play the ServiceAccount admission plugin, which adds its token
+    // mount to every container (ours included), and call again as the API server does.
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    let first = run(&review, false, false);
+    let mut injected = serde_json::to_value(&first.pod).unwrap();
+    let token_mount = review["request"]["object"]["spec"]["containers"][0]["volumeMounts"][0].clone();
+    for c in injected["spec"]["containers"].as_array_mut().unwrap() {
+        let mounts = c["volumeMounts"].as_array_mut().unwrap();
+        if !mounts.contains(&token_mount) {
+            mounts.push(token_mount.clone());
+        }
+    }
+    let mut again = review.clone();
+    again["request"]["object"] = injected.clone();
+    let second = run(&again, false, false);
+    assert_eq!(second.response["response"]["allowed"], true);
+    assert!(
+        second.patch.is_none(),
+        "a pod that already has the sidecar is left as it is"
+    );
+    // And the captured second call (its sidecar has another name, so it is not ours) still
+    // parses and is answered.
+    let captured = fixture("pod-create-reinvocation-already-injected.captured-k8s-1.20.json");
+    assert!(
+        run(&captured, false, false).patch.is_none(),
+        "not annotated for wsgate: not injected"
+    );
+}
+
+#[test]
+fn a_pod_that_says_false_is_not_injected_even_in_an_enabled_namespace() {
+    let mut review = fixture("pod-create-replicaset-native-sidecar.k8s-1.30.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "false")]);
+    let out = run(&review, true, true);
+    assert_eq!(out.response["response"]["allowed"], true);
+    assert!(out.patch.is_none());
+}
+
+#[test]
+fn the_namespace_label_alone_injects_and_its_absence_does_not() {
+    let review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    assert!(run(&review, true, false).patch.is_some(), "enabled namespace: injected");
+    assert!(
+        run(&review, false, false).patch.is_none(),
+        "plain namespace, no annotation: untouched"
+    );
+}
+
+#[test]
+fn a_dry_run_with_generate_name_and_an_init_container_is_answered_alike() {
+    let mut review = fixture("pod-create-generatename-dryrun.captured-k8s-1.20.json");
+    assert_eq!(review["request"]["dryRun"], true);
+    annotate(&mut review, &[("wsgate.dev/upstream-port", "9000")]);
+    let out = run(&review, true, true);
+    let init: Vec<_> = out
+        .pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(init, vec![SIDECAR, "fetch-config"]);
+    let c = sidecar_of(&out.pod, true);
+    assert_eq!(arg_after(&c, "--upstream"), vec!["ws://127.0.0.1:9000"]);
+    // The webhook has no side effects, so a dry run gets exactly the answer a real run gets.
+    let mut real = review.clone();
+    real["request"]["dryRun"] = json!(false);
+    assert_eq!(run(&real, true, true).patch, out.patch);
+    golden("generatename-dryrun", out.patch.as_ref().unwrap());
+}
+
+/// Every bad annotation denies the pod with a message naming the annotation and the value.
+#[test]
+fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
+        (&[("wsgate.dev/inject", "yes")], "wsgate.dev/inject", "yes"),
+        (
+            &[("wsgate.dev/upstream-port", "0")],
+            "wsgate.dev/upstream-port",
+            "'0' is out of range",
+        ),
+        (
+            &[("wsgate.dev/upstream-port", "70000")],
+            "wsgate.dev/upstream-port",
+            "'70000' is out of range",
+        ),
+        (
+            &[("wsgate.dev/upstream-port", "http")],
+            "wsgate.dev/upstream-port",
+            "'http' is not a port",
+        ),
+        (
+            &[("wsgate.dev/upstream-port", "9901")],
+            "wsgate.dev/upstream-port",
+            "admin port",
+        ),
+        (&[("wsgate.dev/port", "-1")], "wsgate.dev/port", "'-1'"),
+        (&[("wsgate.dev/port", "8080")], "wsgate.dev/port", "'8080'"),
+        (&[("wsgate.dev/port", "9901")], "wsgate.dev/port", "admin port"),
+        (
+            &[("wsgate.dev/allow", "spiffe://cluster.local/ns/fr*nt")],
+            "wsgate.dev/allow",
+            "fr*nt",
+        ),
+        (&[("wsgate.dev/allow", " , ")], "wsgate.dev/allow", "no pattern"),
+        (&[("wsgate.dev/allow", "frontend")], "wsgate.dev/allow", "'frontend'"),
+        (&[("wsgate.dev/secret", "Bad_Name")], "wsgate.dev/secret", "'Bad_Name'"),
+        (
+            &[("wsgate.dev/trust-bundle", "a/b")],
+            "wsgate.dev/trust-bundle",
+            "'a/b'",
+        ),
+        (
+            &[("wsgate.dev/dns-names", "ok.svc,not a name")],
+            "wsgate.dev/dns-names",
+            "not a name",
+        ),
+    ];
+    for (annotations, name, fragment) in cases {
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+        annotate(&mut review, annotations);
+        let out = run(&review, false, false);
+        let resp = &out.response["response"];
+        assert_eq!(resp["allowed"], false, "{annotations:?} should be denied");
+        assert!(out.patch.is_none());
+        let msg = resp["status"]["message"].as_str().unwrap();
+        assert!(msg.contains(name) && msg.contains(fragment), "{annotations:?}: {msg}");
+    }
+    // Without wsgate.dev/upstream-port, the pod must declare exactly one container port.
+    let mut review = fixture("pod-create-generatename-dryrun.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    let msg = run(&review, false, false).response["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("wsgate.dev/upstream-port") && msg.contains("0 TCP container ports"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn the_reserved_outbound_annotation_is_reported_as_a_warning() {
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[("wsgate.dev/inject", "true"), ("wsgate.dev/outbound", "wss://x")],
+    );
+    let out = run(&review, false, false);
+    assert!(out.patch.is_some());
+    let warnings = out.response["response"]["warnings"].as_array().unwrap();
+    assert!(warnings[0].as_str().unwrap().contains("wsgate.dev/outbound"));
+}
+
+#[test]
+fn a_malformed_review_is_an_error_not_a_panic() {
+    let hook = webhook(true);
+    for body in [
+        &b"not json"[..],
+        b"{}",
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+        br#"{"request": 7}"#,
+    ] {
+        assert!(hook.review(body, false).is_err(), "{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn native_sidecars_are_assumed_from_kubernetes_1_29() {
+    use wsgate::inject::{parse_version, supports_native_sidecars};
+    assert_eq!(parse_version("1", "29+"), Some((1, 29)));
+    assert_eq!(parse_version("1", "20"), Some((1, 20)));
+    assert_eq!(parse_version("x", "1"), None);
+    assert!(supports_native_sidecars((1, 29)));
+    assert!(supports_native_sidecars((1, 34)));
+    assert!(!supports_native_sidecars((1, 28)));
+    assert!(!supports_native_sidecars((1, 20)));
+}
+
+mod over_https {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::support::raw::{http, metric};
+    use crate::support::{Pki, SecretVolume, client_config, wait_serial_of, write_set};
+
+    /// POSTs `body` to `path` over HTTPS; returns (status, body, the server's certificate serial).
+    async fn post(
+        addr: std::net::SocketAddr,
+        pki: &Pki,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, Vec<u8>, String) {
+        let cfg = client_config(None, std::slice::from_ref(&pki.ca.cert_der)).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let serial = wsgate::certs::summary::CertSummary::from_der(&tls.get_ref().1.peer_certificates().unwrap()[0])
+            .unwrap()
+            .serial;
+        let head = format!(
+            "{method} {path}?timeout=10s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nUser-Agent: kube-apiserver-admission\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.write_all(body).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let status = String::from_utf8_lossy(&buf[..split])
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        (status, buf[split + 4..].to_vec(), serial)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_webhook_answers_over_https_and_rotates_its_serving_certificate() {
+        crate::support::init_logs();
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+        let first = pki.server();
+        write_set(&vol, &first, &pki.ca);
+        let mut settings = InjectSettings::example();
+        settings.native = wsgate::inject::settings::NativeSidecar::On;
+        let cfg = wsgate::inject::InjectConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            cert_dir: vol.path().to_path_buf(),
+            settings,
+            certificate_controller: true,
+            reload: wsgate::config::ReloadTiming {
+                debounce: Duration::from_millis(50),
+                ..Default::default()
+            },
+        };
+        let hook = wsgate::inject::start(cfg, None).await.unwrap();
+        wait_serial_of(&hook.store, &first.serial).await;
+        assert_eq!(http(hook.admin_addr, "GET", "/readyz").await.0, 200);
+
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, answer, served) = post(hook.listen_addr, &pki, "POST", "/mutate", &body).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        assert_eq!(served, first.serial);
+        let response: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(response["response"]["uid"], review["request"]["uid"]);
+        let mut object = review["request"]["object"].clone();
+        json_patch::patch(&mut object, &patch_of(&response).unwrap()).unwrap();
+        let pod: Pod = serde_json::from_value(object).unwrap();
+        let init = pod.spec.unwrap().init_containers.unwrap();
+        assert_eq!(init[0].name, SIDECAR, "native sidecar (--native-sidecar on)");
+
+        // The namespace-enabled path injects without the annotation.
+        let plain = serde_json::to_vec(&fixture("pod-create-kubectl-apply.captured-k8s-1.20.json")).unwrap();
+        let (_, answer, _) = post(hook.listen_addr, &pki, "POST", "/mutate/namespace-enabled", &plain).await;
+        assert!(patch_of(&serde_json::from_slice(&answer).unwrap()).is_some());
+        let (_, answer, _) = post(hook.listen_addr, &pki, "POST", "/mutate", &plain).await;
+        assert!(patch_of(&serde_json::from_slice(&answer).unwrap()).is_none());
+
+        // Malformed reviews get 400, other methods and paths their usual answers.
+        let (status, answer, _) = post(hook.listen_addr, &pki, "POST", "/mutate", b"{\"kind\": 42").await;
+        assert_eq!(status, 400);
+        assert!(String::from_utf8_lossy(&answer).contains("AdmissionReview"));
+        assert_eq!(post(hook.listen_addr, &pki, "GET", "/mutate", b"").await.0, 405);
+        assert_eq!(post(hook.listen_addr, &pki, "POST", "/elsewhere", &body).await.0, 404);
+
+        // cert-manager renews the serving certificate: new handshakes get it, the webhook keeps answering.
+        let second = pki.server();
+        write_set(&vol, &second, &pki.ca);
+        wait_serial_of(&hook.store, &second.serial).await;
+        let (status, _, served) = post(hook.listen_addr, &pki, "POST", "/mutate", &body).await;
+        assert_eq!(status, 200);
+        assert_eq!(served, second.serial);
+
+        let (_, text) = http(hook.admin_addr, "GET", "/metrics").await;
+        assert_eq!(
+            metric(&text, "wsgate_inject_reviews_total{result=\"injected\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric(&text, "wsgate_inject_reviews_total{result=\"invalid\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(&text, "wsgate_inject_certificate_reloads_total{result=\"success\"}"),
+            Some(2.0)
+        );
+        assert_eq!(metric(&text, "wsgate_inject_native_sidecars"), Some(1.0));
+        hook.stop();
+        hook.wait().await;
+    }
+}
+
+mod controller {
+    use std::sync::Arc;
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher;
+    use wsgate::inject::certificates::{Context, desired_for, manifest, reconcile};
+    use wsgate::inject::metrics::InjectMetrics;
+
+    use super::*;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn injected_pod(name: &str, sa: &str, annotations: &[(&str, &str)]) -> Pod {
+        let mut a = serde_json::Map::new();
+        for (k, v) in annotations {
+            a.insert(k.to_string(), json!(v));
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"wsgate.dev/injected": "true"}, "annotations": a},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]}
+        }))
+        .unwrap()
+    }
+
+    fn service_account(name: &str, uid: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "shop", "uid": uid}})
+    }
+
+    fn status(code: u16, message: &str, details: Option<Value>) -> Value {
+        let mut s = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": "NotFound", "code": code});
+        if let Some(d) = details {
+            s["details"] = d;
+        }
+        s
+    }
+
+    fn reply(code: u16, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    /// Serves the next request: checks method and path, answers `body` with `code`; returns the
+    /// request's URI and body.
+    async fn expect(handle: &mut Handle, method: &str, path: &str, code: u16, body: &Value) -> (String, Value) {
+        let (req, send) = handle.next_request().await.expect("a request");
+        assert_eq!(req.method().as_str(), method, "{}", req.uri());
+        assert_eq!(req.uri().path(), path);
+        let uri = req.uri().to_string();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        if method == "PATCH" {
+            assert_eq!(
+                content_type.as_deref(),
+                Some("application/apply-patch+yaml"),
+                "server-side apply"
+            );
+        }
+        send.send_response(reply(code, body));
+        let sent = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (uri, sent)
+    }
+
+    fn context(pods: &[Pod]) -> (Arc<Context>, Handle, Arc<InjectMetrics>) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let (reader, mut writer) = reflector::store::<Pod>();
+        for p in pods {
+            writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        }
+        let metrics = InjectMetrics::new();
+        (
+            Arc::new(Context::new(client, reader, InjectSettings::example(), metrics.clone())),
+            handle,
+            metrics,
+        )
+    }
+
+    const SA_PATH: &str = "/api/v1/namespaces/shop/serviceaccounts/checkout";
+    const CERT_PATH: &str = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-checkout";
+
+    fn reconciles(metrics: &InjectMetrics, result: &str) -> Option<f64> {
+        crate::support::raw::metric(
+            &metrics.encode(),
+            &format!("wsgate_inject_certificate_reconciles_total{{result=\"{result}\"}}"),
+        )
+    }
+
+    #[test]
+    fn dns_names_are_the_union_over_the_pods_that_share_a_secret() {
+        let a = injected_pod(
+            "a",
+            "checkout",
+            &[("wsgate.dev/dns-names", "checkout.shop.svc, b.shop.svc")],
+        );
+        let b = injected_pod(
+            "b",
+            "checkout",
+            &[("wsgate.dev/dns-names", "a.shop.svc,checkout.shop.svc")],
+        );
+        let other = injected_pod("c", "billing", &[("wsgate.dev/dns-names", "billing.shop.svc")]);
+        let d = desired_for(&a, [&a, &b, &other]).unwrap();
+        assert_eq!(d.secret, "wsgate-checkout");
+        assert_eq!(d.dns_names, vec!["a.shop.svc", "b.shop.svc", "checkout.shop.svc"]);
+        let plain: Pod = serde_json::from_value(json!({"metadata": {"name": "x", "namespace": "shop"}})).unwrap();
+        assert!(
+            desired_for(&plain, [&plain]).is_none(),
+            "pods without the injected label are ignored"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_certificate_is_created_by_server_side_apply() {
+        let pod = injected_pod(
+            "checkout-1",
+            "checkout",
+            &[("wsgate.dev/dns-names", "checkout.shop.svc")],
+        );
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            let missing = status(
+                404,
+                "certificates.cert-manager.io \"wsgate-checkout\" not found",
+                Some(json!({"name": "wsgate-checkout", "group": "cert-manager.io", "kind": "certificates"})),
+            );
+            expect(&mut handle, "GET", CERT_PATH, 404, &missing).await;
+            let (uri, applied) = expect(&mut handle, "PATCH", CERT_PATH, 201, &json!({})).await;
+            (uri, applied, handle)
+        });
+        reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let (uri, applied, mut handle) = api.await.unwrap();
+        assert!(
+            uri.contains("fieldManager=wsgate-injector") && uri.contains("force=true"),
+            "{uri}"
+        );
+        assert_eq!(applied["apiVersion"], "cert-manager.io/v1");
+        assert_eq!(applied["kind"], "Certificate");
+        let spec = &applied["spec"];
+        assert_eq!(spec["secretName"], "wsgate-checkout");
+        assert_eq!(spec["uris"], json!(["spiffe://cluster.local/ns/shop/sa/checkout"]));
+        assert_eq!(spec["dnsNames"], json!(["checkout.shop.svc"]));
+        assert_eq!(spec["usages"], json!(["server auth", "client auth"]));
+        assert_eq!(
+            spec["privateKey"],
+            json!({"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"})
+        );
+        assert_eq!(spec["duration"], "24h");
+        assert_eq!(spec["renewBefore"], "8h");
+        assert_eq!(
+            spec["issuerRef"],
+            json!({"name": "wsgate-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+        );
+        let owner = &applied["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "ServiceAccount");
+        assert_eq!(owner["name"], "checkout");
+        assert_eq!(owner["uid"], "uid-1");
+        assert_eq!(reconciles(&metrics, "applied"), Some(1.0));
+        drop(ctx);
+        assert!(handle.next_request().await.is_none(), "nothing else was asked");
+    }
+
+    #[tokio::test]
+    async fn an_up_to_date_certificate_is_not_written() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        let desired = desired_for(&pod, [&pod]).unwrap();
+        // As the API server returns it: our fields plus status, defaults and metadata of its own.
+        let mut existing = manifest(&desired, "uid-1", &InjectSettings::example());
+        existing["metadata"]["uid"] = json!("cert-uid");
+        existing["metadata"]["resourceVersion"] = json!("42");
+        existing["metadata"]["labels"]["extra"] = json!("kept");
+        existing["spec"]["privateKey"]["encoding"] = json!("PKCS1");
+        existing["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 200, &existing).await;
+            handle
+        });
+        reconcile(Arc::new(pod.clone()), ctx.clone()).await.unwrap();
+        let mut handle = api.await.unwrap();
+        assert_eq!(reconciles(&metrics, "unchanged"), Some(1.0));
+        assert_eq!(reconciles(&metrics, "applied"), None);
+        // A second reconcile soon after uses what it knows: only the service account is read.
+        let again = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            handle
+        });
+        reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let mut handle = again.await.unwrap();
+        drop(ctx);
+        assert!(handle.next_request().await.is_none(), "no write, no further read");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_that_differs_is_applied_again() {
+        let pod = injected_pod("checkout-1", "checkout", &[("wsgate.dev/dns-names", "new.shop.svc")]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        let stale_pod = injected_pod("checkout-1", "checkout", &[]);
+        let stale = manifest(
+            &desired_for(&stale_pod, [&stale_pod]).unwrap(),
+            "uid-1",
+            &InjectSettings::example(),
+        );
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 200, &stale).await;
+            let (_, applied) = expect(&mut handle, "PATCH", CERT_PATH, 200, &json!({})).await;
+            applied
+        });
+        reconcile(Arc::new(pod), ctx).await.unwrap();
+        let applied = api.await.unwrap();
+        assert_eq!(applied["spec"]["dnsNames"], json!(["new.shop.svc"]));
+        assert_eq!(reconciles(&metrics, "applied"), Some(1.0));
+    }
+
+    #[tokio::test]
+    async fn a_cluster_without_cert_manager_is_tolerated() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        let no_crd = status(404, "the server could not find the requested resource", None);
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 404, &no_crd).await;
+            expect(&mut handle, "PATCH", CERT_PATH, 404, &no_crd).await;
+            handle
+        });
+        let action = reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let mut handle = api.await.unwrap();
+        assert_eq!(
+            format!("{action:?}"),
+            format!(
+                "{:?}",
+                kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300))
+            )
+        );
+        assert_eq!(reconciles(&metrics, "no_cert_manager"), Some(1.0));
+        drop(ctx);
+        assert!(handle.next_request().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_missing_service_account_requests_nothing() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, _) = context(std::slice::from_ref(&pod));
+        let api = tokio::spawn(async move {
+            let gone = status(
+                404,
+                "serviceaccounts \"checkout\" not found",
+                Some(json!({"name": "checkout", "kind": "serviceaccounts"})),
+            );
+            expect(&mut handle, "GET", SA_PATH, 404, &gone).await;
+            handle
+        });
+        reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let mut handle = api.await.unwrap();
+        drop(ctx);
+        assert!(handle.next_request().await.is_none(), "no Certificate without an owner");
+    }
+}
