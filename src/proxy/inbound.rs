@@ -32,8 +32,11 @@ use crate::tls::{PeerIdentity, TlsFacts, TlsStore};
 
 /// Largest body of an app's refusal relayed to the client.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
-/// Read buffer per WebSocket leg: small, because a sidecar holds many idle connections.
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer of the client's leg. rustls already holds the decrypted bytes, so reading them out
+/// in smaller pieces costs copies, not system calls; a sidecar holds many idle connections.
+const CLIENT_READ_BUFFER: usize = 2 * 1024;
+/// Read buffer of the app's leg (plain TCP: each read is a system call).
+const APP_READ_BUFFER: usize = 4 * 1024;
 /// Bytes buffered before tungstenite writes on its own (the pump flushes earlier when idle).
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -88,9 +91,9 @@ fn with_slot(slot: &Slot, f: impl FnOnce(&mut Exchange)) {
 }
 
 impl Inbound {
-    fn ws_config(&self) -> WebSocketConfig {
+    fn ws_config(&self, read_buffer: usize) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
+            .read_buffer_size(read_buffer)
             .write_buffer_size(WRITE_BUFFER)
             .max_write_buffer_size(WRITE_BUFFER + self.limits.max_message_size + 64)
             .max_message_size(Some(self.limits.max_message_size))
@@ -118,7 +121,9 @@ impl Inbound {
             return;
         }
         let timeout = self.handshake_timeout;
-        let legs = match tokio::time::timeout(timeout, self.handshake(tcp, &mut rec)).await {
+        // Boxed: the handshake's state (TLS, hyper on both legs) is large and short-lived;
+        // inline, it would size this task for the whole life of the connection.
+        let legs = match tokio::time::timeout(timeout, Box::pin(self.handshake(tcp, &mut rec))).await {
             Ok(legs) => legs,
             Err(_) => {
                 rec.fail(
@@ -136,9 +141,10 @@ impl Inbound {
         if let Some(t) = client_not_after {
             metrics.client_connected(t);
         }
-        let cfg = self.ws_config();
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(cfg)).await;
-        let app = WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(cfg)).await;
+        let client_cfg = self.ws_config(CLIENT_READ_BUFFER);
+        let app_cfg = self.ws_config(APP_READ_BUFFER);
+        let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(client_cfg)).await;
+        let app = WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(app_cfg)).await;
         let summary = pump::relay(client, app, self.drain.clone(), metrics.as_ref()).await;
         metrics.connections_open.dec();
         if let Some(t) = client_not_after {

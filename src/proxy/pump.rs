@@ -223,10 +223,30 @@ where
 
 /// Relays messages between the client's and the app's WebSocket until both have closed (or one
 /// has and the other did not finish within [`CLOSE_GRACE`]), then closes the client's
-/// connection gracefully. Returns the first close seen.
-pub async fn relay<C, U>(
+/// connection gracefully. Resolves to the first close seen.
+///
+/// Not an `async fn`: its arguments would stay in the future for its whole life (an async fn
+/// keeps its parameters' storage), and an idle connection should hold only what it uses.
+pub fn relay<'m, C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
+    drain: CancellationToken,
+    meter: &'m dyn RelayMeter,
+) -> impl std::future::Future<Output = CloseSummary> + 'm
+where
+    C: AsyncRead + AsyncWrite + Unpin + 'm,
+    U: AsyncRead + AsyncWrite + Unpin + 'm,
+{
+    let (client_tx, client_rx) = client.split();
+    let (up_tx, up_rx) = upstream.split();
+    relay_halves(client_tx, client_rx, up_tx, up_rx, drain, meter)
+}
+
+async fn relay_halves<C, U>(
+    mut client_tx: SplitSink<WebSocketStream<C>, Message>,
+    mut client_rx: SplitStream<WebSocketStream<C>>,
+    mut up_tx: SplitSink<WebSocketStream<U>, Message>,
+    mut up_rx: SplitStream<WebSocketStream<U>>,
     drain: CancellationToken,
     meter: &dyn RelayMeter,
 ) -> CloseSummary
@@ -235,8 +255,6 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let first = OnceLock::new();
-    let (mut client_tx, mut client_rx) = client.split();
-    let (mut up_tx, mut up_rx) = upstream.split();
     {
         let (close_client_tx, close_client_rx) = oneshot::channel();
         let (close_up_tx, close_up_rx) = oneshot::channel();
@@ -267,6 +285,7 @@ where
             _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
         }
     }
+    drop((up_tx, up_rx));
     if let Ok(client) = client_rx.reunite(client_tx) {
         linger(client.into_inner()).await;
     }
