@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -70,12 +70,7 @@ struct WebhookSink {
 impl ReloadSink for WebhookSink {
     fn install(&mut self, bundle: CertBundle) -> Result<(), String> {
         let server = crate::tls::server::server_config_no_client_auth(&bundle).map_err(|e| e.to_string())?;
-        self.store.install(Serving {
-            server,
-            leaf: bundle.leaf,
-            installed_at: SystemTime::now(),
-            fingerprint: bundle.fingerprint,
-        });
+        self.store.install(Serving::new(server, bundle));
         Ok(())
     }
 

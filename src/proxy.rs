@@ -13,7 +13,6 @@ pub mod upgrade;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -86,12 +85,7 @@ impl ReloadSink for InboundSink {
         self.telemetry
             .metrics
             .certificate_served(&bundle.leaf.serial, bundle.leaf.not_after);
-        self.store.install(Serving {
-            server,
-            leaf: bundle.leaf,
-            installed_at: SystemTime::now(),
-            fingerprint: bundle.fingerprint,
-        });
+        self.store.install(Serving::new(server, bundle));
         Ok(())
     }
 

@@ -25,6 +25,18 @@ pub struct Serving {
     pub fingerprint: [u8; 32],
 }
 
+impl Serving {
+    /// What serving `bundle` with `server` looks like, installed now.
+    pub fn new(server: Arc<ServerConfig>, bundle: crate::certs::CertBundle) -> Self {
+        Self {
+            server,
+            leaf: bundle.leaf,
+            installed_at: SystemTime::now(),
+            fingerprint: bundle.fingerprint,
+        }
+    }
+}
+
 /// The swappable slot. Empty until the first valid set is installed.
 #[derive(Debug, Default)]
 pub struct TlsStore {

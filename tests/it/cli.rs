@@ -126,9 +126,17 @@ async fn binary_waits_for_certificates_then_serves_and_stops_on_sigterm() {
 
     // The Secret is not mounted yet: alive, not ready, and /readyz says why.
     assert_eq!(http(admin, "GET", "/healthz").await.0, 200);
-    let (status, body) = http(admin, "GET", "/readyz").await;
-    assert_eq!(status, 503);
-    assert!(body.contains("does not exist"), "{body}");
+    // (The first load attempt may not have run yet: poll until /readyz names the reason.)
+    let t0 = std::time::Instant::now();
+    loop {
+        let (status, body) = http(admin, "GET", "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        if body.contains("does not exist") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "readyz never said why: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The kubelet mounts it; cert-manager has issued the certificate.
     let pki = Pki::new();
