@@ -50,7 +50,8 @@ pub fn route<B>(state: &dyn AdminState, req: &Request<B>, peer: SocketAddr) -> R
             );
             resp
         }
-        (&Method::POST, "/drain") if peer.ip().is_loopback() => {
+        // `to_canonical`: on a dual-stack socket the loopback caller is ::ffff:127.0.0.1.
+        (&Method::POST, "/drain") if peer.ip().to_canonical().is_loopback() => {
             state.drain();
             text(StatusCode::ACCEPTED, "draining\n".into())
         }

@@ -181,6 +181,10 @@ pub struct InjectArgs {
         value_name = "DURATION"
     )]
     pub cert_renew_before: String,
+    /// On SIGTERM, stay up this long (not ready, still answering) before stopping, so endpoints
+    /// and the API server's connections move to the other replica first.
+    #[arg(long, env = "WSGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = config::parse_duration, value_name = "DURATION")]
+    pub shutdown_delay: Duration,
     /// Run the certificate controller (true or false).
     #[arg(long, env = "WSGATE_CERTIFICATE_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub certificate_controller: bool,
@@ -311,6 +315,7 @@ impl InjectArgs {
             settings,
             certificate_controller: self.certificate_controller,
             reload: ReloadTiming::default(),
+            shutdown_delay: self.shutdown_delay,
         })
     }
 }
@@ -358,8 +363,9 @@ pub struct ProxyArgs {
     /// Longest wait for connections to close on drain.
     #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
-    /// Largest WebSocket message accepted from either side (e.g. 4MiB).
-    #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "4MiB", value_parser = config::parse_size, value_name = "SIZE")]
+    /// Largest WebSocket message accepted from either side (e.g. 1MiB). Each direction of a
+    /// connection may buffer one message being assembled and one being written.
+    #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "1MiB", value_parser = config::parse_size, value_name = "SIZE")]
     pub max_message_size: usize,
     /// Largest WebSocket frame accepted from either side.
     #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value = "1MiB", value_parser = config::parse_size, value_name = "SIZE")]
@@ -387,8 +393,11 @@ impl ProxyArgs {
                 ),
             ));
         }
-        if self.max_connections == 0 {
-            return Err(ConfigError::invalid("--max-connections", "must be at least 1"));
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(ConfigError::invalid(
+                "--max-connections",
+                "must be between 1 and 1000000",
+            ));
         }
         if self.handshake_timeout.is_zero() {
             return Err(ConfigError::invalid("--handshake-timeout", "must be more than 0"));

@@ -171,7 +171,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_message_size: 4 << 20,
+            max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             max_connections: 10_000,
         }

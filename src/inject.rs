@@ -44,6 +44,9 @@ pub struct InjectConfig {
     pub certificate_controller: bool,
     /// Serving-certificate watcher timings.
     pub reload: ReloadTiming,
+    /// On SIGTERM, stay up (not ready, still answering) this long, so the Service's endpoints
+    /// and the API server's connections move away before the webhook stops.
+    pub shutdown_delay: Duration,
 }
 
 /// Why the injector could not start.
@@ -89,12 +92,29 @@ impl ReloadSink for WebhookSink {
 struct InjectStatus {
     store: Arc<TlsStore>,
     metrics: Arc<InjectMetrics>,
+    stopping: CancellationToken,
     stop: CancellationToken,
+    delay: Duration,
+}
+
+impl InjectStatus {
+    /// Turns not-ready at once and stops after the shutdown delay.
+    fn shut_down(&self) {
+        if self.stopping.is_cancelled() {
+            return;
+        }
+        self.stopping.cancel();
+        let (stop, delay) = (self.stop.clone(), self.delay);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            stop.cancel();
+        });
+    }
 }
 
 impl AdminState for InjectStatus {
     fn readiness(&self) -> Result<String, String> {
-        if self.stop.is_cancelled() {
+        if self.stopping.is_cancelled() {
             return Err("stopping".into());
         }
         self.store.readiness()
@@ -105,7 +125,7 @@ impl AdminState for InjectStatus {
     }
 
     fn drain(&self) {
-        self.stop.cancel();
+        self.shut_down();
     }
 }
 
@@ -126,20 +146,52 @@ pub fn supports_native_sidecars(version: (u32, u32)) -> bool {
     version >= (1, 29)
 }
 
+/// Whether every kubelet runs native sidecars: the API server's version and each node's kubelet
+/// version must be 1.29 or later. Kubelets may run up to three minor versions behind the API
+/// server (the control plane is upgraded first): a 1.28 kubelet would run a native sidecar as
+/// an init container that never ends, and the pod would never start. `None` when it cannot
+/// tell (the caller keeps ordinary containers).
 async fn detect_native(client: &kube::Client) -> Option<bool> {
-    match client.apiserver_version().await {
-        Ok(info) => {
-            let version = parse_version(&info.major, &info.minor);
-            if version.is_none() {
-                tracing::warn!(major = %info.major, minor = %info.minor, "cannot read the API server's version");
-            }
-            version.map(supports_native_sidecars)
-        }
+    let info = match client.apiserver_version().await {
+        Ok(info) => info,
         Err(e) => {
             tracing::warn!(error = %e, "cannot ask the API server for its version");
-            None
+            return None;
         }
+    };
+    let Some(server) = parse_version(&info.major, &info.minor) else {
+        tracing::warn!(major = %info.major, minor = %info.minor, "cannot read the API server's version");
+        return None;
+    };
+    if !supports_native_sidecars(server) {
+        return Some(false);
     }
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let list = match nodes.list(&Default::default()).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list nodes to check their kubelet versions; injecting ordinary containers");
+            return None;
+        }
+    };
+    let versions: Vec<String> = list
+        .items
+        .iter()
+        .filter_map(|n| n.status.as_ref()?.node_info.as_ref().map(|i| i.kubelet_version.clone()))
+        .collect();
+    Some(kubelets_support_native_sidecars(versions.iter().map(String::as_str)))
+}
+
+/// Whether every kubelet version (`v1.29.3`, `v1.30.1-eks-…`) runs native sidecars; true for no
+/// nodes at all. An unreadable version counts as too old.
+pub fn kubelets_support_native_sidecars<'a>(mut versions: impl Iterator<Item = &'a str>) -> bool {
+    versions.all(|v| {
+        let mut parts = v.trim_start_matches('v').split('.');
+        match (parts.next(), parts.next()) {
+            (Some(major), Some(minor)) => parse_version(major, minor).is_some_and(supports_native_sidecars),
+            _ => false,
+        }
+    })
 }
 
 /// A running injector.
@@ -154,14 +206,26 @@ pub struct InjectHandle {
     pub native: Arc<AtomicBool>,
     /// Metrics.
     pub metrics: Arc<InjectMetrics>,
+    status: Arc<InjectStatus>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl InjectHandle {
-    /// Stops everything.
+    /// Stops everything now.
     pub fn stop(&self) {
+        self.status.stopping.cancel();
         self.stop.cancel();
+    }
+
+    /// Turns not-ready at once and stops after the configured shutdown delay (SIGTERM).
+    pub fn shut_down(&self) {
+        self.status.shut_down();
+    }
+
+    /// The readiness answer `/readyz` would give.
+    pub fn readiness(&self) -> Result<String, String> {
+        self.status.readiness()
     }
 
     /// Resolves when a stop has been requested (`POST /drain` or [`InjectHandle::stop`]).
@@ -209,16 +273,22 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
             );
         }
         (NativeSidecar::Auto, Some(client)) => {
-            native.store(detect_native(client).await.unwrap_or(false), Ordering::Relaxed);
+            let first = detect_native(client).await;
+            native.store(first.unwrap_or(false), Ordering::Relaxed);
             let (client, native, stop, metrics) = (client.clone(), native.clone(), stop.clone(), metrics.clone());
             tasks.push(tokio::spawn(async move {
-                // The control plane may be upgraded while the injector runs.
+                // The cluster may be upgraded while the injector runs; an unknown answer is asked
+                // again sooner.
+                let mut known = first.is_some();
                 loop {
+                    let wait = if known { 600 } else { 30 };
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                        _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
                     }
-                    if let Some(now) = detect_native(&client).await {
+                    let now = detect_native(&client).await;
+                    known = now.is_some();
+                    if let Some(now) = now {
                         native.store(now, Ordering::Relaxed);
                         metrics.native_sidecars.set(i64::from(now));
                     }
@@ -242,9 +312,11 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
     let status = Arc::new(InjectStatus {
         store: store.clone(),
         metrics: metrics.clone(),
+        stopping: CancellationToken::new(),
         stop: stop.clone(),
+        delay: cfg.shutdown_delay,
     });
-    tasks.push(tokio::spawn(crate::admin::serve(admin, status, stop.clone())));
+    tasks.push(tokio::spawn(crate::admin::serve(admin, status.clone(), stop.clone())));
     let hook = Arc::new(webhook::Webhook {
         settings: cfg.settings.clone(),
         native: native.clone(),
@@ -281,6 +353,7 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
         store,
         native,
         metrics,
+        status,
         stop,
         tasks,
     })

@@ -105,13 +105,16 @@ async fn run_inject(cfg: wsgate::inject::InjectConfig) -> anyhow::Result<()> {
         None
     };
     let mut term = signal(SignalKind::terminate())?;
+    let delay = cfg.shutdown_delay;
     let handle = wsgate::inject::start(cfg, client).await?;
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = term.recv() => {
+            tracing::info!(delay_s = delay.as_secs_f64(), "SIGTERM: not ready now, stopping after the shutdown delay");
+            handle.shut_down();
+        }
+        _ = tokio::signal::ctrl_c() => handle.stop(),
         _ = handle.stopped() => {}
     }
-    handle.stop();
     handle.wait().await;
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod upgrade;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -108,10 +109,16 @@ impl ReloadSink for InboundSink {
             }
             Err(reason) => {
                 self.store.fail(reason);
-                let serving = self.store.current().map(|s| s.leaf.serial.clone());
                 attributes.push(opentelemetry::KeyValue::new(attr::RELOAD_REASON, reason.clone()));
-                if let Some(serial) = &serving {
-                    attributes.push(opentelemetry::KeyValue::new(attr::CERT_SERIAL, serial.clone()));
+                if let Some(serving) = self.store.current() {
+                    attributes.push(opentelemetry::KeyValue::new(
+                        attr::CERT_SERIAL,
+                        serving.leaf.serial.clone(),
+                    ));
+                    attributes.push(opentelemetry::KeyValue::new(
+                        attr::CERT_NOT_AFTER,
+                        rfc3339(serving.leaf.not_after),
+                    ));
                 }
                 self.telemetry.tracer.reload(report.started, attributes, Some(reason));
             }
@@ -185,6 +192,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     });
     let store = Arc::new(TlsStore::new());
     let drain = CancellationToken::new();
+    let kill = CancellationToken::new();
     let status = Arc::new(Status {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -213,6 +221,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         handshake_timeout: cfg.handshake_timeout,
         telemetry,
         drain: drain.clone(),
+        kill: kill.clone(),
     });
     let tracker = TaskTracker::new();
     let accept = tokio::spawn(listener::accept_loop(
@@ -236,7 +245,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         tracker.close();
         tracing::info!(open = tracker.len(), "draining: sent Close 1001 to every connection");
         if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-            tracing::warn!(open = tracker.len(), "drain timeout reached; closing the rest");
+            tracing::warn!(
+                open = tracker.len(),
+                "drain timeout reached; dropping the connections still open"
+            );
+            kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
         stop.cancel();
         if let Some(task) = exporter_task {

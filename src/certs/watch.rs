@@ -97,6 +97,9 @@ pub fn log_report(report: &ReloadReport, still_serving: Option<&str>) {
     }
 }
 
+/// Longest wait for file events to stop before reading anyway.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+
 /// The certificate watcher for one source.
 pub struct CertWatcher {
     source: SecretSource,
@@ -148,7 +151,9 @@ impl CertWatcher {
     fn start_notify(&self, wake: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
         let wake = wake.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Reading the files is an event too (inotify reports opens): only changes count, or
+            // a plain file or directory would make every reload trigger the next.
+            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                 wake.notify_one();
             }
         })
@@ -239,11 +244,13 @@ impl CertWatcher {
                 _ = wake.notified() => {
                     trigger = Trigger::Event;
                     // Debounce: the kubelet creates a directory, a symlink, renames it and removes
-                    // the old directory; wait until the events stop.
+                    // the old directory; wait until the events stop, but not for ever.
+                    let give_up = tokio::time::Instant::now() + MAX_DEBOUNCE;
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(this.timing.debounce) => break,
+                            _ = tokio::time::sleep_until(give_up) => break,
                             _ = wake.notified() => {}
                         }
                     }

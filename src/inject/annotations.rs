@@ -147,6 +147,21 @@ fn is_dns_name(s: &str) -> bool {
         })
 }
 
+/// Whether `name` is a name of the pod's own namespace's Services: `NAME.NAMESPACE.svc`, with or
+/// without the cluster domain after it (or a `*.` wildcard of those). Any other name would let a
+/// pod author have the workload CA sign a name that belongs to someone else.
+pub fn dns_name_allowed(name: &str, namespace: &str) -> bool {
+    if !is_dns_name(name) {
+        return false;
+    }
+    let labels: Vec<&str> = name.trim_end_matches('.').split('.').collect();
+    labels.len() >= 3
+        && labels
+            .windows(2)
+            .position(|w| w[0].eq_ignore_ascii_case(namespace) && w[1].eq_ignore_ascii_case("svc"))
+            .is_some_and(|i| i == 1)
+}
+
 fn list(value: &str) -> Vec<String> {
     value
         .split(',')
@@ -267,6 +282,15 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
             let names = list(v);
             if let Some(bad) = names.iter().find(|n| !is_dns_name(n)) {
                 return Err(err(DNS_NAMES, v, format!("holds '{bad}', which is not a DNS name")));
+            }
+            if let Some(bad) = names.iter().find(|n| !dns_name_allowed(n, namespace)) {
+                return Err(err(
+                    DNS_NAMES,
+                    v,
+                    format!(
+                        "holds '{bad}', which is not a Service name of namespace {namespace} (NAME.{namespace}.svc[.cluster domain])"
+                    ),
+                ));
             }
             names
         }

@@ -21,7 +21,7 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET};
+use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET, dns_name_allowed};
 use super::metrics::{InjectMetrics, ReconcileLabels};
 use super::settings::InjectSettings;
 
@@ -40,6 +40,17 @@ pub enum ReconcileError {
     Kube(#[from] kube::Error),
 }
 
+/// Why no Certificate is requested for a pod's Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    /// Pods of different service accounts mount the same Secret: one certificate cannot carry
+    /// both identities, and alternating would re-issue it on every reconcile.
+    SharedSecret {
+        /// The service accounts involved.
+        service_accounts: Vec<String>,
+    },
+}
+
 /// The Certificate a Secret needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
@@ -49,8 +60,10 @@ pub struct Desired {
     pub secret: String,
     /// The service account the pods run as.
     pub service_account: String,
-    /// DNS SANs, sorted and deduplicated.
+    /// DNS SANs, sorted and deduplicated (only names of the namespace's own Services).
     pub dns_names: Vec<String>,
+    /// DNS names asked for but refused (not the namespace's own).
+    pub refused_dns_names: Vec<String>,
 }
 
 fn service_account(pod: &Pod) -> String {
@@ -79,34 +92,46 @@ fn is_injected(pod: &Pod) -> bool {
 }
 
 /// The Certificate needed for `pod`'s Secret, given all known pods (the pod itself included).
-/// `None` for a pod that is not injected.
-pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> Option<Desired> {
+/// `Ok(None)` for a pod that is not injected. The pods' annotations are checked again here:
+/// the injected label can be set by anyone who creates pods, bypassing the webhook.
+pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> Result<Option<Desired>, Conflict> {
     if !is_injected(pod) {
-        return None;
+        return Ok(None);
     }
-    let namespace = pod.metadata.namespace.clone()?;
+    let Some(namespace) = pod.metadata.namespace.clone() else {
+        return Ok(None);
+    };
     let secret = secret_of(pod);
     let mut dns = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    let mut accounts = BTreeSet::new();
     let siblings = all.into_iter().filter(|p| {
         is_injected(p) && p.metadata.namespace.as_deref() == Some(namespace.as_str()) && secret_of(p) == secret
     });
     for p in siblings.chain(std::iter::once(pod)) {
+        accounts.insert(service_account(p));
         if let Some(names) = p.metadata.annotations.as_ref().and_then(|a| a.get(DNS_NAMES)) {
-            dns.extend(
-                names
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned),
-            );
+            for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if dns_name_allowed(name, &namespace) {
+                    dns.insert(name.to_owned());
+                } else {
+                    refused.insert(name.to_owned());
+                }
+            }
         }
     }
-    Some(Desired {
+    if accounts.len() > 1 {
+        return Err(Conflict::SharedSecret {
+            service_accounts: accounts.into_iter().collect(),
+        });
+    }
+    Ok(Some(Desired {
         namespace,
         secret,
         service_account: service_account(pod),
         dns_names: dns.into_iter().collect(),
-    })
+        refused_dns_names: refused.into_iter().collect(),
+    }))
 }
 
 /// The Certificate manifest, owned by the service account with `owner_uid`.
@@ -195,8 +220,8 @@ pub struct Context {
     pub settings: InjectSettings,
     /// Metrics.
     pub metrics: Arc<InjectMetrics>,
-    /// Certificates known to be up to date: manifest and when that was checked.
-    checked: Mutex<HashMap<(String, String), (Value, Instant)>>,
+    /// Certificates known to be up to date: what they were checked against, and when.
+    checked: Mutex<HashMap<(String, String), (Desired, Instant)>>,
     /// When the missing-cert-manager warning was last logged.
     warned: Mutex<Option<Instant>>,
 }
@@ -230,13 +255,44 @@ fn crd_missing(e: &kube::Error) -> bool {
     }
 }
 
+/// The label that marks Certificates this controller owns; others are never touched.
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
 /// Ensures the Certificate for `pod`'s Secret exists and is up to date.
 pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let all = ctx.pods.state();
-    let Some(desired) = desired_for(&pod, all.iter().map(|p| p.as_ref())) else {
-        return Ok(Action::await_change());
+    let desired = match desired_for(&pod, all.iter().map(|p| p.as_ref())) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(Conflict::SharedSecret { service_accounts }) => {
+            ctx.count("conflict");
+            tracing::warn!(
+                target: "wsgate::certificates",
+                namespace = ?pod.metadata.namespace,
+                secret = %secret_of(&pod),
+                ?service_accounts,
+                "pods of several service accounts mount one Secret; no Certificate requested (give each its own wsgate.dev/secret)"
+            );
+            return Ok(Action::requeue(RECHECK));
+        }
     };
+    if !desired.refused_dns_names.is_empty() {
+        tracing::warn!(
+            target: "wsgate::certificates",
+            namespace = %desired.namespace,
+            refused = ?desired.refused_dns_names,
+            "DNS names outside the namespace's own Services are left out of the Certificate"
+        );
+    }
     let key = (desired.namespace.clone(), desired.secret.clone());
+    // Known to be up to date: no API call at all (pod status churn triggers reconciles).
+    if let Ok(checked) = ctx.checked.lock()
+        && let Some((known, at)) = checked.get(&key)
+        && *known == desired
+        && at.elapsed() < RECHECK
+    {
+        return Ok(Action::requeue(RECHECK));
+    }
     let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &desired.namespace);
     let Some(sa) = sa_api.get_opt(&desired.service_account).await? else {
         tracing::warn!(
@@ -249,13 +305,6 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
     };
     let uid = sa.metadata.uid.unwrap_or_default();
     let wanted = manifest(&desired, &uid, &ctx.settings);
-    if let Ok(checked) = ctx.checked.lock()
-        && let Some((manifest, at)) = checked.get(&key)
-        && *manifest == wanted
-        && at.elapsed() < RECHECK
-    {
-        return Ok(Action::requeue(RECHECK));
-    }
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &desired.namespace, &certificate_resource());
     let existing = match api.get_opt(&desired.secret).await {
         Ok(existing) => existing,
@@ -263,6 +312,18 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
         Err(e) => return Err(e.into()),
     };
     let current = existing.as_ref().and_then(|o| serde_json::to_value(o).ok());
+    if let Some(current) = &current
+        && current["metadata"]["labels"][MANAGED_BY] != FIELD_MANAGER
+    {
+        ctx.count("foreign");
+        tracing::warn!(
+            target: "wsgate::certificates",
+            namespace = %desired.namespace,
+            certificate = %desired.secret,
+            "a Certificate of that name exists and is not managed by wsgate; it is left alone"
+        );
+        return Ok(Action::requeue(RECHECK));
+    }
     if current.as_ref().is_some_and(|c| up_to_date(c, &wanted)) {
         ctx.count("unchanged");
     } else {
@@ -284,7 +345,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
         );
     }
     if let Ok(mut checked) = ctx.checked.lock() {
-        checked.insert(key, (wanted, Instant::now()));
+        checked.insert(key, (desired, Instant::now()));
     }
     Ok(Action::requeue(RECHECK))
 }

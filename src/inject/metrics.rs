@@ -19,7 +19,8 @@ pub struct ReviewLabels {
 /// Labels of `wsgate_inject_certificate_reconciles_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
-    /// `applied`, `unchanged`, `no_cert_manager` or `error`.
+    /// `applied`, `unchanged`, `conflict` (one Secret, several service accounts), `foreign` (a
+    /// Certificate of that name not managed by wsgate), `no_cert_manager` or `error`.
     pub result: &'static str,
 }
 

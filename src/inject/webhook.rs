@@ -29,8 +29,15 @@ use crate::tls::TlsStore;
 
 /// The API server sends at most 3 MiB per request.
 const MAX_BODY: usize = 3 << 20;
-/// An idle or slow client is dropped after this long.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest TLS handshake.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a request's headers, also between requests on a kept-alive connection
+/// (an idle connection is closed; the API server's client opens a new one).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time to read one request's body and answer it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// On stop, in-flight reviews get this long to finish.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a review could not be answered (HTTP 400).
 #[derive(Debug, thiserror::Error)]
@@ -150,14 +157,15 @@ async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
     }
     let t0 = Instant::now();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return respond(
-                StatusCode::BAD_REQUEST,
-                "text/plain",
-                format!("reading the body: {e}\n").into_bytes(),
-            );
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            let msg = format!("reading the body: {e}\n");
+            return respond(StatusCode::BAD_REQUEST, "text/plain", msg.into_bytes());
+        }
+        Err(_) => {
+            let msg = b"the body did not arrive in time\n".to_vec();
+            return respond(StatusCode::REQUEST_TIMEOUT, "text/plain", msg);
         }
     };
     let resp = match webhook.review(&body, namespace_enabled) {
@@ -172,37 +180,52 @@ async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<
     resp
 }
 
-async fn connection(webhook: Arc<Webhook>, store: Arc<TlsStore>, tcp: TcpStream, peer: SocketAddr) {
+async fn connection(
+    webhook: Arc<Webhook>,
+    store: Arc<TlsStore>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let Some(serving) = store.current() else {
         tracing::debug!(%peer, "no serving certificate yet; closing");
         return;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(serving.server.clone());
     drop(serving);
-    let work = async {
-        let tls = match acceptor.accept(tcp).await {
-            Ok(tls) => tls,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                return;
-            }
-        };
-        let service = hyper::service::service_fn(move |req| {
-            let webhook = webhook.clone();
-            async move { Ok::<_, Infallible>(handle(webhook, req).await) }
-        });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(tls), service)
-            .await;
+    let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
     };
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, work).await;
+    let service = hyper::service::service_fn(move |req| {
+        let webhook = webhook.clone();
+        async move { Ok::<_, Infallible>(handle(webhook, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            // Finish the review in flight (if any), then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(STOP_GRACE, conn).await;
+        }
+    }
 }
 
 /// Serves the webhook on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Webhook>, stop: CancellationToken) {
     let tracker = TaskTracker::new();
+    let conn_stop = stop.clone();
     crate::proxy::listener::accept_loop(listener, 4096, stop, tracker.clone(), move |tcp, peer, permit| {
-        let work = connection(webhook.clone(), store.clone(), tcp, peer);
+        let work = connection(webhook.clone(), store.clone(), tcp, peer, conn_stop.clone());
         async move {
             if permit.is_some() {
                 work.await;
@@ -211,5 +234,5 @@ pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Web
     })
     .await;
     tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    let _ = tokio::time::timeout(STOP_GRACE, tracker.wait()).await;
 }

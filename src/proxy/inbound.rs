@@ -54,8 +54,10 @@ pub struct Inbound {
     pub handshake_timeout: Duration,
     /// Metrics and spans.
     pub telemetry: Arc<Telemetry>,
-    /// Fires when the proxy drains.
+    /// Fires when the proxy drains: Close 1001 on every connection.
     pub drain: CancellationToken,
+    /// Fires when the drain timeout has passed: connections still open are dropped.
+    pub kill: CancellationToken,
 }
 
 impl RelayMeter for Metrics {
@@ -83,6 +85,21 @@ struct Exchange {
 }
 
 type Slot = Arc<Mutex<Exchange>>;
+
+/// Moves what the HTTP exchange recorded into the handshake record; returns the upgraded legs.
+fn take_exchange(slot: &Slot, rec: &mut HandshakeRecord) -> Option<(OnUpgrade, Upgraded)> {
+    let mut ex = slot.lock().map(|mut ex| std::mem::take(&mut *ex)).unwrap_or_default();
+    rec.path = ex.path.take().or(rec.path.take());
+    rec.status = ex.status.or(rec.status);
+    rec.subprotocol = ex.subprotocol.take();
+    rec.upgrade_read_time = ex.upgrade_read;
+    rec.upstream_connect_time = ex.upstream_connect;
+    rec.trace = ex.trace.take();
+    if let Some((kind, reason)) = ex.failure.take() {
+        rec.fail(kind, reason);
+    }
+    ex.legs.take()
+}
 
 fn with_slot(slot: &Slot, f: impl FnOnce(&mut Exchange)) {
     if let Ok(mut ex) = slot.lock() {
@@ -123,9 +140,12 @@ impl Inbound {
         let timeout = self.handshake_timeout;
         // Boxed: the handshake's state (TLS, hyper on both legs) is large and short-lived;
         // inline, it would size this task for the whole life of the connection.
-        let legs = match tokio::time::timeout(timeout, Box::pin(self.handshake(tcp, &mut rec))).await {
+        let slot: Slot = Arc::default();
+        let legs = match tokio::time::timeout(timeout, Box::pin(self.handshake(tcp, &mut rec, &slot))).await {
             Ok(legs) => legs,
             Err(_) => {
+                // Keep what the HTTP exchange had learned (path, trace) for the log and the span.
+                take_exchange(&slot, &mut rec);
                 rec.fail(
                     FailureKind::HandshakeTimeout,
                     format!("TLS and upgrade not done within {}s", timeout.as_secs_f64()),
@@ -134,6 +154,7 @@ impl Inbound {
             }
         };
         let client_not_after = rec.identity.as_ref().map(|id| id.cert.not_after_unix());
+        let client_expiry = rec.identity.as_ref().map(|id| id.cert.not_after);
         rec.finish(&self.telemetry);
         let Some((client, app)) = legs else { return };
         let metrics = &self.telemetry.metrics;
@@ -145,7 +166,20 @@ impl Inbound {
         let app_cfg = self.ws_config(APP_READ_BUFFER);
         let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(client_cfg)).await;
         let app = WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(app_cfg)).await;
-        let summary = pump::relay(client, app, self.drain.clone(), metrics.as_ref()).await;
+        let expires_at = client_expiry.map(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
+        let relay = pump::relay(client, app, self.drain.clone(), expires_at, metrics.as_ref());
+        let summary = tokio::select! {
+            summary = relay => summary,
+            // The drain timeout passed: drop the connection (both sockets close).
+            _ = self.kill.cancelled() => pump::CloseSummary {
+                initiator: pump::Initiator::Proxy,
+                code: None,
+                reason: "drain timeout: connection dropped".into(),
+            },
+        };
         metrics.connections_open.dec();
         if let Some(t) = client_not_after {
             metrics.client_disconnected(t);
@@ -168,7 +202,12 @@ impl Inbound {
     }
 
     /// TLS, identity, HTTP upgrade; returns both upgraded legs on success.
-    async fn handshake(self: &Arc<Self>, tcp: TcpStream, rec: &mut HandshakeRecord) -> Option<(Upgraded, Upgraded)> {
+    async fn handshake(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        rec: &mut HandshakeRecord,
+        slot: &Slot,
+    ) -> Option<(Upgraded, Upgraded)> {
         let Some(serving) = self.store.current() else {
             rec.fail(FailureKind::NotReady, "no valid certificate loaded yet");
             return None;
@@ -229,7 +268,6 @@ impl Inbound {
             Decision::Deny(_) => rec.decision = Some("deny"),
         }
 
-        let slot: Slot = Arc::default();
         let tls_done = Instant::now();
         let this = self.clone();
         let svc_slot = slot.clone();
@@ -248,15 +286,8 @@ impl Inbound {
             .serve_connection(TokioIo::new(tls), service)
             .with_upgrades()
             .await;
-        let mut ex = slot.lock().map(|mut ex| std::mem::take(&mut *ex)).unwrap_or_default();
-        rec.path = ex.path.take();
-        rec.status = ex.status;
-        rec.subprotocol = ex.subprotocol.take();
-        rec.upgrade_read_time = ex.upgrade_read;
-        rec.upstream_connect_time = ex.upstream_connect;
-        rec.trace = ex.trace.take();
-        if let Some((kind, reason)) = ex.failure.take() {
-            rec.fail(kind, reason);
+        let legs = take_exchange(slot, rec);
+        if rec.failure.is_some() {
             return None;
         }
         if let Err(e) = served {
@@ -270,7 +301,7 @@ impl Inbound {
             rec.fail(kind, format!("HTTP: {e}"));
             return None;
         }
-        let Some((client_upgrade, app)) = ex.legs.take() else {
+        let Some((client_upgrade, app)) = legs else {
             rec.fail(FailureKind::ClientClosed, "closed before sending an upgrade request");
             return None;
         };
@@ -311,6 +342,15 @@ impl Inbound {
             });
             resp
         };
+        if self.drain.is_cancelled() {
+            let resp = upgrade::text_response(StatusCode::SERVICE_UNAVAILABLE, "503 service unavailable: draining");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                FailureKind::NotReady,
+                "draining: no new connections".into(),
+                resp,
+            );
+        }
         if let Decision::Deny(reason) = decision {
             let resp = upgrade::text_response(StatusCode::FORBIDDEN, &format!("403 forbidden: {reason}"));
             return refuse(

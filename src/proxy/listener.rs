@@ -22,10 +22,17 @@ fn keepalive() -> TcpKeepalive {
         .with_retries(3)
 }
 
-/// Sets TCP_NODELAY (small frames must not wait for Nagle) and keepalive on a stream.
+/// A peer that stops acknowledging what is sent to it (gone, or a zero window) is dropped after
+/// this long; keepalive only covers idle connections.
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sets TCP_NODELAY (small frames must not wait for Nagle), keepalive and TCP_USER_TIMEOUT on a
+/// stream.
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive());
+    let sock = SockRef::from(stream);
+    let _ = sock.set_tcp_keepalive(&keepalive());
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
 /// Accepts connections until `stop` fires, spawning `handle` for each on `tracker`.

@@ -4,8 +4,9 @@
 //! connection's one task (no extra spawn, no lock held across an await). Writes are batched:
 //! a loop flushes only when its source has nothing more ready. Pings are answered on each leg
 //! by tungstenite and not forwarded; Close frames are forwarded with their code and reason; a
-//! drain sends Close 1001 "going away" on both legs; an oversized message closes its sender's
-//! leg with 1009 and a protocol violation with 1002. Depends on tokio-tungstenite.
+//! drain sends Close 1001 "going away" on both legs, and the expiry of the client's certificate
+//! Close 1008; an oversized message closes its sender's leg with 1009, invalid UTF-8 with 1007
+//! and another protocol violation with 1002. Depends on tokio-tungstenite.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -112,9 +113,22 @@ where
         });
     }
 
-    async fn run(mut self, drain: CancellationToken) {
+    fn account(&self, msgs: &mut u64, bytes: &mut u64) {
+        if *msgs > 0 {
+            self.meter.relayed(self.dir, *msgs, *bytes);
+            (*msgs, *bytes) = (0, 0);
+        }
+    }
+
+    async fn run(mut self, drain: CancellationToken, expires_at: Option<tokio::time::Instant>) {
         let mut dst_open = true;
         let mut draining = false;
+        // The client's certificate ends the connection when it expires: an open WebSocket must
+        // not outlive the identity that was allowed in.
+        let expiry = tokio::time::sleep_until(
+            expires_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
+        );
+        let mut expiry = std::pin::pin!(expiry);
         let mut close_dst_done = false;
         let mut pending: Option<Option<Result<Message, WsError>>> = None;
         let (mut msgs, mut bytes, mut batch) = (0u64, 0u64, 0usize);
@@ -122,13 +136,10 @@ where
             let item = match pending.take() {
                 Some(item) => item,
                 None => {
-                    if msgs > 0 {
-                        if dst_open && self.dst.flush().await.is_err() {
-                            dst_open = false;
-                        }
-                        self.meter.relayed(self.dir, msgs, bytes);
-                        (msgs, bytes) = (0, 0);
+                    if msgs > 0 && dst_open && self.dst.flush().await.is_err() {
+                        dst_open = false;
                     }
+                    self.account(&mut msgs, &mut bytes);
                     batch = 0;
                     tokio::select! {
                         biased;
@@ -146,6 +157,15 @@ where
                             if dst_open {
                                 dst_open = false;
                                 let _ = self.dst.send(close(CloseCode::Away, "going away")).await;
+                            }
+                            continue;
+                        }
+                        _ = &mut expiry, if !draining && expires_at.is_some() => {
+                            draining = true;
+                            self.note(Initiator::Proxy, Some(1008), "client certificate expired".into());
+                            if dst_open {
+                                dst_open = false;
+                                let _ = self.dst.send(close(CloseCode::Policy, "client certificate expired")).await;
                             }
                             continue;
                         }
@@ -183,8 +203,18 @@ where
                         let _ = self.dst.send(Message::Close(frame)).await;
                     }
                 }
-                None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                // A peer that closed TCP without a Close frame (a crash, a restart, close_notify
+                // and FIN) is a vanished peer, not a protocol violation.
+                None
+                | Some(Err(
+                    WsError::ConnectionClosed
+                    | WsError::AlreadyClosed
+                    | WsError::Protocol(
+                        tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ),
+                )) => {
                     tracing::trace!(dir = ?self.dir, "source ended");
+                    self.account(&mut msgs, &mut bytes);
                     self.note(self.source(), None, "connection closed without a Close frame".into());
                     if dst_open {
                         let _ = self.dst.send(close(CloseCode::Away, "peer went away")).await;
@@ -193,9 +223,11 @@ where
                 }
                 Some(Err(err)) => {
                     tracing::trace!(dir = ?self.dir, error = %err, "source failed");
+                    self.account(&mut msgs, &mut bytes);
                     let to_src = match &err {
                         WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
-                        WsError::Protocol(_) | WsError::Utf8(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
+                        WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message", 1007)),
+                        WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
                         _ => None,
                     };
                     match to_src {
@@ -231,6 +263,7 @@ pub fn relay<'m, C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
     drain: CancellationToken,
+    expires_at: Option<tokio::time::Instant>,
     meter: &'m dyn RelayMeter,
 ) -> impl std::future::Future<Output = CloseSummary> + 'm
 where
@@ -239,7 +272,7 @@ where
 {
     let (client_tx, client_rx) = client.split();
     let (up_tx, up_rx) = upstream.split();
-    relay_halves(client_tx, client_rx, up_tx, up_rx, drain, meter)
+    relay_halves(client_tx, client_rx, up_tx, up_rx, drain, expires_at, meter)
 }
 
 async fn relay_halves<C, U>(
@@ -248,6 +281,7 @@ async fn relay_halves<C, U>(
     mut up_tx: SplitSink<WebSocketStream<U>, Message>,
     mut up_rx: SplitStream<WebSocketStream<U>>,
     drain: CancellationToken,
+    expires_at: Option<tokio::time::Instant>,
     meter: &dyn RelayMeter,
 ) -> CloseSummary
 where
@@ -267,7 +301,7 @@ where
             first: &first,
             meter,
         }
-        .run(drain.clone());
+        .run(drain.clone(), expires_at);
         let outbound = Leg {
             src: &mut up_rx,
             dst: &mut client_tx,
@@ -277,7 +311,7 @@ where
             first: &first,
             meter,
         }
-        .run(drain);
+        .run(drain, expires_at);
         let mut inbound = std::pin::pin!(inbound);
         let mut outbound = std::pin::pin!(outbound);
         tokio::select! {

@@ -131,6 +131,10 @@ pub fn upstream_request<B>(
     let mut headers = req.headers().clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(SEC_WEBSOCKET_EXTENSIONS);
+    // An upgrade GET has no body; a client-sent length or Expect would make the app wait for
+    // (or read WebSocket frames as) a body that never comes.
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::EXPECT);
     headers.remove(XFCC);
     let ours: Vec<HeaderName> = headers
         .keys()
@@ -300,6 +304,18 @@ mod tests {
         assert_eq!(out.headers().get_all(CLIENT_NOT_AFTER).iter().count(), 1);
         assert_eq!(out.headers().get(CLIENT_NOT_AFTER).unwrap(), "1970-01-01T00:00:00Z");
         assert!(!out.headers().contains_key("x-wsgate-anything"));
+    }
+
+    #[test]
+    fn a_client_sent_body_length_or_expect_never_reaches_the_app() {
+        let req = upgrade_req()
+            .header("content-length", "5")
+            .header("expect", "100-continue")
+            .body(())
+            .unwrap();
+        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]);
+        assert!(!out.headers().contains_key("content-length"));
+        assert!(!out.headers().contains_key("expect"));
     }
 
     #[test]

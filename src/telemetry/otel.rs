@@ -228,6 +228,10 @@ impl OtelSettings {
 
         let timeout = get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT").or_else(|| get("OTEL_EXPORTER_OTLP_TIMEOUT"));
         s.timeout = duration_ms("OTEL_EXPORTER_OTLP_TIMEOUT", timeout, s.timeout, w);
+        if s.timeout.is_zero() {
+            w.push("OTEL_EXPORTER_OTLP_TIMEOUT 0 would fail every export; using 10000".into());
+            s.timeout = Duration::from_secs(10);
+        }
 
         let mut resource: Vec<KeyValue> = Vec::new();
         if let Some(attrs) = get("OTEL_RESOURCE_ATTRIBUTES") {

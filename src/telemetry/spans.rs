@@ -426,6 +426,8 @@ async fn export_loop(
     let mut last_error_log: Option<Instant> = None;
     let mut suppressed = 0u64;
     let mut stopping = false;
+    // Set when stopping: the whole flush gets FLUSH_TIMEOUT, not each batch.
+    let mut flush_deadline: Option<tokio::time::Instant> = None;
     loop {
         let mut batch = Vec::with_capacity(batching.max_batch.min(64));
         // Wait for the first span of a batch, then fill it until full or the delay has passed.
@@ -461,7 +463,17 @@ async fn export_loop(
         }
         let n = batch.len() as u64;
         // The exporter has its own timeout (and one retry); this bounds everything it does.
-        let limit = if stopping { FLUSH_TIMEOUT } else { timeout * 3 };
+        let limit = if stopping {
+            let deadline = *flush_deadline.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH_TIMEOUT);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                metrics.spans_dropped.inc_by(n + rx.len() as u64);
+                return;
+            }
+            left
+        } else {
+            timeout * 3
+        };
         let result = match tokio::time::timeout(limit, exporter.export(batch)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

@@ -392,3 +392,55 @@ async fn the_periodic_recheck_catches_a_missed_event() {
     std::fs::write(generation.join("tls.crt"), &next.cert_pem).unwrap();
     wait_serial(&env.proxy, &next.serial).await;
 }
+
+/// Reading the files is itself a file event (inotify reports opens); the watcher must not
+/// take its own reads for changes, or a plain directory would be re-read every debounce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_does_not_wake_itself_up_by_reading_a_plain_directory() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use wsgate::certs::watch::{CertWatcher, ReloadReport, ReloadSink};
+    struct Counting(Arc<AtomicUsize>);
+    impl ReloadSink for Counting {
+        fn install(&mut self, _: wsgate::certs::CertBundle) -> Result<(), String> {
+            Ok(())
+        }
+        fn report(&mut self, _: &ReloadReport) {}
+        fn checked(&mut self, _: bool) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let leaf = pki.server();
+    std::fs::write(tmp.path().join("tls.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(tmp.path().join("tls.key"), &leaf.key_pem).unwrap();
+    std::fs::write(tmp.path().join("ca.crt"), &pki.ca.cert_pem).unwrap();
+    let checks = Arc::new(AtomicUsize::new(0));
+    let timing = wsgate::config::ReloadTiming {
+        debounce: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let watcher = CertWatcher::new(
+        wsgate::certs::SecretSource {
+            cert_dir: tmp.path().to_path_buf(),
+            trust_bundle: None,
+        },
+        wsgate::certs::Usage::Server,
+        timing,
+        wsgate::tls::provider(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watcher.run(Counting(checks.clone()), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = checks.load(Ordering::Relaxed);
+    assert_eq!(quiet, 1, "only the first load in a second without changes");
+    // A real change is still seen.
+    std::fs::write(tmp.path().join("ca.crt"), &pki.ca.cert_pem).unwrap();
+    eventually("the change is read", Duration::from_secs(5), || {
+        checks.load(Ordering::Relaxed) > quiet
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+}

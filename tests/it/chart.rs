@@ -339,11 +339,23 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
     assert!(of_kind(&docs, "Role").is_empty() && of_kind(&docs, "RoleBinding").is_empty());
     // What `wsgate inject` calls (README, "wsgate inject"): the certificate controller's watch of
     // injected pods, a get of each one's ServiceAccount (the Certificate's owner), and a
-    // server-side apply of the Certificate (a patch that may create; a get first). /version is
+    // server-side apply of the Certificate (a patch that may create; a get first); with
+    // nativeSidecar=auto (the default), a list of nodes for their kubelet versions. /version is
     // open to every client and needs no rule.
     let role = one(&docs, "ClusterRole");
     assert_eq!(
         rules_of(role),
+        rule_set(&[
+            ("", "nodes", &["list"]),
+            ("", "pods", &["list", "watch"]),
+            ("", "serviceaccounts", &["get"]),
+            ("cert-manager.io", "certificates", &["get", "create", "patch"]),
+        ])
+    );
+    // A fixed native-sidecar mode needs no node list.
+    let fixed = render(&["--set", "sidecar.nativeSidecar=off"]);
+    assert_eq!(
+        rules_of(one(&fixed, "ClusterRole")),
         rule_set(&[
             ("", "pods", &["list", "watch"]),
             ("", "serviceaccounts", &["get"]),
@@ -367,8 +379,14 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
         json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}])
     );
 
-    // Without the certificate controller the injector calls nothing that needs a rule.
-    let docs = render(&["--set", "injector.certificateController=false"]);
+    // Without the certificate controller and with a fixed native-sidecar mode, the injector
+    // calls nothing that needs a rule.
+    let docs = render(&[
+        "--set",
+        "injector.certificateController=false",
+        "--set",
+        "sidecar.nativeSidecar=off",
+    ]);
     assert!(of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty());
     assert_eq!(
         env_of(injector_container(&docs))["WSGATE_CERTIFICATE_CONTROLLER"],

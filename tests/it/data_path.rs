@@ -351,3 +351,50 @@ async fn a_malformed_request_gets_400_and_counts_as_not_websocket() {
     .await;
     assert!(env.app.seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_vanishes_is_reported_as_such_and_the_client_gets_1001() {
+    let env = env().await;
+    let mut ws = env.connect_as("frontend", "/").await.unwrap();
+    roundtrip(&mut ws, "hello".into()).await;
+    ws.send(Message::text("vanish")).await.unwrap();
+    assert_eq!(next_close(&mut ws).await, Some((1001, "peer went away".into())));
+    crate::support::eventually(
+        "counted as vanished, not as a protocol error",
+        Duration::from_secs(5),
+        || {
+            metric(
+                &env.metrics(),
+                "wsgate_connections_closed_total{code=\"none\",initiator=\"upstream\"}",
+            ) == Some(1.0)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_with_1008_when_the_client_certificate_expires() {
+    let env = env().await;
+    let now = std::time::SystemTime::now();
+    let spec = crate::support::LeafSpec::new("frontend")
+        .uri(&spiffe("frontend"))
+        .valid(now - Duration::from_secs(60), now + Duration::from_secs(3));
+    let short_lived = env.pki.ca.leaf(&spec).unwrap();
+    let (mut ws, _) = connect(
+        env.proxy.listen_addr,
+        env.pki.client_config(Some(&short_lived)),
+        "localhost",
+        "/",
+    )
+    .await
+    .unwrap();
+    roundtrip(&mut ws, "still valid".into()).await;
+    assert_eq!(
+        next_close(&mut ws).await,
+        Some((1008, "client certificate expired".into()))
+    );
+    crate::support::eventually("the app was told too", Duration::from_secs(5), || {
+        env.app.closes.lock().unwrap().first() == Some(&Some((1008, "client certificate expired".into())))
+    })
+    .await;
+}

@@ -121,3 +121,75 @@ async fn sigterm_closes_connections_with_1001_and_exits_zero() {
     let key_body: String = leaf.key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
     assert!(!logs.contains(&key_body[..40]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_open_at_the_drain_timeout_are_dropped() {
+    let allow = spiffe("frontend");
+    let env = Env::start_with(&[allow.as_str()], |cfg| cfg.drain_timeout = Duration::from_millis(300)).await;
+    // This client never reads again, so it never answers the Close.
+    let mut silent = env.connect_as("frontend", "/").await.unwrap();
+    roundtrip(&mut silent, "hi".into()).await;
+    let t0 = std::time::Instant::now();
+    let Env { proxy, .. } = env;
+    proxy.drain();
+    tokio::time::timeout(Duration::from_secs(4), proxy.wait())
+        .await
+        .expect("the drain ended soon after its timeout, not after the close grace");
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_request_that_arrives_while_draining_gets_503() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let allow = spiffe("frontend");
+    let env = Env::start(&[allow.as_str()]).await;
+    // TLS done, upgrade request not sent yet, when the drain starts.
+    let leaf = env.pki.client("frontend");
+    let tcp = tokio::net::TcpStream::connect(env.proxy.listen_addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(env.pki.client_config(Some(&leaf)))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    env.proxy.drain();
+    tls.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(env.app.seen.lock().unwrap().is_empty(), "the app was not dialled");
+}
+
+#[test]
+fn drain_is_accepted_from_loopback_on_a_dual_stack_admin_socket() {
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl wsgate::admin::AdminState for Count {
+        fn readiness(&self) -> Result<String, String> {
+            Ok(String::new())
+        }
+        fn metrics(&self) -> String {
+            String::new()
+        }
+        fn drain(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let state = Count(std::sync::atomic::AtomicUsize::new(0));
+    let req = http::Request::post("/drain").body(()).unwrap();
+    for peer in ["127.0.0.1:5555", "[::1]:5555", "[::ffff:127.0.0.1]:5555"] {
+        assert_eq!(
+            wsgate::admin::route(&state, &req, peer.parse().unwrap()).status(),
+            202,
+            "{peer}"
+        );
+    }
+    assert_eq!(state.0.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert_eq!(
+        wsgate::admin::route(&state, &req, "[::ffff:10.0.0.1]:5555".parse().unwrap()).status(),
+        403
+    );
+}

@@ -102,6 +102,7 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
         settings,
         certificate_controller: true,
         reload: Default::default(),
+        shutdown_delay: Duration::from_millis(100),
     };
     let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
     wait_serial_of(&hook.store, &serving.serial).await;
@@ -159,12 +160,13 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
 
     let on: Api<Pod> = Api::namespaced(client.clone(), &enabled);
     let off: Api<Pod> = Api::namespaced(client.clone(), &plain);
+    let checkout_dns = format!("checkout.{plain}.svc");
     let annotated = create(
         &off,
         pod(
             "annotated",
             "checkout",
-            json!({"wsgate.dev/inject": "true", "wsgate.dev/dns-names": "checkout.e2e.svc"}),
+            json!({"wsgate.dev/inject": "true", "wsgate.dev/dns-names": checkout_dns}),
         ),
     )
     .await;
@@ -244,7 +246,7 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
         spec["uris"],
         json!([format!("spiffe://cluster.local/ns/{plain}/sa/checkout")])
     );
-    assert_eq!(spec["dnsNames"], json!(["checkout.e2e.svc"]));
+    assert_eq!(spec["dnsNames"], json!([checkout_dns]));
     assert_eq!(spec["usages"], json!(["server auth", "client auth"]));
     assert_eq!(spec["privateKey"]["rotationPolicy"], "Always");
     let sa_uid = Api::<ServiceAccount>::namespaced(client.clone(), &plain)

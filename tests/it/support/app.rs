@@ -88,6 +88,8 @@ impl TestApp {
                     };
                     while let Some(Ok(msg)) = ws.next().await {
                         match msg {
+                            // The app dies: the TCP connection ends without a Close frame.
+                            Message::Text(t) if t.as_str() == "vanish" => return,
                             Message::Text(t) if t.starts_with("close:") => {
                                 let mut parts = t.splitn(3, ':').skip(1);
                                 let code: u16 = parts.next().unwrap().parse().unwrap();
