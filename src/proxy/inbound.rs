@@ -153,6 +153,7 @@ impl Inbound {
                 None
             }
         };
+        drop(slot);
         let client_not_after = rec.identity.as_ref().map(|id| id.cert.not_after_unix());
         let client_expiry = rec.identity.as_ref().map(|id| id.cert.not_after);
         rec.finish(&self.telemetry);

@@ -63,6 +63,29 @@ pub struct CloseSummary {
     pub reason: String,
 }
 
+/// Why wsgate ends a connection that both peers would keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// The proxy drains.
+    Drain,
+    /// The client's certificate expired.
+    Expired,
+}
+
+impl StopReason {
+    /// The Close frame to send, and the note for the close summary.
+    fn close(self) -> (CloseCode, &'static str, &'static str) {
+        match self {
+            StopReason::Drain => (CloseCode::Away, "going away", "going away (drain)"),
+            StopReason::Expired => (
+                CloseCode::Policy,
+                "client certificate expired",
+                "client certificate expired",
+            ),
+        }
+    }
+}
+
 /// Receives relay counts, once per flushed batch.
 pub trait RelayMeter: Send + Sync {
     /// `messages` data messages carrying `bytes` payload bytes went `dir`.
@@ -120,15 +143,11 @@ where
         }
     }
 
-    async fn run(mut self, drain: CancellationToken, expires_at: Option<tokio::time::Instant>) {
+    /// Relays until the source ends. `stop` fires on drain and on the client certificate's
+    /// expiry; `why` then says which (unset: drain).
+    async fn run(mut self, stop: &CancellationToken, why: &OnceLock<StopReason>) {
         let mut dst_open = true;
-        let mut draining = false;
-        // The client's certificate ends the connection when it expires: an open WebSocket must
-        // not outlive the identity that was allowed in.
-        let expiry = tokio::time::sleep_until(
-            expires_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)),
-        );
-        let mut expiry = std::pin::pin!(expiry);
+        let mut stopping = false;
         let mut close_dst_done = false;
         let mut pending: Option<Option<Result<Message, WsError>>> = None;
         let (mut msgs, mut bytes, mut batch) = (0u64, 0u64, 0usize);
@@ -151,21 +170,14 @@ where
                             }
                             continue;
                         }
-                        _ = drain.cancelled(), if !draining => {
-                            draining = true;
-                            self.note(Initiator::Proxy, Some(1001), "going away (drain)".into());
+                        _ = stop.cancelled(), if !stopping => {
+                            stopping = true;
+                            let reason = why.get().copied().unwrap_or(StopReason::Drain);
+                            let (code, text, note) = reason.close();
+                            self.note(Initiator::Proxy, Some(u16::from(code)), note.into());
                             if dst_open {
                                 dst_open = false;
-                                let _ = self.dst.send(close(CloseCode::Away, "going away")).await;
-                            }
-                            continue;
-                        }
-                        _ = &mut expiry, if !draining && expires_at.is_some() => {
-                            draining = true;
-                            self.note(Initiator::Proxy, Some(1008), "client certificate expired".into());
-                            if dst_open {
-                                dst_open = false;
-                                let _ = self.dst.send(close(CloseCode::Policy, "client certificate expired")).await;
+                                let _ = self.dst.send(close(code, text)).await;
                             }
                             continue;
                         }
@@ -289,6 +301,10 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let first = OnceLock::new();
+    // One timer for the connection: at the client certificate's expiry it stops both legs, as a
+    // drain does (the per-connection token is a child of the drain token).
+    let stop = drain.child_token();
+    let why = OnceLock::new();
     {
         let (close_client_tx, close_client_rx) = oneshot::channel();
         let (close_up_tx, close_up_rx) = oneshot::channel();
@@ -301,7 +317,7 @@ where
             first: &first,
             meter,
         }
-        .run(drain.clone(), expires_at);
+        .run(&stop, &why);
         let outbound = Leg {
             src: &mut up_rx,
             dst: &mut client_tx,
@@ -311,12 +327,20 @@ where
             first: &first,
             meter,
         }
-        .run(drain, expires_at);
+        .run(&stop, &why);
         let mut inbound = std::pin::pin!(inbound);
         let mut outbound = std::pin::pin!(outbound);
-        tokio::select! {
-            _ = &mut inbound => { let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await; }
-            _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
+        let far = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+        let mut expiry = std::pin::pin!(tokio::time::sleep_until(expires_at.unwrap_or(far)));
+        loop {
+            tokio::select! {
+                _ = &mut inbound => { let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await; break; }
+                _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; break; }
+                _ = &mut expiry, if expires_at.is_some() && !stop.is_cancelled() => {
+                    let _ = why.set(StopReason::Expired);
+                    stop.cancel();
+                }
+            }
         }
     }
     drop((up_tx, up_rx));
