@@ -93,17 +93,7 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
     let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
     let serving = pki.server();
     write_set(&vol, &serving, &pki.ca);
-    let mut settings = wsgate::inject::settings::InjectSettings::example();
-    settings.native = wsgate::inject::settings::NativeSidecar::Auto;
-    let cfg = wsgate::inject::InjectConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        cert_dir: vol.path().to_path_buf(),
-        settings,
-        certificate_controller: true,
-        reload: Default::default(),
-        shutdown_delay: Duration::from_millis(100),
-    };
+    let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Auto);
     let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
     wait_serial_of(&hook.store, &serving.serial).await;
     let version = client.apiserver_version().await.unwrap();

@@ -406,6 +406,11 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
             "wsgate.dev/dns-names",
             "not a name",
         ),
+        (
+            &[("wsgate.dev/dns-names", "api.prod.svc")],
+            "wsgate.dev/dns-names",
+            "not a Service name of namespace demo",
+        ),
     ];
     for (annotations, name, fragment) in cases {
         let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -530,20 +535,7 @@ mod over_https {
         let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
         let first = pki.server();
         write_set(&vol, &first, &pki.ca);
-        let mut settings = InjectSettings::example();
-        settings.native = wsgate::inject::settings::NativeSidecar::On;
-        let cfg = wsgate::inject::InjectConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin: "127.0.0.1:0".parse().unwrap(),
-            cert_dir: vol.path().to_path_buf(),
-            settings,
-            certificate_controller: true,
-            reload: wsgate::config::ReloadTiming {
-                debounce: Duration::from_millis(50),
-                ..Default::default()
-            },
-            shutdown_delay: Duration::from_millis(300),
-        };
+        let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::On);
         let hook = wsgate::inject::start(cfg, None).await.unwrap();
         wait_serial_of(&hook.store, &first.serial).await;
         assert_eq!(http(hook.admin_addr, "GET", "/readyz").await.0, 200);

@@ -108,6 +108,27 @@ pub fn proxy_config(cert_dir: &std::path::Path, app: SocketAddr, allow: &[&str])
     }
 }
 
+/// An injector config on loopback ports chosen by the OS, serving the certificate in `cert_dir`.
+pub fn inject_config(
+    cert_dir: &std::path::Path,
+    native: wsgate::inject::settings::NativeSidecar,
+) -> wsgate::inject::InjectConfig {
+    let mut settings = wsgate::inject::settings::InjectSettings::example();
+    settings.native = native;
+    wsgate::inject::InjectConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        cert_dir: cert_dir.to_path_buf(),
+        settings,
+        certificate_controller: true,
+        reload: ReloadTiming {
+            debounce: Duration::from_millis(50),
+            ..ReloadTiming::default()
+        },
+        shutdown_delay: Duration::from_millis(300),
+    }
+}
+
 /// Polls `cond` every 5 ms until it holds, failing the test after `timeout`.
 pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
