@@ -89,11 +89,7 @@ impl CertSummary {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_owned);
-        let serial = cert.raw_serial().iter().fold(String::new(), |mut s, b| {
-            use std::fmt::Write;
-            let _ = write!(s, "{b:02x}");
-            s
-        });
+        let serial = hex(cert.raw_serial());
         Ok(Self {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
@@ -130,6 +126,15 @@ impl CertSummary {
     pub fn not_after_unix(&self) -> i64 {
         to_unix(self.not_after)
     }
+}
+
+/// Lowercase hex without separators (serials, fingerprints).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Seconds since the Unix epoch (negative before 1970).

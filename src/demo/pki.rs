@@ -132,10 +132,6 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Ca {
     /// A self-signed CA named `name`, valid from a day ago for ten years.
     pub fn new(name: &str) -> Result<Self, PkiError> {
@@ -203,7 +199,7 @@ impl Ca {
             params.extended_key_usages.push(ExtendedKeyUsagePurpose::CodeSigning);
         }
         let serial = random_serial()?;
-        let serial_hex = hex(serial.to_bytes().as_slice());
+        let serial_hex = crate::certs::summary::hex(serial.to_bytes().as_slice());
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;

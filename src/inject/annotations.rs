@@ -185,6 +185,20 @@ fn declared_ports(pod: &Pod) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// The service account a pod runs as (`default` when it names none).
+pub fn service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+/// The Secret a pod mounts when `wsgate.dev/secret` does not name one.
+pub fn default_secret(service_account: &str) -> String {
+    format!("wsgate-{service_account}")
+}
+
 /// Reads and validates the options of a pod that is to be injected.
 pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<PodOptions, AnnotationError> {
     let a = annotations(pod);
@@ -255,16 +269,11 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         }
         None => settings.default_allow_for(namespace),
     };
-    let service_account = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
+    let service_account = service_account(pod);
     let secret = match a.get(SECRET) {
         Some(v) if is_object_name(v.trim()) => v.trim().to_owned(),
         Some(v) => return Err(err(SECRET, v, "is not a valid Secret name (lowercase RFC 1123)")),
-        None => format!("wsgate-{service_account}"),
+        None => default_secret(&service_account),
     };
     let trust_bundle = match a.get(TRUST_BUNDLE) {
         Some(v) if is_object_name(v.trim()) => Some(v.trim().to_owned()),

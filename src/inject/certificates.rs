@@ -21,7 +21,7 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET, dns_name_allowed};
+use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET, default_secret, dns_name_allowed, service_account};
 use super::metrics::{InjectMetrics, ReconcileLabels};
 use super::settings::InjectSettings;
 
@@ -66,14 +66,6 @@ pub struct Desired {
     pub refused_dns_names: Vec<String>,
 }
 
-fn service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned())
-}
-
 /// The Secret a pod mounts as its sidecar certificate.
 pub fn secret_of(pod: &Pod) -> String {
     pod.metadata
@@ -81,7 +73,7 @@ pub fn secret_of(pod: &Pod) -> String {
         .as_ref()
         .and_then(|a| a.get(SECRET))
         .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| format!("wsgate-{}", service_account(pod)))
+        .unwrap_or_else(|| default_secret(&service_account(pod)))
 }
 
 fn is_injected(pod: &Pod) -> bool {

@@ -4,7 +4,7 @@
 
 use rustls::CommonState;
 
-use crate::certs::summary::{CertSummary, SummaryError, rfc3339};
+use crate::certs::summary::{CertSummary, SummaryError, hex, rfc3339};
 
 /// The identity carried by a verified client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,14 +26,6 @@ pub struct TlsFacts {
     pub resumed: bool,
     /// Negotiated key-exchange group, e.g. `X25519`.
     pub curve: String,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// Quotes an XFCC value when it holds a separator, escaping `"` and `\` (Envoy's rule).
