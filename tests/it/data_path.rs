@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::support::raw::metric;
-use crate::support::{Env, Mode, connect, roundtrip, spiffe};
+use crate::support::{DEADLINE, Env, Mode, connect, metric_becomes, roundtrip, spiffe, until};
 
 fn allow() -> [String; 1] {
     [spiffe("frontend")]
@@ -18,6 +18,27 @@ fn allow() -> [String; 1] {
 async fn env() -> Env {
     let a = allow();
     Env::start(&[a[0].as_str()]).await
+}
+
+/// Waits until `series` of the proxy's metrics is `want` (a handshake is recorded once its
+/// connection is done with, which may be just after the client saw the answer).
+async fn counted(env: &Env, series: &str, want: f64) {
+    metric_becomes(series, || env.metrics(), series, want).await;
+}
+
+/// Nothing refused before reached the app: the next allowed connection's request reaches it (the
+/// proxy dials the app, if at all, before it answers), and it is the only one the app has seen.
+async fn assert_the_app_saw_nothing_before_the_next_connection(env: &Env) {
+    let _ws = env.connect_as("frontend", "/next").await.unwrap();
+    let seen: Vec<String> = env
+        .app
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.path_and_query.clone())
+        .collect();
+    assert_eq!(seen, vec!["/next"], "a refused request reached the app");
 }
 
 /// Opens a wss connection as `frontend` with extra headers and returns the response too.
@@ -66,10 +87,22 @@ async fn messages_are_echoed_through_the_proxy_in_order() {
         let m = ws.next().await.unwrap().unwrap();
         assert_eq!(m.to_text().unwrap(), format!("p{i}"));
     }
-    let text = env.metrics();
-    assert!(metric(&text, "wsgate_messages_relayed_total{direction=\"client_to_upstream\"}").unwrap() >= 251.0);
-    assert!(metric(&text, "wsgate_messages_relayed_total{direction=\"upstream_to_client\"}").unwrap() >= 251.0);
-    assert_eq!(metric(&text, "wsgate_connections_open"), Some(1.0));
+    // 50 + 1 + 200 each way; the last batch is counted just after it is flushed: poll.
+    let counts = |text: &String| {
+        [
+            "wsgate_messages_relayed_total{direction=\"client_to_upstream\"}",
+            "wsgate_messages_relayed_total{direction=\"upstream_to_client\"}",
+            "wsgate_connections_open",
+        ]
+        .map(|series| metric(text, series))
+    };
+    until(
+        "every message counted",
+        DEADLINE,
+        || env.metrics(),
+        |text| counts(text) == [Some(251.0), Some(251.0), Some(1.0)],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,18 +203,13 @@ async fn an_identity_outside_the_allow_list_gets_403_with_a_reason() {
     };
     assert!(body.contains(&spiffe("intruder")), "{body}");
     assert_eq!(body.trim_end().lines().count(), 1, "{body}");
-    assert!(
-        env.app.seen.lock().unwrap().is_empty(),
-        "a refused client reached the app"
-    );
-    let text = env.metrics();
-    assert_eq!(
-        metric(
-            &text,
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\"}"
-        ),
-        Some(1.0)
-    );
+    counted(
+        &env,
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\"}",
+        1.0,
+    )
+    .await;
+    assert_the_app_saw_nothing_before_the_next_connection(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,13 +228,12 @@ async fn an_app_that_refuses_the_tcp_connection_gives_502_without_hanging() {
     let err = env.connect_as("frontend", "/").await.unwrap_err();
     assert_eq!(err.status(), Some(502), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        metric(
-            &env.metrics(),
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"upstream_unavailable\"}"
-        ),
-        Some(1.0)
-    );
+    counted(
+        &env,
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"upstream_unavailable\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,13 +257,12 @@ async fn a_request_that_is_not_an_upgrade_gets_426() {
     let text = env.raw_tls(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(text.starts_with("HTTP/1.1 426"), "{text}");
     assert!(text.to_ascii_lowercase().contains("upgrade: websocket"), "{text}");
-    assert_eq!(
-        metric(
-            &env.metrics(),
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\"}"
-        ),
-        Some(1.0)
-    );
+    counted(
+        &env,
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +375,7 @@ async fn a_malformed_request_gets_400_and_counts_as_not_websocket() {
         ) == Some(1.0)
     })
     .await;
-    assert!(env.app.seen.lock().unwrap().is_empty());
+    assert_the_app_saw_nothing_before_the_next_connection(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

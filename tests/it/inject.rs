@@ -28,8 +28,12 @@ fn annotate(review: &mut Value, annotations: &[(&str, &str)]) {
 }
 
 fn webhook(native: bool) -> wsgate::inject::webhook::Webhook {
+    webhook_with(InjectSettings::example(), native)
+}
+
+fn webhook_with(settings: InjectSettings, native: bool) -> wsgate::inject::webhook::Webhook {
     wsgate::inject::webhook::Webhook {
-        settings: InjectSettings::example(),
+        settings,
         native: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(native)),
         metrics: wsgate::inject::metrics::InjectMetrics::new(),
     }
@@ -54,8 +58,13 @@ struct Outcome {
 
 /// Sends `review` through the webhook and applies its patch to the request's object.
 fn run(review: &Value, namespace_enabled: bool, native: bool) -> Outcome {
+    run_with(review, namespace_enabled, native, InjectSettings::example())
+}
+
+/// [`run`] with the injector's settings `settings`.
+fn run_with(review: &Value, namespace_enabled: bool, native: bool, settings: InjectSettings) -> Outcome {
     let body = serde_json::to_vec(review).unwrap();
-    let out = webhook(native).review(&body, namespace_enabled).unwrap();
+    let out = webhook_with(settings, native).review(&body, namespace_enabled).unwrap();
     let response: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(response["kind"], "AdmissionReview");
@@ -480,6 +489,347 @@ fn native_sidecars_are_assumed_from_kubernetes_1_29() {
     assert!(all_native(std::iter::empty()));
 }
 
+/// The sidecar command-line check: every container the injector writes must start the proxy.
+///
+/// The check of one case runs in a child process (this test binary again, this test alone), so
+/// that the container's environment, after the kubelet's `$(VAR)` expansion, is the child's whole
+/// `WSGATE_*`/`OTEL_*` environment: clap reads flags' environment twins from the process, and
+/// `into_config` reads the `OTEL_*` variables, exactly as in the binary.
+mod sidecar_command_line {
+    use std::path::PathBuf;
+
+    use k8s_openapi::api::core::v1::{Container, Pod};
+    use serde_json::{Value, json};
+    use wsgate::cli::{Cli, Command};
+    use wsgate::inject::annotations::ADMIN_PORT;
+    use wsgate::inject::patch::{Mutation, TLS_MOUNT, TRUST_MOUNT, mutate};
+    use wsgate::inject::settings::InjectSettings;
+
+    use super::{annotate, fixture, run_with, sidecar_of};
+
+    /// Set in the child: the case to check, as JSON.
+    const CASE_VAR: &str = "IT_SIDECAR_COMMAND_LINE_CASE";
+    /// What the child prints once a case passed (a child that ran no test prints nothing).
+    const PASSED: &str = "sidecar command line accepted:";
+
+    /// The injector's settings from `wsgate inject` flags, as the binary derives them.
+    fn injector_settings(flags: &[&str]) -> InjectSettings {
+        let argv = ["wsgate", "inject", "--sidecar-image", "ghcr.io/wsgate/wsgate:0.1.0"]
+            .into_iter()
+            .chain(flags.iter().copied());
+        let cli = <Cli as clap::Parser>::try_parse_from(argv).unwrap_or_else(|e| panic!("inject {flags:?}: {e}"));
+        let Command::Inject(args) = cli.command else {
+            panic!("not `wsgate inject`")
+        };
+        args.into_config()
+            .unwrap_or_else(|e| panic!("inject {flags:?}: {e}"))
+            .settings
+    }
+
+    /// `$(NAME)` of a variable defined earlier becomes its value, `$$` a `$`; anything else stays
+    /// as written (the kubelet's expansion of `env[].value`).
+    fn expand(value: &str, defined: &[(String, String)]) -> String {
+        let mut out = String::new();
+        let mut rest = value;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            if let Some(r) = after.strip_prefix('$') {
+                out.push('$');
+                rest = r;
+            } else if let Some(r) = after.strip_prefix('(')
+                && let Some(end) = r.find(')')
+                && let Some((_, v)) = defined.iter().rev().find(|(k, _)| *k == r[..end])
+            {
+                out.push_str(v);
+                rest = &r[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// The container's environment as the kubelet gives it to the process.
+    fn container_env(c: &Container, pod_name: &str, namespace: &str) -> Vec<(String, String)> {
+        assert!(
+            c.env_from.is_none(),
+            "the sidecar takes variables from a ConfigMap or Secret (envFrom): resolve them in this test"
+        );
+        let mut env: Vec<(String, String)> = Vec::new();
+        for var in c.env.iter().flatten() {
+            let value = match (&var.value, &var.value_from) {
+                (Some(v), _) => expand(v, &env),
+                (None, Some(from)) => {
+                    let field = from
+                        .field_ref
+                        .as_ref()
+                        .unwrap_or_else(|| panic!("{}: only fieldRef sources are resolved here", var.name));
+                    match field.field_path.as_str() {
+                        "metadata.name" => pod_name.to_owned(),
+                        "metadata.namespace" => namespace.to_owned(),
+                        other => panic!("{}: fieldRef {other} is not resolved here", var.name),
+                    }
+                }
+                (None, None) => String::new(),
+            };
+            env.push((var.name.clone(), value));
+        }
+        env
+    }
+
+    /// One injected pod: what its sidecar runs, and what the proxy must make of it.
+    fn case(label: &str, review: &Value, namespace_enabled: bool, native: bool, settings: InjectSettings) -> Value {
+        let out = run_with(review, namespace_enabled, native, settings.clone());
+        assert_eq!(out.response["response"]["allowed"], true, "{label}: {}", out.response);
+        let c = sidecar_of(&out.pod, native);
+        // What the annotations asked for, from the same pure decision the webhook made.
+        let request = &review["request"];
+        let pod: Pod = serde_json::from_value(request["object"].clone()).unwrap();
+        let namespace = request["namespace"].as_str().unwrap();
+        let Mutation::Inject { patch, options } = mutate(&pod, namespace, namespace_enabled, &settings, native) else {
+            panic!("{label}: not injected")
+        };
+        assert_eq!(
+            out.patch.as_ref(),
+            Some(&patch),
+            "{label}: the webhook sent another patch"
+        );
+        // No `command`: the image's entrypoint, /wsgate, gets the args.
+        let mut argv = c.command.clone().unwrap_or_else(|| vec!["/wsgate".to_owned()]);
+        argv.extend(c.args.clone().unwrap_or_default());
+        assert!(argv[0].ends_with("/wsgate"), "{label}: the sidecar runs {argv:?}");
+        let pod_name = pod
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}x7k2p", pod.metadata.generate_name.clone().unwrap_or_default()));
+        json!({
+            "label": label,
+            "argv": argv,
+            "env": container_env(&c, &pod_name, namespace),
+            "expect": {
+                "listen": format!("0.0.0.0:{}", options.port),
+                "admin": format!("0.0.0.0:{ADMIN_PORT}"),
+                "upstream": format!("ws://127.0.0.1:{}", options.upstream_port),
+                "trust_bundle": options.trust_bundle.as_ref().map(|_| TRUST_MOUNT),
+                "allow": options.allow,
+                "log_format": format!("{:?}", settings.log_format),
+                "otlp_endpoint": settings.otlp.as_ref().map(|(endpoint, _)| endpoint),
+                "pod_name": pod_name,
+                "namespace": namespace,
+            },
+        })
+    }
+
+    /// Every annotation the injector reads, set.
+    fn every_annotation(review: &mut Value, namespace: &str) {
+        let dns = format!("checkout.{namespace}.svc,checkout.{namespace}.svc.cluster.local");
+        annotate(
+            review,
+            &[
+                ("wsgate.dev/inject", "true"),
+                ("wsgate.dev/upstream-port", "8080"),
+                ("wsgate.dev/port", "9443"),
+                (
+                    "wsgate.dev/allow",
+                    "spiffe://cluster.local/ns/web/sa/frontend, spiffe://cluster.local/ns/ops/**, dns:*.shop.svc, cn:legacy-client",
+                ),
+                ("wsgate.dev/secret", "checkout-mtls"),
+                ("wsgate.dev/trust-bundle", "cluster-trust"),
+                ("wsgate.dev/dns-names", &dns),
+                ("wsgate.dev/outbound", "wss://elsewhere.example"),
+            ],
+        );
+    }
+
+    fn cases() -> Vec<Value> {
+        let defaults = injector_settings(&[]);
+        let tuned = injector_settings(&[
+            "--trust-domain",
+            "example.org",
+            "--sidecar-log-format",
+            "text",
+            "--otlp-endpoint",
+            "http://otel-collector.observability:4318",
+            "--otlp-protocol",
+            "http/protobuf",
+            "--default-allow",
+            "spiffe://{trust-domain}/ns/{namespace}/sa/*,dns:*.{namespace}.svc",
+        ]);
+        let grpc = injector_settings(&["--otlp-endpoint", "http://10.0.0.7:4317", "--otlp-protocol", "grpc"]);
+        let apply = || {
+            let mut r = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+            annotate(&mut r, &[("wsgate.dev/inject", "true")]);
+            r
+        };
+        let replicaset = || fixture("pod-create-replicaset-native-sidecar.k8s-1.30.json");
+        let mut dry_run = fixture("pod-create-generatename-dryrun.captured-k8s-1.20.json");
+        annotate(&mut dry_run, &[("wsgate.dev/upstream-port", "9000")]);
+        let mut annotated_native = replicaset();
+        every_annotation(&mut annotated_native, "shop");
+        let mut annotated_ordinary = apply();
+        every_annotation(&mut annotated_ordinary, "demo");
+        vec![
+            case("defaults, ordinary container", &apply(), false, false, defaults.clone()),
+            case(
+                "defaults, enabled namespace, native sidecar",
+                &replicaset(),
+                true,
+                true,
+                defaults.clone(),
+            ),
+            case("defaults, generateName dry run", &dry_run, true, true, defaults.clone()),
+            case(
+                "every annotation, native sidecar",
+                &annotated_native,
+                false,
+                true,
+                defaults.clone(),
+            ),
+            case(
+                "every annotation, ordinary container, text logs, OTLP over HTTP",
+                &annotated_ordinary,
+                false,
+                false,
+                tuned.clone(),
+            ),
+            case(
+                "default allow of two patterns, text logs, OTLP over HTTP",
+                &apply(),
+                false,
+                true,
+                tuned,
+            ),
+            case("defaults, OTLP over gRPC", &replicaset(), true, true, grpc),
+        ]
+    }
+
+    /// Child side: parses the case's argv with the proxy's own command line in this process,
+    /// whose environment is the container's, and converts it as `main` does.
+    fn check_in_this_process(case: &Value) {
+        let label = case["label"].as_str().unwrap();
+        let argv: Vec<String> = serde_json::from_value(case["argv"].clone()).unwrap();
+        let expect = &case["expect"];
+        let cli = <Cli as clap::Parser>::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("{label}: the proxy's command line refuses {argv:?}:\n{e}"));
+        assert_eq!(format!("{:?}", cli.log_format), expect["log_format"], "{label}");
+        let Command::Proxy(args) = cli.command else {
+            panic!("{label}: {argv:?} is not `wsgate proxy`")
+        };
+        let cfg = args
+            .into_config()
+            .unwrap_or_else(|e| panic!("{label}: {argv:?} is refused as a proxy config: {e}"));
+        let text = |k: &str| expect[k].as_str().unwrap().to_owned();
+        assert_eq!(cfg.listen, text("listen").parse().unwrap(), "{label}");
+        assert_eq!(cfg.admin, text("admin").parse().unwrap(), "{label}");
+        assert_eq!(
+            cfg.upstream,
+            wsgate::config::Upstream::parse(&text("upstream"), false).unwrap(),
+            "{label}"
+        );
+        assert_eq!(cfg.cert_dir, PathBuf::from(TLS_MOUNT), "{label}");
+        assert_eq!(
+            cfg.trust_bundle,
+            expect["trust_bundle"].as_str().map(PathBuf::from),
+            "{label}"
+        );
+        let allow: Vec<String> = serde_json::from_value(expect["allow"].clone()).unwrap();
+        assert!(!allow.is_empty(), "{label}: no allow pattern expected");
+        assert_eq!(
+            cfg.policy,
+            wsgate::authz::Policy::new(&allow, false).unwrap(),
+            "{label}: the allow-list"
+        );
+        // The OTEL_* variables the injector sets are read without a complaint.
+        let otel = &cfg.otel;
+        assert!(otel.warnings.is_empty(), "{label}: {:?}", otel.warnings);
+        match expect["otlp_endpoint"].as_str() {
+            None => assert_eq!(otel.endpoint, None, "{label}"),
+            Some(endpoint) => assert!(
+                otel.endpoint.as_deref().is_some_and(|e| e.starts_with(endpoint)),
+                "{label}: {:?} is not the injector's {endpoint}",
+                otel.endpoint
+            ),
+        }
+        let resource = |key: &str| {
+            otel.resource
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(
+            resource("k8s.pod.name"),
+            expect["pod_name"].as_str().map(str::to_owned),
+            "{label}"
+        );
+        assert_eq!(
+            resource("k8s.namespace.name"),
+            expect["namespace"].as_str().map(str::to_owned),
+            "{label}"
+        );
+        println!("{PASSED} {label}");
+    }
+
+    /// Every sidecar the injector writes (default options, every annotation set, the injector's
+    /// own flags varied, native and ordinary containers) runs a command line and an environment
+    /// that the proxy's own parser accepts and turns into the config the pod asked for.
+    #[test]
+    fn every_sidecar_the_injector_writes_starts_the_proxy_it_asked_for() {
+        if let Ok(case) = std::env::var(CASE_VAR) {
+            check_in_this_process(&serde_json::from_str(&case).unwrap());
+            return;
+        }
+        let name = format!(
+            "{}::every_sidecar_the_injector_writes_starts_the_proxy_it_asked_for",
+            module_path!().split_once("::").unwrap().1
+        );
+        let cases = cases();
+        for case in &cases {
+            let label = case["label"].as_str().unwrap();
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+            child.args([name.as_str(), "--exact", "--nocapture", "--test-threads", "1"]);
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy();
+                if k.starts_with("WSGATE_") || k.starts_with("OTEL_") {
+                    child.env_remove(&*k);
+                }
+            }
+            let env: Vec<(String, String)> = serde_json::from_value(case["env"].clone()).unwrap();
+            for (k, v) in &env {
+                child.env(k, v);
+            }
+            child.env(CASE_VAR, case.to_string());
+            let out = child.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stdout.contains(&format!("{PASSED} {label}\n")),
+                "{label}: the check in a child process ({name}) failed or did not run ({}):\n\
+                 argv {}\nenv {env:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+                out.status,
+                case["argv"]
+            );
+        }
+        // The cases cover the variables the injector sets: each child got the container's whole
+        // environment (a WSGATE_* variable among them would be read by clap as a flag's twin).
+        let names: Vec<String> = cases
+            .iter()
+            .flat_map(|c| {
+                c["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|kv| kv[0].as_str().unwrap().to_owned())
+            })
+            .collect();
+        assert!(names.iter().any(|n| n == "OTEL_RESOURCE_ATTRIBUTES"), "{names:?}");
+        assert!(names.iter().any(|n| n == "OTEL_EXPORTER_OTLP_ENDPOINT"), "{names:?}");
+    }
+}
+
 mod over_https {
     use std::time::Duration;
 
@@ -490,7 +840,7 @@ mod over_https {
     use crate::support::{Pki, SecretVolume, client_config, wait_serial_of, write_set};
 
     /// POSTs `body` to `path` over HTTPS; returns (status, body, the server's certificate serial).
-    async fn post(
+    pub(super) async fn post(
         addr: std::net::SocketAddr,
         pki: &Pki,
         method: &str,
@@ -576,6 +926,14 @@ mod over_https {
         assert_eq!(status, 200);
         assert_eq!(served, second.serial);
 
+        // The reload is counted just after the new set is installed: poll for it.
+        crate::support::metric_becomes(
+            "the second serving certificate counted",
+            || hook.metrics.encode(),
+            "wsgate_inject_certificate_reloads_total{result=\"success\"}",
+            2.0,
+        )
+        .await;
         let (_, text) = http(hook.admin_addr, "GET", "/metrics").await;
         assert_eq!(
             metric(&text, "wsgate_inject_reviews_total{result=\"injected\"}"),
@@ -603,6 +961,128 @@ mod over_https {
     }
 }
 
+mod admin_metrics {
+    use super::*;
+    use crate::support::openmetrics::check_admin_metrics;
+    use crate::support::{Pki, SecretVolume, metric_becomes, wait_serial_of, write_set};
+
+    /// The injector's `/metrics` is OpenMetrics as the reference parser reads it, strictly, with
+    /// every family src/inject/metrics.rs registers, after real reviews over HTTPS and a
+    /// certificate reconcile (against a mocked API) that counts into the injector's metrics.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_injectors_metrics_are_strict_openmetrics_with_every_registered_family() {
+        crate::support::init_logs();
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+        let serving = pki.server();
+        write_set(&vol, &serving, &pki.ca);
+        let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Off);
+        let hook = wsgate::inject::start(cfg, None).await.unwrap();
+        wait_serial_of(&hook.store, &serving.serial).await;
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+        let body = serde_json::to_vec(&review).unwrap();
+        let (status, answer, _) = super::over_https::post(hook.listen_addr, &pki, "POST", "/mutate", &body).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        let (status, _, _) = super::over_https::post(hook.listen_addr, &pki, "POST", "/mutate", b"{").await;
+        assert_eq!(status, 400);
+        // A certificate reconcile against an API without cert-manager, counted in these metrics.
+        {
+            use super::controller::{CERT_PATH, SA_PATH, expect, injected_pod, service_account, status};
+            use kube::runtime::{reflector, watcher};
+            let (svc, mut handle) =
+                tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+            let (reader, mut writer) = reflector::store::<Pod>();
+            let pod = injected_pod("checkout-1", "checkout", &[]);
+            writer.apply_watcher_event(&watcher::Event::Apply(pod.clone()));
+            let ctx = std::sync::Arc::new(wsgate::inject::certificates::Context::new(
+                kube::Client::new(svc, "default"),
+                reader,
+                InjectSettings::example(),
+                hook.metrics.clone(),
+            ));
+            let no_crd = status(404, "the server could not find the requested resource", None);
+            let api = tokio::spawn(async move {
+                expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+                expect(&mut handle, "GET", CERT_PATH, 404, &no_crd).await;
+                expect(&mut handle, "PATCH", CERT_PATH, 404, &no_crd).await;
+            });
+            wsgate::inject::certificates::reconcile(std::sync::Arc::new(pod), ctx)
+                .await
+                .unwrap();
+            api.await.unwrap();
+        }
+        metric_becomes(
+            "the serving certificate counted",
+            || hook.metrics.encode(),
+            "wsgate_inject_certificate_reloads_total{result=\"success\"}",
+            1.0,
+        )
+        .await;
+        let families = check_admin_metrics(hook.admin_addr, &["src/inject/metrics.rs"]).await;
+        let sample = |family: &str, name: &str, labels: &[(&str, &str)]| {
+            families[family]
+                .samples
+                .iter()
+                .find(|s| {
+                    s.name == name
+                        && labels
+                            .iter()
+                            .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+                })
+                .and_then(|s| s.value.as_f64())
+        };
+        assert_eq!(families["wsgate_inject_reviews"].kind, "counter");
+        assert_eq!(
+            sample(
+                "wsgate_inject_reviews",
+                "wsgate_inject_reviews_total",
+                &[("result", "injected")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                "wsgate_inject_reviews",
+                "wsgate_inject_reviews_total",
+                &[("result", "invalid")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(families["wsgate_inject_review_duration_seconds"].kind, "histogram");
+        assert_eq!(
+            sample(
+                "wsgate_inject_review_duration_seconds",
+                "wsgate_inject_review_duration_seconds_count",
+                &[]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                "wsgate_inject_certificate_reloads",
+                "wsgate_inject_certificate_reloads_total",
+                &[("result", "success")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                "wsgate_inject_certificate_reconciles",
+                "wsgate_inject_certificate_reconciles_total",
+                &[("result", "no_cert_manager")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(families["wsgate_inject_native_sidecars"].kind, "gauge");
+        assert_eq!(
+            sample("wsgate_inject_native_sidecars", "wsgate_inject_native_sidecars", &[]),
+            Some(0.0)
+        );
+    }
+}
+
 mod controller {
     use std::sync::Arc;
 
@@ -615,9 +1095,9 @@ mod controller {
 
     use super::*;
 
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    pub(super) type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
-    fn injected_pod(name: &str, sa: &str, annotations: &[(&str, &str)]) -> Pod {
+    pub(super) fn injected_pod(name: &str, sa: &str, annotations: &[(&str, &str)]) -> Pod {
         let mut a = serde_json::Map::new();
         for (k, v) in annotations {
             a.insert(k.to_string(), json!(v));
@@ -630,11 +1110,11 @@ mod controller {
         .unwrap()
     }
 
-    fn service_account(name: &str, uid: &str) -> Value {
+    pub(super) fn service_account(name: &str, uid: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "shop", "uid": uid}})
     }
 
-    fn status(code: u16, message: &str, details: Option<Value>) -> Value {
+    pub(super) fn status(code: u16, message: &str, details: Option<Value>) -> Value {
         let mut s = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": message, "reason": "NotFound", "code": code});
         if let Some(d) = details {
@@ -653,7 +1133,13 @@ mod controller {
 
     /// Serves the next request: checks method and path, answers `body` with `code`; returns the
     /// request's URI and body.
-    async fn expect(handle: &mut Handle, method: &str, path: &str, code: u16, body: &Value) -> (String, Value) {
+    pub(super) async fn expect(
+        handle: &mut Handle,
+        method: &str,
+        path: &str,
+        code: u16,
+        body: &Value,
+    ) -> (String, Value) {
         let (req, send) = handle.next_request().await.expect("a request");
         assert_eq!(req.method().as_str(), method, "{}", req.uri());
         assert_eq!(req.uri().path(), path);
@@ -694,8 +1180,8 @@ mod controller {
         )
     }
 
-    const SA_PATH: &str = "/api/v1/namespaces/shop/serviceaccounts/checkout";
-    const CERT_PATH: &str = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-checkout";
+    pub(super) const SA_PATH: &str = "/api/v1/namespaces/shop/serviceaccounts/checkout";
+    pub(super) const CERT_PATH: &str = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-checkout";
 
     fn reconciles(metrics: &InjectMetrics, result: &str) -> Option<f64> {
         crate::support::raw::metric(

@@ -10,7 +10,10 @@ use wsgate::telemetry::OtelSettings;
 
 use crate::support::otlp::{Received, Span, Val, grpc_receiver, http_receiver};
 use crate::support::raw::{exchange, http, metric};
-use crate::support::{Ca, Env, LeafSpec, Mode, Pki, connect, eventually, roundtrip, spiffe, wait_serial, write_set};
+use crate::support::{
+    Ca, DEADLINE, Env, LeafSpec, Mode, Pki, connect, eventually, metric_becomes, roundtrip, spiffe, until, wait_serial,
+    write_set,
+};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
@@ -35,6 +38,46 @@ async fn traced_env(settings: OtelSettings) -> Env {
         cfg.handshake_timeout = Duration::from_millis(800);
     })
     .await
+}
+
+/// Opens a bare TCP connection to `addr` and drops it; returns (server port, client port), which
+/// name the span it leaves (`client_closed`, or whatever the proxy refuses it with). Each proxy
+/// exports its spans in the order they end, so once this span has been received, every span
+/// that ended before the marker was made has been received too.
+async fn marker(addr: std::net::SocketAddr) -> (i64, i64) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    drop(tcp);
+    (i64::from(addr.port()), i64::from(port))
+}
+
+fn is_marker(span: &Span, (server_port, peer_port): (i64, i64)) -> bool {
+    span.attributes.get("server.port") == Some(&Val::Int(server_port))
+        && span.attributes.get("network.peer.port") == Some(&Val::Int(peer_port))
+}
+
+/// Waits until the spans of all `markers` have been received; returns the handshake spans
+/// received, markers left out.
+async fn handshakes_up_to(received: &Received, markers: &[(i64, i64)]) -> Vec<Span> {
+    let spans = until(
+        "the marker spans",
+        DEADLINE,
+        || received.handshakes(),
+        |spans| markers.iter().all(|m| spans.iter().any(|s| is_marker(s, *m))),
+    )
+    .await;
+    spans
+        .into_iter()
+        .filter(|s| !markers.iter().any(|m| is_marker(s, *m)))
+        .collect()
+}
+
+/// `error.type` of each span, `success` for none.
+fn kinds(spans: &[Span]) -> Vec<String> {
+    spans
+        .iter()
+        .map(|s| s.error_type().unwrap_or("success").to_owned())
+        .collect()
 }
 
 fn assert_handshake_attributes(span: &Span, env: &Env) {
@@ -115,7 +158,11 @@ async fn traced_handshake_joins_the_callers_trace(env: &Env, received: &Received
     let sent = seen.header("traceparent");
     assert_eq!(sent, vec![format!("00-{TRACE_ID}-{}-01", span.span_id).as_str()]);
     assert_eq!(seen.header("baggage"), vec!["tenant=blue"]);
-    assert_eq!(received.handshakes().len(), 1, "one span per handshake");
+    // One span per handshake: a later connection's span has arrived, so a second span of this
+    // handshake would have too.
+    let later = marker(env.proxy.listen_addr).await;
+    let spans = handshakes_up_to(received, &[later]).await;
+    assert_eq!(kinds(&spans), vec!["success"], "one span per handshake");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,11 +202,8 @@ async fn a_handshake_without_a_parent_starts_a_trace_and_a_resumed_session_is_ma
         roundtrip(&mut ws, "x".into()).await;
         let _ = ws.close(None).await;
     }
-    eventually("two spans", Duration::from_secs(10), || {
-        received.handshakes().len() == 2
-    })
-    .await;
-    let spans = received.handshakes();
+    let spans = until("two spans", DEADLINE, || received.handshakes(), |s| s.len() >= 2).await;
+    assert_eq!(spans.len(), 2, "{:#?}", kinds(&spans));
     assert!(
         spans
             .iter()
@@ -327,13 +371,26 @@ async fn every_failure_that_can_happen_on_one_machine_has_its_exact_error_type()
     drop(tokio::net::TcpStream::connect(waiting.listen_addr).await.unwrap());
     check("not_ready");
 
-    eventually("one span per attempt", Duration::from_secs(10), || {
-        received.handshakes().len() >= attempts
-    })
+    until(
+        "a span for every attempt",
+        DEADLINE,
+        || kinds(&received.handshakes()),
+        |k| k.len() >= attempts,
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let spans = received.handshakes();
-    assert_eq!(spans.len(), attempts, "exactly one span per attempt");
+    // Exactly one per attempt: a connection made to each proxy after all of them has its span
+    // received, so any further span of an earlier attempt would have been received as well.
+    let mut markers = Vec::new();
+    for proxy in [&env.proxy, &unreachable.proxy, &tiny.proxy, &waiting] {
+        markers.push(marker(proxy.listen_addr).await);
+    }
+    let spans = handshakes_up_to(&received, &markers).await;
+    assert_eq!(
+        spans.len(),
+        attempts,
+        "exactly one span per attempt: {:#?}",
+        kinds(&spans)
+    );
     let mut got: Vec<&str> = spans.iter().filter_map(|s| s.error_type()).collect();
     let mut want: Vec<&str> = expect.iter().copied().filter(|k| !k.starts_with("__")).collect();
     got.sort();
@@ -378,18 +435,24 @@ async fn a_zero_ratio_sampler_drops_successes_but_never_failures() {
     assert!(sent.ends_with("-00"), "{sent}");
     attempt_with(&env, None).await;
     let _ = env.connect_as("intruder", "/").await;
-    eventually("both failures", Duration::from_secs(10), || {
-        received.handshakes().len() >= 2
-    })
+    // The successes ended before the failures began (each echo came through a relay that starts
+    // after its handshake is recorded), and spans are exported in the order they end: once both
+    // failures and then a later marker's span are here, a recorded success would be here too.
+    until(
+        "both failures",
+        DEADLINE,
+        || kinds(&received.handshakes()),
+        |k| k.iter().any(|k| k == "no_client_certificate") && k.iter().any(|k| k == "identity_not_allowed"),
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let kinds: Vec<_> = received
-        .handshakes()
-        .iter()
-        .map(|s| s.error_type().map(str::to_owned))
-        .collect();
-    assert_eq!(kinds.len(), 2, "{kinds:?}");
-    assert!(kinds.iter().all(|k| k.is_some()), "a success was recorded: {kinds:?}");
+    let later = marker(env.proxy.listen_addr).await;
+    let mut recorded = kinds(&handshakes_up_to(&received, &[later]).await);
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        vec!["identity_not_allowed", "no_client_certificate"],
+        "only the failures are recorded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,7 +580,14 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
     let next = env.pki.server();
     write_set(&env.vol, &next, &env.pki.ca);
     wait_serial(&env.proxy, &next.serial).await;
-    assert_eq!(m("wsgate_certificate_reloads_total{result=\"success\"}"), Some(2.0));
+    // Counted just after the install: poll.
+    metric_becomes(
+        "the rotation counted",
+        || env.metrics(),
+        "wsgate_certificate_reloads_total{result=\"success\"}",
+        2.0,
+    )
+    .await;
     let text = env.metrics();
     assert!(text.contains(&format!("serial=\"{}\"", next.serial)));
     assert!(
@@ -533,8 +603,14 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
         m("wsgate_certificate_reloads_total{result=\"failure\"}").unwrap_or(0.0) >= 1.0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert!(m("wsgate_certificate_stale_seconds").unwrap() >= 1.0);
+    // The gauge grows with time: poll until a second has passed by its account.
+    until(
+        "stale for a second",
+        DEADLINE,
+        || m("wsgate_certificate_stale_seconds"),
+        |stale| stale.is_some_and(|s| s >= 1.0),
+    )
+    .await;
     write_set(&env.vol, &next, &env.pki.ca);
     eventually("stale back to 0", Duration::from_secs(10), || {
         m("wsgate_certificate_stale_seconds") == Some(0.0)

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bin;
 pub mod k8s_tools;
+pub mod openmetrics;
 pub mod otlp;
 pub mod raw;
 
@@ -129,6 +130,9 @@ pub fn inject_config(
     }
 }
 
+/// A generous deadline for something that normally takes milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
 /// Polls `cond` every 5 ms until it holds, failing the test after `timeout`.
 pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
@@ -136,6 +140,46 @@ pub async fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() ->
         assert!(
             t0.elapsed() < timeout,
             "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls `observe` every 5 ms until `done` accepts what it returns, and returns that value;
+/// fails the test after `timeout`, showing the last value observed.
+pub async fn until<T: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    mut observe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let t0 = Instant::now();
+    loop {
+        let value = observe();
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}; last observed: {value:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls the metrics text `metrics()` until `series` has the value `want`; fails after
+/// [`DEADLINE`] showing the last value and the whole text.
+pub async fn metric_becomes(what: &str, mut metrics: impl FnMut() -> String, series: &str, want: f64) {
+    let t0 = Instant::now();
+    loop {
+        let text = metrics();
+        let got = raw::metric(&text, series);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}: {series} is {got:?}, want {want}\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -8,6 +8,12 @@ use tokio::net::TcpStream;
 
 /// Sends one HTTP/1.1 request and returns (status, body).
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_response(addr, method, path).await;
+    (status, body)
+}
+
+/// Sends one HTTP/1.1 request and returns (status, headers with lowercase names, body).
+pub async fn http_response(addr: SocketAddr, method: &str, path: &str) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect to admin port");
     let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
@@ -17,12 +23,18 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .expect("admin answered in time")
         .unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
 }
 
 /// Writes `bytes` to `addr` and returns whatever comes back until the peer closes (bounded).
