@@ -5,7 +5,6 @@
 //! configured) one span per handshake. Depends on tracing, prometheus-client, opentelemetry,
 //! and the identity and TLS fact types.
 
-pub mod handshake;
 pub mod logs;
 pub mod metrics;
 pub mod otel;
@@ -13,7 +12,7 @@ pub mod spans;
 
 use std::sync::Arc;
 
-pub use handshake::{FailureKind, HandshakeRecord};
+pub use logs::LogFormat;
 pub use metrics::Metrics;
 pub use otel::OtelSettings;
 pub use spans::Tracer;

@@ -195,7 +195,9 @@ async fn a_missing_directory_is_waited_for_and_nothing_is_served_meanwhile() {
     cfg.reload.max_backoff = Duration::from_millis(200);
     let proxy = wsgate::proxy::start(cfg).await.unwrap();
     eventually("readyz says the directory is missing", Duration::from_secs(10), || {
-        proxy.readiness().is_err_and(|e| e.contains("does not exist"))
+        proxy
+            .readiness()
+            .is_err_and(|e| e.to_string().contains("does not exist"))
     })
     .await;
     let (status, body) = http(proxy.admin_addr, "GET", "/readyz").await;
@@ -219,7 +221,9 @@ async fn a_missing_directory_is_waited_for_and_nothing_is_served_meanwhile() {
     let vol = SecretVolume::new(&dir).unwrap();
     vol.write(&[("ca.crt", pki.ca.cert_pem.as_bytes())]).unwrap();
     eventually("readyz names the missing file", Duration::from_secs(10), || {
-        proxy.readiness().is_err_and(|e| e.contains("tls.crt is missing"))
+        proxy
+            .readiness()
+            .is_err_and(|e| e.to_string().contains("tls.crt is missing"))
     })
     .await;
     let server = pki.server();
@@ -402,7 +406,7 @@ async fn the_watcher_does_not_wake_itself_up_by_reading_a_plain_directory() {
     use wsgate::certs::watch::{CertWatcher, ReloadReport, ReloadSink};
     struct Counting(Arc<AtomicUsize>);
     impl ReloadSink for Counting {
-        fn install(&mut self, _: wsgate::certs::CertBundle) -> Result<(), String> {
+        fn install(&mut self, _: wsgate::certs::CertBundle) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             Ok(())
         }
         fn report(&mut self, _: &ReloadReport) {}
@@ -417,7 +421,7 @@ async fn the_watcher_does_not_wake_itself_up_by_reading_a_plain_directory() {
     std::fs::write(tmp.path().join("tls.key"), &leaf.key_pem).unwrap();
     std::fs::write(tmp.path().join("ca.crt"), &pki.ca.cert_pem).unwrap();
     let checks = Arc::new(AtomicUsize::new(0));
-    let timing = wsgate::config::ReloadTiming {
+    let timing = wsgate::certs::ReloadTiming {
         debounce: Duration::from_millis(20),
         ..Default::default()
     };
