@@ -48,6 +48,9 @@ impl CliError {
 /// `Duration`), or a bare number of seconds (`7`). Negative durations are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty: write e.g. 500ms, 10s, 1.5h, 1h30m".into());
+    }
     if let Ok(secs) = s.parse::<f64>() {
         return Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is out of range"));
     }
@@ -477,5 +480,99 @@ impl ProxyArgs {
             },
             otel: crate::telemetry::OtelSettings::from_env(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_read_as_go_and_kubernetes_read_them() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90ms"), Ok(Duration::from_millis(90)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        // A bare number is seconds, as before the Go syntax was accepted.
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn durations_that_are_garbage_or_negative_are_refused_with_the_value_named() {
+        let err = parse_duration("ten").unwrap_err();
+        assert!(err.contains("'ten'"), "{err}");
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_duration("-5").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn go_format_writes_what_cert_manager_reads() {
+        assert_eq!(go_format(Duration::from_secs(24 * 3600)), "24h");
+        assert_eq!(go_format(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(go_format(Duration::from_secs(3661)), "1h1m1s");
+        assert_eq!(go_format(Duration::ZERO), "0s");
+    }
+
+    fn inject(args: &[&str]) -> Result<crate::inject::InjectConfig, CliError> {
+        let mut argv = vec!["wsgate", "inject", "--sidecar-image", "img"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Inject(a)) => a.into_config(),
+            other => panic!("not an inject command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn renew_before_must_be_shorter_than_the_duration() {
+        let err = inject(&["--cert-duration", "2h", "--cert-renew-before", "2h"]).unwrap_err();
+        assert!(matches!(err, CliError::Invalid { flag: "--cert-renew-before", .. }), "{err}");
+        let cfg = inject(&["--cert-duration", "1.5h", "--cert-renew-before", "30m"]).unwrap();
+        assert_eq!(cfg.settings.cert_duration, "1h30m");
+        assert_eq!(cfg.settings.cert_renew_before, "30m");
+    }
+
+    #[test]
+    fn closed_sets_of_values_are_parsed_by_clap() {
+        let cfg = inject(&[
+            "--sidecar-image-pull-policy",
+            "Always",
+            "--issuer-kind",
+            "Issuer",
+            "--native-sidecar",
+            "true",
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--otlp-protocol",
+            "grpc",
+        ])
+        .unwrap();
+        assert_eq!(cfg.settings.pull_policy, PullPolicy::Always);
+        assert_eq!(cfg.settings.issuer.kind, IssuerKind::Issuer);
+        assert_eq!(cfg.settings.native, NativeSidecar::On);
+        assert_eq!(cfg.settings.otlp, Some(("http://collector:4317".into(), Protocol::Grpc)));
+        for (flag, bad) in [
+            ("--sidecar-image-pull-policy", "Sometimes"),
+            ("--issuer-kind", "Vault"),
+            ("--otlp-protocol", "http/json"),
+            ("--native-sidecar", "maybe"),
+        ] {
+            let argv = ["wsgate", "inject", "--sidecar-image", "img", flag, bad];
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{flag} {bad}");
+        }
     }
 }
