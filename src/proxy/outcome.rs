@@ -4,7 +4,7 @@
 //! Every stage's error names its kind here, so the log line, the metric label and the span
 //! attribute agree. A leaf of `proxy`: the stages depend on it, it depends on rustls only.
 
-/// Why a handshake failed: the fixed set of `error.type` values (documented in the README).
+/// Why a handshake failed: the fixed set of `error.type` values (documented in docs/telemetry.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureKind {
     /// The client sent no certificate.
