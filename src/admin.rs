@@ -1,23 +1,48 @@
 //! The admin port: `/healthz`, `/readyz`, `/metrics`, and `POST /drain` (loopback only).
 //!
-//! Knows nothing of proxies or webhooks: it asks an [`AdminState`]. Depends on hyper.
+//! Knows nothing of proxies or webhooks: it asks an [`AdminState`]. Served by the shared
+//! `net::serve_http` loop within [`BOUNDS`]. Depends on `net`, `tls` (what readiness reports)
+//! and hyper.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::HttpBounds;
+use crate::tls::{NotServing, ServingNow};
+
+/// The admin port's bounds: scraped by Prometheus and probed by the kubelet, never by many at
+/// once, so a few connections with small heads suffice; 64 × 8 KiB of unfinished headers is
+/// the most a peer can make it hold, for 10 s each.
+pub const BOUNDS: HttpBounds = HttpBounds {
+    max_connections: 64,
+    max_head: 8 * 1024,
+    header_timeout: Duration::from_secs(10),
+    max_lifetime: Duration::from_secs(120),
+    stop_grace: Duration::from_secs(1),
+};
+
+/// Why `/readyz` answers 503.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotReady {
+    /// A drain or a stop has started.
+    #[error("draining")]
+    Draining,
+    /// No valid certificate is served.
+    #[error(transparent)]
+    Serving(#[from] NotServing),
+}
+
 /// What the admin endpoints report on and act upon.
 pub trait AdminState: Send + Sync + 'static {
-    /// `Ok(summary)` when ready to serve; `Err(reason)` otherwise.
-    fn readiness(&self) -> Result<String, String>;
+    /// What is served when ready; otherwise why not.
+    fn readiness(&self) -> Result<ServingNow, NotReady>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
     /// Starts a graceful drain.
@@ -71,31 +96,78 @@ pub fn route<B>(state: &dyn AdminState, req: &Request<B>, peer: SocketAddr) -> R
 
 /// Serves the admin endpoints on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, state: Arc<dyn AdminState>, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(state.as_ref(), &req, peer);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = &mut conn => {}
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
+    crate::net::serve_http(
+        listener,
+        BOUNDS,
+        stop,
+        |tcp, _| async move { Some(tcp) },
+        move |req, peer| {
+            let resp = route(state.as_ref(), &req, peer);
+            async move { resp }
+        },
+    )
+    .await;
+}
+
+/// Why `wsgate drain` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    /// The admin port could not be reached.
+    #[error("connecting to the proxy's admin port at {addr}: {source}")]
+    Connect {
+        /// The admin address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("asking the proxy at {addr} to drain: {source}")]
+    Http {
+        /// The admin address.
+        addr: SocketAddr,
+        /// What hyper said.
+        source: hyper::Error,
+    },
+    /// The proxy answered something else than 202.
+    #[error("the proxy at {addr} did not accept the drain: {status}")]
+    Refused {
+        /// The admin address.
+        addr: SocketAddr,
+        /// Its answer.
+        status: StatusCode,
+    },
+    /// No answer within [`DRAIN_REQUEST_TIMEOUT`].
+    #[error("the proxy at {0} did not answer within 10s")]
+    Timeout(SocketAddr),
+}
+
+/// Longest wait for the proxy to accept a drain.
+pub const DRAIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `POST /drain` to a proxy's admin port (what `wsgate drain`, the preStop hook, runs).
+pub async fn request_drain(addr: SocketAddr) -> Result<(), DrainError> {
+    let ask = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| DrainError::Connect { addr, source })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|source| DrainError::Http { addr, source })?;
+        tokio::spawn(conn);
+        let req = Request::post("/drain")
+            .header(header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|_| DrainError::Timeout(addr))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| DrainError::Http { addr, source })?;
+        match resp.status() {
+            StatusCode::ACCEPTED => Ok(()),
+            status => Err(DrainError::Refused { addr, status }),
+        }
+    };
+    tokio::time::timeout(DRAIN_REQUEST_TIMEOUT, ask)
+        .await
+        .map_err(|_| DrainError::Timeout(addr))?
 }

@@ -3,9 +3,9 @@
 //! Pure. A [`Policy`] is built once from `--allow` patterns and asked once per handshake.
 //! Patterns: a URI (`spiffe://cluster.local/ns/shop/sa/*`, where `*` is one path segment and `**`
 //! any number of them), `dns:NAME` (`*` is one label, `**` one or more), or `cn:NAME` (exact).
-//! Depends on `certs::summary` for the identity's names.
+//! Depends on `x509` for the identity's names.
 
-use crate::certs::summary::CertSummary;
+use crate::x509::CertSummary;
 
 /// Why an allow pattern was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,8 +42,16 @@ enum Rule {
 pub enum Decision {
     /// Let it in; names the pattern that matched (or `any-authenticated`).
     Allow(String),
-    /// Refuse it, with a one-line reason suitable for a 403 body and a log line.
-    Deny(String),
+    /// Refuse it; says who was refused (for a 403 body and a log line).
+    Deny(Denied),
+}
+
+/// An identity the allow-list does not admit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("identity {who} is not allowed by this proxy's allow-list")]
+pub struct Denied {
+    /// The identity's best name: SPIFFE ID, URI, DNS name, or its subject.
+    pub who: String,
 }
 
 /// The configured allow-list.
@@ -184,7 +192,7 @@ impl Policy {
             .or(id.dns_sans.first().map(String::as_str))
             .map(str::to_owned)
             .unwrap_or_else(|| format!("subject \"{}\"", id.subject));
-        Decision::Deny(format!("identity {who} is not allowed by this proxy's allow-list"))
+        Decision::Deny(Denied { who })
     }
 }
 
@@ -289,8 +297,9 @@ mod tests {
     fn deny_reason_names_the_identity() {
         let p = policy(&["spiffe://td/ns/a/sa/b"]);
         match p.decide(&id(&["spiffe://td/ns/a/sa/evil"], &[], None)) {
-            Decision::Deny(reason) => {
-                assert!(reason.contains("spiffe://td/ns/a/sa/evil"), "{reason}");
+            Decision::Deny(denied) => {
+                assert_eq!(denied.who, "spiffe://td/ns/a/sa/evil");
+                let reason = denied.to_string();
                 assert!(!reason.contains('\n'));
             }
             other => panic!("expected deny, got {other:?}"),

@@ -1,6 +1,9 @@
 //! The command line: subcommands and flags, each flag with a `WSGATE_…` environment twin.
 //!
-//! Parsing is the only thing done here; the typed, validated settings live in `config`.
+//! Parsing and validating flags is all that happens here: closed sets of values are
+//! `clap::ValueEnum`s owned by the module that uses them, durations are read by kube's
+//! `Duration` (Go syntax, as cert-manager and Kubernetes read them), and the result is the typed
+//! settings of `proxy::settings` and `inject`. May depend on every module's settings types.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +12,76 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::authz::Policy;
-use crate::config::{self, ConfigError, LogFormat, ProxyConfig, ReloadTiming, TlsMinVersion, Upstream};
+use crate::certs::ReloadTiming;
+use crate::inject::settings::{IssuerKind, NativeSidecar, PullPolicy};
+use crate::proxy::settings::{Limits, ProxyConfig, SettingsError, Upstream};
+use crate::telemetry::LogFormat;
+use crate::telemetry::otel::Protocol;
+use crate::tls::TlsMinVersion;
+
+/// Why the flags were refused: a usage error (exit 64), raised before any port is bound.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    /// A flag's value is not acceptable.
+    #[error("{flag}: {reason}")]
+    Invalid {
+        /// The flag, e.g. `--cert-duration`.
+        flag: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+    /// A proxy setting is not acceptable.
+    #[error(transparent)]
+    Proxy(#[from] SettingsError),
+}
+
+impl CliError {
+    fn invalid(flag: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            flag,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parses a duration the way Go and Kubernetes do (`250ms`, `1.5h`, `1h30m`, kube's
+/// `Duration`), or a bare number of seconds (`7`). Negative durations are refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty: write e.g. 500ms, 10s, 1.5h, 1h30m".into());
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is out of range"));
+    }
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("'{s}' is not a duration ({e}): write e.g. 500ms, 10s, 1.5h, 1h30m"))?;
+    if d.is_negative() {
+        return Err(format!("'{s}' is negative"));
+    }
+    Ok(d.into())
+}
+
+/// Parses a size in bytes: `4096`, `64KiB`, `16MiB` (also `k`/`K`/`KB` = KiB, `M`/`MB` = MiB).
+/// Hand-written because every suffix is binary here, as in nginx's sizes; the size crates read
+/// `KB` as 1000.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: write e.g. 65536, 64KiB, 4MiB"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "KB" | "KiB" => 1 << 10,
+        "M" | "MB" | "MiB" => 1 << 20,
+        "G" | "GB" | "GiB" => 1 << 30,
+        other => return Err(format!("'{s}': unknown unit '{other}', use KiB, MiB or GiB")),
+    };
+    value.checked_mul(scale).ok_or_else(|| format!("'{s}' is out of range"))
+}
 
 /// wsgate: the mTLS WebSocket sidecar.
 #[derive(Debug, Parser)]
@@ -90,7 +162,7 @@ pub struct InjectArgs {
         default_value = "IfNotPresent",
         value_name = "POLICY"
     )]
-    pub sidecar_image_pull_policy: String,
+    pub sidecar_image_pull_policy: PullPolicy,
     /// The sidecar's CPU request (empty: none).
     #[arg(
         long,
@@ -131,7 +203,7 @@ pub struct InjectArgs {
     /// Inject native sidecars (init containers with restartPolicy Always): auto (from the API
     /// server's version: 1.29 and later), on or off.
     #[arg(long, env = "WSGATE_NATIVE_SIDECAR", default_value = "auto", value_name = "MODE")]
-    pub native_sidecar: crate::inject::settings::NativeSidecar,
+    pub native_sidecar: NativeSidecar,
     /// The sidecar's log format: text or json.
     #[arg(
         long,
@@ -150,7 +222,7 @@ pub struct InjectArgs {
         default_value = "http/protobuf",
         value_name = "PROTOCOL"
     )]
-    pub otlp_protocol: String,
+    pub otlp_protocol: Protocol,
     /// cert-manager issuer of workload certificates: name.
     #[arg(long, env = "WSGATE_ISSUER_NAME", default_value = "wsgate-ca", value_name = "NAME")]
     pub issuer_name: String,
@@ -161,7 +233,7 @@ pub struct InjectArgs {
         default_value = "ClusterIssuer",
         value_name = "KIND"
     )]
-    pub issuer_kind: String,
+    pub issuer_kind: IssuerKind,
     /// cert-manager issuer group.
     #[arg(
         long,
@@ -170,27 +242,28 @@ pub struct InjectArgs {
         value_name = "GROUP"
     )]
     pub issuer_group: String,
-    /// Workload certificate lifetime.
-    #[arg(long, env = "WSGATE_CERT_DURATION", default_value = "24h", value_name = "DURATION")]
-    pub cert_duration: String,
+    /// Workload certificate lifetime (a Go duration: 24h, 1.5h, 90m).
+    #[arg(long, env = "WSGATE_CERT_DURATION", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub cert_duration: Duration,
     /// Renew workload certificates this long before they expire.
     #[arg(
         long,
         env = "WSGATE_CERT_RENEW_BEFORE",
         default_value = "8h",
+        value_parser = parse_duration,
         value_name = "DURATION"
     )]
-    pub cert_renew_before: String,
+    pub cert_renew_before: Duration,
     /// On SIGTERM, stay up this long (not ready, still answering) before stopping, so endpoints
     /// and the API server's connections move to the other replica first.
-    #[arg(long, env = "WSGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = config::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "WSGATE_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_delay: Duration,
     /// Run the certificate controller (true or false).
     #[arg(long, env = "WSGATE_CERTIFICATE_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub certificate_controller: bool,
 }
 
-fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, ConfigError> {
+fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, CliError> {
     let v = value.trim();
     if v.is_empty() {
         return Ok(None);
@@ -200,7 +273,7 @@ fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, ConfigErr
         "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
     ];
     if num.parse::<f64>().is_err() || !SUFFIXES.contains(&suffix) {
-        return Err(ConfigError::invalid(
+        return Err(CliError::invalid(
             flag,
             format!("'{v}' is not a Kubernetes quantity (e.g. 50m, 128Mi)"),
         ));
@@ -208,41 +281,32 @@ fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, ConfigErr
     Ok(Some(v.to_owned()))
 }
 
-/// A Go duration as cert-manager reads it: numbers with h, m, s units (`24h`, `1h30m`).
-fn go_duration(flag: &'static str, value: &str) -> Result<String, ConfigError> {
-    let v = value.trim();
-    let mut rest = v;
-    let mut seen = false;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit_len = rest[digits..]
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len() - digits);
-        let unit = &rest[digits..digits + unit_len];
-        if digits == 0 || !["h", "m", "s"].contains(&unit) {
-            return Err(ConfigError::invalid(
-                flag,
-                format!("'{v}' is not a duration like 24h or 1h30m"),
-            ));
-        }
-        rest = &rest[digits + unit_len..];
-        seen = true;
+/// A duration as Go writes it (`24h0m0s` is `24h`, `5400s` is `1h30m`), for cert-manager.
+pub fn go_format(d: Duration) -> String {
+    let total = d.as_secs();
+    let (h, m, s) = (total / 3600, total / 60 % 60, total % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
     }
-    if !seen {
-        return Err(ConfigError::invalid(flag, "is empty"));
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
     }
-    Ok(v.to_owned())
+    if s > 0 || out.is_empty() {
+        out.push_str(&format!("{s}s"));
+    }
+    out
 }
 
 impl InjectArgs {
     /// Validates the flags into settings.
-    pub fn into_config(self) -> Result<crate::inject::InjectConfig, ConfigError> {
+    pub fn into_config(self) -> Result<crate::inject::InjectConfig, CliError> {
         use crate::inject::settings::{InjectSettings, IssuerRef, Resources};
         if self.sidecar_image.trim().is_empty() {
-            return Err(ConfigError::invalid("--sidecar-image", "is required"));
+            return Err(CliError::invalid("--sidecar-image", "is required"));
         }
         if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ':', ' ']) {
-            return Err(ConfigError::invalid(
+            return Err(CliError::invalid(
                 "--trust-domain",
                 format!("'{}' is not a trust domain", self.trust_domain),
             ));
@@ -251,36 +315,29 @@ impl InjectArgs {
             let filled = p
                 .replace("{namespace}", "ns")
                 .replace("{trust-domain}", &self.trust_domain);
-            Policy::check_pattern(&filled).map_err(|e| ConfigError::invalid("--default-allow", e.to_string()))?;
+            Policy::check_pattern(&filled).map_err(|e| CliError::invalid("--default-allow", e.to_string()))?;
         }
-        if !["IfNotPresent", "Always", "Never"].contains(&self.sidecar_image_pull_policy.as_str()) {
-            return Err(ConfigError::invalid(
-                "--sidecar-image-pull-policy",
+        if self.cert_duration < Duration::from_secs(3600) {
+            // cert-manager's own minimum for a Certificate's duration.
+            return Err(CliError::invalid("--cert-duration", "must be at least 1h"));
+        }
+        if self.cert_renew_before >= self.cert_duration {
+            return Err(CliError::invalid(
+                "--cert-renew-before",
                 format!(
-                    "'{}' is not IfNotPresent, Always or Never",
-                    self.sidecar_image_pull_policy
+                    "{} is not shorter than --cert-duration {}: the certificate would be renewed for ever",
+                    go_format(self.cert_renew_before),
+                    go_format(self.cert_duration)
                 ),
-            ));
-        }
-        if !["Issuer", "ClusterIssuer"].contains(&self.issuer_kind.as_str()) {
-            return Err(ConfigError::invalid(
-                "--issuer-kind",
-                format!("'{}' is not Issuer or ClusterIssuer", self.issuer_kind),
             ));
         }
         let otlp = match self.otlp_endpoint.filter(|e| !e.trim().is_empty()) {
             None => None,
             Some(endpoint) => {
                 if !endpoint.starts_with("http://") {
-                    return Err(ConfigError::invalid(
+                    return Err(CliError::invalid(
                         "--otlp-endpoint",
                         format!("'{endpoint}' must be a plain http:// URL"),
-                    ));
-                }
-                if !["grpc", "http/protobuf"].contains(&self.otlp_protocol.as_str()) {
-                    return Err(ConfigError::invalid(
-                        "--otlp-protocol",
-                        format!("'{}' is not grpc or http/protobuf", self.otlp_protocol),
                     ));
                 }
                 Some((endpoint, self.otlp_protocol))
@@ -305,8 +362,8 @@ impl InjectArgs {
                 kind: self.issuer_kind,
                 group: self.issuer_group,
             },
-            cert_duration: go_duration("--cert-duration", &self.cert_duration)?,
-            cert_renew_before: go_duration("--cert-renew-before", &self.cert_renew_before)?,
+            cert_duration: go_format(self.cert_duration),
+            cert_renew_before: go_format(self.cert_renew_before),
         };
         Ok(crate::inject::InjectConfig {
             listen: self.listen,
@@ -358,34 +415,34 @@ pub struct ProxyArgs {
     #[arg(long, env = "WSGATE_TLS_MIN_VERSION", default_value = "1.3", value_name = "VERSION")]
     pub tls_min_version: TlsMinVersion,
     /// Longest time from TCP accept to the 101 (e.g. 10s, 500ms).
-    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
     /// Longest wait for connections to close on drain.
-    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
     /// Largest WebSocket message accepted from either side (e.g. 1MiB). Each direction of a
     /// connection may buffer one message being assembled and one being written.
-    #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "1MiB", value_parser = config::parse_size, value_name = "SIZE")]
+    #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_message_size: usize,
     /// Largest WebSocket frame accepted from either side.
-    #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value = "1MiB", value_parser = config::parse_size, value_name = "SIZE")]
+    #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_frame_size: usize,
     /// Most connections open at once; more are refused at accept.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_name = "N")]
     pub max_connections: usize,
     /// How often the certificate files are re-read even without a file event.
-    #[arg(long, env = "WSGATE_RELOAD_INTERVAL", default_value = "30s", value_parser = config::parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "WSGATE_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub reload_interval: Duration,
 }
 
 impl ProxyArgs {
     /// Validates the flags into settings.
-    pub fn into_config(self) -> Result<ProxyConfig, ConfigError> {
+    pub fn into_config(self) -> Result<ProxyConfig, CliError> {
         let upstream = Upstream::parse(&self.upstream, self.allow_remote_upstream)?;
         let policy = Policy::new(&self.allow, self.allow_any_authenticated)
-            .map_err(|e| ConfigError::invalid("--allow", e.to_string()))?;
+            .map_err(|e| CliError::invalid("--allow", e.to_string()))?;
         if self.max_frame_size > self.max_message_size {
-            return Err(ConfigError::invalid(
+            return Err(CliError::invalid(
                 "--max-frame-size",
                 format!(
                     "{} is larger than --max-message-size {}",
@@ -394,16 +451,13 @@ impl ProxyArgs {
             ));
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
-            return Err(ConfigError::invalid(
-                "--max-connections",
-                "must be between 1 and 1000000",
-            ));
+            return Err(CliError::invalid("--max-connections", "must be between 1 and 1000000"));
         }
         if self.handshake_timeout.is_zero() {
-            return Err(ConfigError::invalid("--handshake-timeout", "must be more than 0"));
+            return Err(CliError::invalid("--handshake-timeout", "must be more than 0"));
         }
         if self.reload_interval < Duration::from_secs(1) {
-            return Err(ConfigError::invalid("--reload-interval", "must be at least 1s"));
+            return Err(CliError::invalid("--reload-interval", "must be at least 1s"));
         }
         Ok(ProxyConfig {
             listen: self.listen,
@@ -415,7 +469,7 @@ impl ProxyArgs {
             tls_min_version: self.tls_min_version,
             handshake_timeout: self.handshake_timeout,
             drain_timeout: self.drain_timeout,
-            limits: config::Limits {
+            limits: Limits {
                 max_message_size: self.max_message_size,
                 max_frame_size: self.max_frame_size,
                 max_connections: self.max_connections,
@@ -426,5 +480,99 @@ impl ProxyArgs {
             },
             otel: crate::telemetry::OtelSettings::from_env(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_read_as_go_and_kubernetes_read_them() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90ms"), Ok(Duration::from_millis(90)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        // A bare number is seconds, as before the Go syntax was accepted.
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn durations_that_are_garbage_or_negative_are_refused_with_the_value_named() {
+        let err = parse_duration("ten").unwrap_err();
+        assert!(err.contains("'ten'"), "{err}");
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_duration("-5").is_err());
+    }
+
+    #[test]
+    fn sizes_accept_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn go_format_writes_what_cert_manager_reads() {
+        assert_eq!(go_format(Duration::from_secs(24 * 3600)), "24h");
+        assert_eq!(go_format(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(go_format(Duration::from_secs(3661)), "1h1m1s");
+        assert_eq!(go_format(Duration::ZERO), "0s");
+    }
+
+    fn inject(args: &[&str]) -> Result<crate::inject::InjectConfig, CliError> {
+        let mut argv = vec!["wsgate", "inject", "--sidecar-image", "img"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Inject(a)) => a.into_config(),
+            other => panic!("not an inject command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn renew_before_must_be_shorter_than_the_duration() {
+        let err = inject(&["--cert-duration", "2h", "--cert-renew-before", "2h"]).unwrap_err();
+        assert!(matches!(err, CliError::Invalid { flag: "--cert-renew-before", .. }), "{err}");
+        let cfg = inject(&["--cert-duration", "1.5h", "--cert-renew-before", "30m"]).unwrap();
+        assert_eq!(cfg.settings.cert_duration, "1h30m");
+        assert_eq!(cfg.settings.cert_renew_before, "30m");
+    }
+
+    #[test]
+    fn closed_sets_of_values_are_parsed_by_clap() {
+        let cfg = inject(&[
+            "--sidecar-image-pull-policy",
+            "Always",
+            "--issuer-kind",
+            "Issuer",
+            "--native-sidecar",
+            "true",
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--otlp-protocol",
+            "grpc",
+        ])
+        .unwrap();
+        assert_eq!(cfg.settings.pull_policy, PullPolicy::Always);
+        assert_eq!(cfg.settings.issuer.kind, IssuerKind::Issuer);
+        assert_eq!(cfg.settings.native, NativeSidecar::On);
+        assert_eq!(cfg.settings.otlp, Some(("http://collector:4317".into(), Protocol::Grpc)));
+        for (flag, bad) in [
+            ("--sidecar-image-pull-policy", "Sometimes"),
+            ("--issuer-kind", "Vault"),
+            ("--otlp-protocol", "http/json"),
+            ("--native-sidecar", "maybe"),
+        ] {
+            let argv = ["wsgate", "inject", "--sidecar-image", "img", flag, bad];
+            let err = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{flag} {bad}");
+        }
     }
 }

@@ -17,7 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::authz::Policy;
-use crate::config::{Limits, ProxyConfig, ReloadTiming, TlsMinVersion, Upstream};
+use crate::certs::ReloadTiming;
+use crate::proxy::settings::{Limits, ProxyConfig, Upstream};
+use crate::tls::TlsMinVersion;
 use client::{WssStream, connect};
 use pki::{Ca, Leaf, LeafSpec};
 use volume::SecretVolume;

@@ -2,7 +2,8 @@
 //! that requests a cert-manager Certificate for every service account whose pods are injected.
 //!
 //! `settings` and `annotations` are pure; `patch` is the pure injection; `webhook` serves it
-//! over HTTPS; `certificates` is the controller.
+//! over HTTPS; `certificates` is the controller. Shares the proxy's building blocks, not the
+//! proxy: depends on `net`, `lifecycle`, `admin`, `certs`, `tls`, `telemetry` and `authz`.
 
 pub mod annotations;
 pub mod certificates;
@@ -18,14 +19,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminState;
-use crate::certs::watch::{CertWatcher, ReloadReport, ReloadSink, log_report};
-use crate::certs::{CertBundle, SecretSource, Usage};
-use crate::config::ReloadTiming;
-use crate::telemetry::metrics::ReloadLabels;
-use crate::tls::{Serving, TlsStore};
+use crate::admin::{AdminState, NotReady};
+use crate::certs::ReloadTiming;
+use crate::certs::watch::{CertWatcher, ReloadReport};
+use crate::certs::{SecretSource, Usage};
+use crate::lifecycle::Lifecycle;
+use crate::telemetry::metrics::count_reload;
+use crate::tls::reloader::{ReloadHooks, Reloader};
+use crate::tls::{Serving, ServingNow, TlsStore};
 use metrics::InjectMetrics;
 use settings::{InjectSettings, NativeSidecar};
 
@@ -64,27 +66,14 @@ pub enum InjectError {
     },
 }
 
-/// Serving-certificate loads for the webhook.
-struct WebhookSink {
-    store: Arc<TlsStore>,
+/// What the webhook reports around a reload of its serving certificate.
+struct WebhookHooks {
     metrics: Arc<InjectMetrics>,
 }
 
-impl ReloadSink for WebhookSink {
-    fn install(&mut self, bundle: CertBundle) -> Result<(), String> {
-        let server = crate::tls::server::server_config_no_client_auth(&bundle).map_err(|e| e.to_string())?;
-        self.store.install(Serving::new(server, bundle));
-        Ok(())
-    }
-
-    fn report(&mut self, report: &ReloadReport) {
-        let result = if report.result.is_ok() { "success" } else { "failure" };
-        self.metrics.reloads.get_or_create(&ReloadLabels { result }).inc();
-        if let Err(reason) = &report.result {
-            self.store.fail(reason);
-        }
-        let serving = self.store.current();
-        log_report(report, serving.as_ref().map(|s| s.leaf.serial.as_str()));
+impl ReloadHooks for WebhookHooks {
+    fn reported(&mut self, report: &ReloadReport, _serving: Option<&Serving>) {
+        count_reload(&self.metrics.reloads, report.result.is_ok());
     }
 }
 
@@ -92,32 +81,15 @@ impl ReloadSink for WebhookSink {
 struct InjectStatus {
     store: Arc<TlsStore>,
     metrics: Arc<InjectMetrics>,
-    stopping: CancellationToken,
-    stop: CancellationToken,
-    delay: Duration,
-}
-
-impl InjectStatus {
-    /// Turns not-ready at once and stops after the shutdown delay.
-    fn shut_down(&self) {
-        if self.stopping.is_cancelled() {
-            return;
-        }
-        self.stopping.cancel();
-        let (stop, delay) = (self.stop.clone(), self.delay);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            stop.cancel();
-        });
-    }
+    life: Lifecycle,
 }
 
 impl AdminState for InjectStatus {
-    fn readiness(&self) -> Result<String, String> {
-        if self.stopping.is_cancelled() {
-            return Err("stopping".into());
+    fn readiness(&self) -> Result<ServingNow, NotReady> {
+        if self.life.is_draining() {
+            return Err(NotReady::Draining);
         }
-        self.store.readiness()
+        Ok(self.store.readiness()?)
     }
 
     fn metrics(&self) -> String {
@@ -125,7 +97,7 @@ impl AdminState for InjectStatus {
     }
 
     fn drain(&self) {
-        self.shut_down();
+        self.life.drain();
     }
 }
 
@@ -207,37 +179,33 @@ pub struct InjectHandle {
     /// Metrics.
     pub metrics: Arc<InjectMetrics>,
     status: Arc<InjectStatus>,
-    stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl InjectHandle {
     /// Stops everything now.
     pub fn stop(&self) {
-        self.status.stopping.cancel();
-        self.stop.cancel();
+        self.status.life.stop();
     }
 
-    /// Turns not-ready at once and stops after the configured shutdown delay (SIGTERM).
-    pub fn shut_down(&self) {
-        self.status.shut_down();
+    /// Starts a drain (SIGTERM, `POST /drain`): not ready at once, still answering reviews for
+    /// the configured shutdown delay, then stopped.
+    pub fn drain(&self) {
+        self.status.life.drain();
     }
 
     /// The readiness answer `/readyz` would give.
-    pub fn readiness(&self) -> Result<String, String> {
+    pub fn readiness(&self) -> Result<ServingNow, NotReady> {
         self.status.readiness()
     }
 
-    /// Resolves when a stop has been requested (`POST /drain` or [`InjectHandle::stop`]).
-    pub async fn stopped(&self) {
-        self.stop.cancelled().await;
+    /// Resolves once a drain or a stop has started.
+    pub async fn drained(&self) {
+        self.status.life.drained().await;
     }
 
-    /// Waits for every task to end.
+    /// Waits until the injector has stopped and every task has ended.
     pub async fn wait(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.status.life.wait().await;
     }
 }
 
@@ -260,8 +228,8 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
     let admin_addr = admin.local_addr().unwrap_or(cfg.admin);
     let metrics = InjectMetrics::new();
     let store = Arc::new(TlsStore::new());
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
+    let life = Lifecycle::new();
+    let stop = life.stop_token();
 
     let native = Arc::new(AtomicBool::new(false));
     match (cfg.settings.native, &client) {
@@ -276,7 +244,7 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
             let first = detect_native(client).await;
             native.store(first.unwrap_or(false), Ordering::Relaxed);
             let (client, native, stop, metrics) = (client.clone(), native.clone(), stop.clone(), metrics.clone());
-            tasks.push(tokio::spawn(async move {
+            life.spawn(async move {
                 // The cluster may be upgraded while the injector runs; an unknown answer is asked
                 // again sooner.
                 let mut known = first.is_some();
@@ -293,7 +261,7 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
                         metrics.native_sidecars.set(i64::from(now));
                     }
                 }
-            }));
+            });
         }
     }
     let is_native = native.load(Ordering::Relaxed);
@@ -304,38 +272,47 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
         trust_bundle: None,
     };
     let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
-    let sink = WebhookSink {
-        store: store.clone(),
-        metrics: metrics.clone(),
-    };
-    tasks.push(tokio::spawn(watcher.run(sink, stop.clone())));
+    let reloader = Reloader::new(
+        store.clone(),
+        Box::new(crate::tls::server::server_config_no_client_auth),
+        WebhookHooks {
+            metrics: metrics.clone(),
+        },
+    );
+    life.spawn(watcher.run(reloader, stop.clone()));
     let status = Arc::new(InjectStatus {
         store: store.clone(),
         metrics: metrics.clone(),
-        stopping: CancellationToken::new(),
-        stop: stop.clone(),
-        delay: cfg.shutdown_delay,
+        life: life.clone(),
     });
-    tasks.push(tokio::spawn(crate::admin::serve(admin, status.clone(), stop.clone())));
+    life.spawn(crate::admin::serve(admin, status.clone(), stop.clone()));
+    // A drain keeps answering (not ready) for the shutdown delay, so the Service's endpoints and
+    // the API server's connections move away first; then everything stops.
+    let (sequence, delay) = (life.clone(), cfg.shutdown_delay);
+    life.spawn(async move {
+        tokio::select! {
+            _ = sequence.drained() => {}
+            _ = sequence.stopped() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => sequence.stop(),
+            _ = sequence.stopped() => {}
+        }
+    });
     let hook = Arc::new(webhook::Webhook {
         settings: cfg.settings.clone(),
         native: native.clone(),
         metrics: metrics.clone(),
     });
-    tasks.push(tokio::spawn(webhook::serve(
-        listener,
-        store.clone(),
-        hook,
-        stop.clone(),
-    )));
+    life.spawn(webhook::serve(listener, store.clone(), hook, stop.clone()));
     match (cfg.certificate_controller, client) {
         (true, Some(client)) => {
-            tasks.push(tokio::spawn(certificates::run(
+            life.spawn(certificates::run(
                 client,
                 cfg.settings.clone(),
                 metrics.clone(),
                 stop.clone(),
-            )));
+            ));
         }
         (true, None) => tracing::warn!("no Kubernetes API access: the certificate controller is off"),
         (false, _) => tracing::info!("certificate controller disabled by --certificate-controller false"),
@@ -354,7 +331,5 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
         native,
         metrics,
         status,
-        stop,
-        tasks,
     })
 }

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
 }
 
 enum Run {
-    Proxy(Box<wsgate::config::ProxyConfig>),
+    Proxy(Box<wsgate::proxy::settings::ProxyConfig>),
     Inject(Box<wsgate::inject::InjectConfig>),
     Drain(std::net::SocketAddr),
     Demo,
@@ -110,38 +110,21 @@ async fn run_inject(cfg: wsgate::inject::InjectConfig) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => {
             tracing::info!(delay_s = delay.as_secs_f64(), "SIGTERM: not ready now, stopping after the shutdown delay");
-            handle.shut_down();
+            handle.drain();
         }
         _ = tokio::signal::ctrl_c() => handle.stop(),
-        _ = handle.stopped() => {}
+        _ = handle.drained() => {}
     }
     handle.wait().await;
     Ok(())
 }
 
-/// POSTs /drain to the local proxy's admin port (the sidecar's preStop hook).
+/// Asks the local proxy to drain (the sidecar's preStop hook).
 async fn drain(admin: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin).await?;
-    stream
-        .write_all(
-            format!("POST /drain HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
-    let answer = String::from_utf8_lossy(&answer);
-    match answer.split_whitespace().nth(1) {
-        Some("202") => Ok(()),
-        _ => anyhow::bail!(
-            "the proxy at {admin} did not accept the drain: {}",
-            answer.lines().next().unwrap_or("")
-        ),
-    }
+    Ok(wsgate::admin::request_drain(admin).await?)
 }
 
-async fn run_proxy(cfg: wsgate::config::ProxyConfig) -> anyhow::Result<()> {
+async fn run_proxy(cfg: wsgate::proxy::settings::ProxyConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     for warning in &cfg.otel.warnings {
         tracing::warn!(target: "wsgate::otel", "{warning}");

@@ -1,33 +1,41 @@
 //! `wsgate proxy`: binds the ports, starts the certificate watcher, the accept loop and the
 //! admin server, and drains gracefully.
 //!
-//! `listener`, `upgrade`, `pump` are the stages; `inbound` wires them per connection; this file
-//! wires the process. Everything here is reachable from the library, so the demo and the tests
-//! run the real proxy in-process.
+//! The inbound data path is a chain of stages, each its own module with its own error type:
+//! `accept` (TCP + TLS → authenticated stream and identity), `exchange` (the client's upgrade
+//! request and its answer), `dial` (the app and its upgrade), `pump` (the relay). `outcome` is
+//! the shared set of `error.type` values, `record` the one record per attempt, `upgrade` the
+//! pure header rules, `settings` the typed configuration. The stages do not import one another;
+//! `inbound` composes them per connection; this file composes the process. Depends on every
+//! module below it: `net`, `lifecycle`, `admin`, `certs`, `tls`, `authz`, `telemetry`, `x509`.
 
+pub mod accept;
+pub mod dial;
+pub mod exchange;
 pub mod inbound;
-pub mod listener;
+pub mod outcome;
 pub mod pump;
+pub mod record;
+pub mod settings;
 pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminState};
-use crate::certs::summary::rfc3339;
-use crate::certs::watch::{CertWatcher, ReloadReport, ReloadSink};
+use crate::admin::{self, AdminState, NotReady};
+use crate::certs::watch::{CertWatcher, ReloadReport};
 use crate::certs::{CertBundle, SecretSource, Usage};
-use crate::config::{ProxyConfig, TlsMinVersion};
-use crate::telemetry::metrics::ReloadLabels;
+use crate::lifecycle::Lifecycle;
 use crate::telemetry::spans::attr;
 use crate::telemetry::{Metrics, Telemetry, Tracer};
-use crate::tls::{Serving, TlsStore};
+use crate::tls::reloader::{ReloadHooks, Reloader};
+use crate::tls::{Serving, ServingNow, TlsStore};
+use crate::x509::rfc3339;
+use settings::ProxyConfig;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,19 +56,18 @@ pub enum ProxyError {
 }
 
 /// Shared state behind `/readyz`, `/metrics`, `/drain`.
-pub struct Status {
+struct Status {
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
-    draining: AtomicBool,
-    drain: CancellationToken,
+    life: Lifecycle,
 }
 
 impl AdminState for Status {
-    fn readiness(&self) -> Result<String, String> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err("draining".into());
+    fn readiness(&self) -> Result<ServingNow, NotReady> {
+        if self.life.is_draining() {
+            return Err(NotReady::Draining);
         }
-        self.store.readiness()
+        Ok(self.store.readiness()?)
     }
 
     fn metrics(&self) -> String {
@@ -68,49 +75,45 @@ impl AdminState for Status {
     }
 
     fn drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.drain.cancel();
+        self.life.drain();
     }
 }
 
-/// Installs validated bundles into the store and reports reloads.
-struct InboundSink {
-    store: Arc<TlsStore>,
+/// What the proxy reports around a reload: metrics and a span.
+struct InboundHooks {
     telemetry: Arc<Telemetry>,
-    min_version: TlsMinVersion,
 }
 
-impl ReloadSink for InboundSink {
-    fn install(&mut self, bundle: CertBundle) -> Result<(), String> {
-        let server = crate::tls::server::server_config(&bundle, self.min_version).map_err(|e| e.to_string())?;
+impl ReloadHooks for InboundHooks {
+    fn installed(&mut self, bundle: &CertBundle) {
         self.telemetry
             .metrics
             .certificate_served(&bundle.leaf.serial, bundle.leaf.not_after);
-        self.store.install(Serving::new(server, bundle));
-        Ok(())
     }
 
-    fn report(&mut self, report: &ReloadReport) {
+    fn reported(&mut self, report: &ReloadReport, serving: Option<&Serving>) {
+        self.telemetry.metrics.reloaded(report.result.is_ok());
         let result = if report.result.is_ok() { "success" } else { "failure" };
-        self.telemetry
-            .metrics
-            .reloads
-            .get_or_create(&ReloadLabels { result })
-            .inc();
         let mut attributes = vec![
             opentelemetry::KeyValue::new(attr::RELOAD_RESULT, result),
             opentelemetry::KeyValue::new(attr::RELOAD_TRIGGER, report.trigger.as_str()),
         ];
         match &report.result {
-            Ok((serial, not_after)) => {
-                attributes.push(opentelemetry::KeyValue::new(attr::CERT_SERIAL, serial.clone()));
-                attributes.push(opentelemetry::KeyValue::new(attr::CERT_NOT_AFTER, rfc3339(*not_after)));
+            Ok(installed) => {
+                attributes.push(opentelemetry::KeyValue::new(
+                    attr::CERT_SERIAL,
+                    installed.serial.clone(),
+                ));
+                attributes.push(opentelemetry::KeyValue::new(
+                    attr::CERT_NOT_AFTER,
+                    rfc3339(installed.not_after),
+                ));
                 self.telemetry.tracer.reload(report.started, attributes, None);
             }
-            Err(reason) => {
-                self.store.fail(reason);
+            Err(error) => {
+                let reason = error.to_string();
                 attributes.push(opentelemetry::KeyValue::new(attr::RELOAD_REASON, reason.clone()));
-                if let Some(serving) = self.store.current() {
+                if let Some(serving) = serving {
                     attributes.push(opentelemetry::KeyValue::new(
                         attr::CERT_SERIAL,
                         serving.leaf.serial.clone(),
@@ -120,15 +123,12 @@ impl ReloadSink for InboundSink {
                         rfc3339(serving.leaf.not_after),
                     ));
                 }
-                self.telemetry.tracer.reload(report.started, attributes, Some(reason));
+                self.telemetry.tracer.reload(report.started, attributes, Some(&reason));
             }
         }
-        let serving = self.store.current();
-        crate::certs::watch::log_report(report, serving.as_ref().map(|s| s.leaf.serial.as_str()));
     }
 
-    fn checked(&mut self, disk_matches_served: bool) {
-        let serving = self.store.current().is_some();
+    fn checked(&mut self, disk_matches_served: bool, serving: bool) {
         self.telemetry.metrics.disk_differs(serving && !disk_matches_served);
     }
 }
@@ -144,27 +144,26 @@ pub struct ProxyHandle {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     status: Arc<Status>,
-    done: tokio::task::JoinHandle<()>,
 }
 
 impl ProxyHandle {
     /// Starts a graceful drain (idempotent): stop accepting, Close 1001 on every connection.
     pub fn drain(&self) {
-        self.status.drain();
+        self.status.life.drain();
     }
 
     /// Waits until the drain has finished (all connections closed, or the drain timeout).
     pub async fn wait(self) {
-        let _ = self.done.await;
+        self.status.life.wait().await;
     }
 
     /// Resolves once a drain has started (by [`ProxyHandle::drain`] or `POST /drain`).
     pub async fn drained(&self) {
-        self.status.drain.cancelled().await;
+        self.status.life.drained().await;
     }
 
     /// The readiness answer `/readyz` would give.
-    pub fn readiness(&self) -> Result<String, String> {
+    pub fn readiness(&self) -> Result<ServingNow, NotReady> {
         self.status.readiness()
     }
 }
@@ -184,20 +183,17 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let listen_addr = listener.local_addr().unwrap_or(cfg.listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
     let metrics = Metrics::new();
-    let stop = CancellationToken::new();
-    let (tracer, exporter_task) = Tracer::start(&cfg.otel, metrics.clone(), stop.clone())?;
+    let life = Lifecycle::new();
+    let (tracer, exporter_task) = Tracer::start(&cfg.otel, metrics.clone(), life.stop_token())?;
     let telemetry = Arc::new(Telemetry {
         metrics: metrics.clone(),
         tracer,
     });
     let store = Arc::new(TlsStore::new());
-    let drain = CancellationToken::new();
-    let kill = CancellationToken::new();
     let status = Arc::new(Status {
         store: store.clone(),
         metrics: metrics.clone(),
-        draining: AtomicBool::new(false),
-        drain: drain.clone(),
+        life: life.clone(),
     });
 
     let source = SecretSource {
@@ -205,14 +201,19 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         trust_bundle: cfg.trust_bundle.clone(),
     };
     let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
-    let sink = InboundSink {
-        store: store.clone(),
-        telemetry: telemetry.clone(),
-        min_version: cfg.tls_min_version,
-    };
-    tokio::spawn(watcher.run(sink, stop.clone()));
-    tokio::spawn(admin::serve(admin_listener, status.clone(), stop.clone()));
+    let min_version = cfg.tls_min_version;
+    let reloader = Reloader::new(
+        store.clone(),
+        Box::new(move |bundle| crate::tls::server::server_config(bundle, min_version)),
+        InboundHooks {
+            telemetry: telemetry.clone(),
+        },
+    );
+    life.spawn(watcher.run(reloader, life.stop_token()));
+    life.spawn(admin::serve(admin_listener, status.clone(), life.stop_token()));
 
+    // Fires when the drain timeout has passed: connections still open are dropped.
+    let kill = tokio_util::sync::CancellationToken::new();
     let inbound = Arc::new(inbound::Inbound {
         store: store.clone(),
         policy: cfg.policy.clone(),
@@ -220,15 +221,15 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         limits: cfg.limits,
         handshake_timeout: cfg.handshake_timeout,
         telemetry,
-        drain: drain.clone(),
+        drain: life.drain_token(),
         kill: kill.clone(),
     });
-    let tracker = TaskTracker::new();
-    let accept = tokio::spawn(listener::accept_loop(
+    let connections = TaskTracker::new();
+    let accept = tokio::spawn(crate::net::accept_loop(
         listener,
         cfg.limits.max_connections,
-        drain.clone(),
-        tracker.clone(),
+        life.drain_token(),
+        connections.clone(),
         move |stream, peer, permit| inbound.clone().handle(stream, peer, permit),
     ));
     tracing::info!(
@@ -239,20 +240,24 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         "wsgate proxy started"
     );
     let drain_timeout = cfg.drain_timeout;
-    let done = tokio::spawn(async move {
-        drain.cancelled().await;
+    let sequence = life.clone();
+    life.spawn(async move {
+        sequence.drained().await;
         let _ = accept.await;
-        tracker.close();
-        tracing::info!(open = tracker.len(), "draining: sent Close 1001 to every connection");
-        if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+        connections.close();
+        tracing::info!(
+            open = connections.len(),
+            "draining: sent Close 1001 to every connection"
+        );
+        if tokio::time::timeout(drain_timeout, connections.wait()).await.is_err() {
             tracing::warn!(
-                open = tracker.len(),
+                open = connections.len(),
                 "drain timeout reached; dropping the connections still open"
             );
             kill.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         }
-        stop.cancel();
+        sequence.stop();
         if let Some(task) = exporter_task {
             // The exporter flushes what is queued (bounded by its own timeout).
             let _ = task.await;
@@ -265,6 +270,5 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         store,
         metrics,
         status,
-        done,
     })
 }

@@ -1,11 +1,10 @@
-//! Telemetry, cross-cutting: structured logs, Prometheus metrics, OTLP spans, and the
-//! per-handshake record that feeds all three.
+//! Telemetry, a leaf on the side of the data path: structured logs, Prometheus metrics, OTLP
+//! spans.
 //!
-//! The stages report facts; this module turns them into one log line, metrics and (with OTLP
-//! configured) one span per handshake. Depends on tracing, prometheus-client, opentelemetry,
-//! and the identity and TLS fact types.
+//! It receives finished facts (the proxy's `record` hands over one finished handshake; the
+//! reloader's hooks one reload) and never sits between two stages. Depends on `x509` (RFC 3339)
+//! and on tracing, prometheus-client and opentelemetry.
 
-pub mod handshake;
 pub mod logs;
 pub mod metrics;
 pub mod otel;
@@ -13,7 +12,7 @@ pub mod spans;
 
 use std::sync::Arc;
 
-pub use handshake::{FailureKind, HandshakeRecord};
+pub use logs::LogFormat;
 pub use metrics::Metrics;
 pub use otel::OtelSettings;
 pub use spans::Tracer;

@@ -2,8 +2,8 @@
 //!
 //! One crypto provider (ring) everywhere, so no second one is linked in.
 
-pub mod client;
 pub mod identity;
+pub mod reloader;
 pub mod server;
 pub mod store;
 
@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::crypto::CryptoProvider;
 
 pub use identity::{PeerIdentity, TlsFacts};
-pub use store::{Serving, TlsStore};
+pub use store::{NotServing, Serving, ServingNow, TlsStore};
 
 /// Why a rustls config could not be built from a bundle.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +33,23 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-fn versions(min: crate::config::TlsMinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+/// The lowest TLS version accepted (`--tls-min-version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMinVersion {
+    /// TLS 1.2 and 1.3.
+    #[value(name = "1.2")]
+    Tls12,
+    /// TLS 1.3 only (the default: every current client speaks it).
+    #[value(name = "1.3")]
+    Tls13,
+}
+
+fn versions(min: TlsMinVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static BOTH: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
     static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
     match min {
-        crate::config::TlsMinVersion::Tls12 => BOTH,
-        crate::config::TlsMinVersion::Tls13 => TLS13,
+        TlsMinVersion::Tls12 => BOTH,
+        TlsMinVersion::Tls13 => TLS13,
     }
 }
 

@@ -3,7 +3,7 @@
 //! Validation is what keeps a bad set from ever replacing a good one: the PEM parses, the key is
 //! PKCS#1, SEC1 or PKCS#8 and matches the leaf, the leaf is inside its validity window, allows the
 //! usage the proxy needs, and chains to the trust roots. Pure (time is a parameter); depends on
-//! rustls (key loading), rustls-webpki (chain building) and `certs::summary`.
+//! rustls (key loading), rustls-webpki (chain building) and `x509`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,7 +14,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use super::source::{CA_CRT, RawSet, TLS_CRT, TLS_KEY};
-use super::summary::{CertSummary, SummaryError, rfc3339};
+use crate::x509::{CertSummary, SummaryError, rfc3339};
 
 /// Why a certificate set was rejected. The previous set keeps serving.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,8 +72,22 @@ pub enum BundleError {
         /// Where the roots came from.
         roots: &'static str,
         /// webpki's reason.
-        reason: String,
+        reason: ChainError,
     },
+}
+
+/// Why webpki refused the chain.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    /// A trust root is not a usable certificate.
+    #[error("a trust root cannot be parsed: {0}")]
+    Root(webpki::Error),
+    /// The leaf is not a usable end-entity certificate.
+    #[error("{0}")]
+    Leaf(webpki::Error),
+    /// The chain does not verify for a usage the proxy needs.
+    #[error("{0:?}")]
+    Verify(webpki::Error),
 }
 
 /// What the proxy's own certificate must be good for.
@@ -85,6 +99,16 @@ pub enum Usage {
     Client,
     /// Both.
     Both,
+}
+
+impl Usage {
+    fn needs_server(self) -> bool {
+        matches!(self, Usage::Server | Usage::Both)
+    }
+
+    fn needs_client(self) -> bool {
+        matches!(self, Usage::Client | Usage::Both)
+    }
 }
 
 /// A validated certificate set, ready to build rustls configs from.
@@ -160,15 +184,10 @@ impl CertBundle {
                 not_after: rfc3339(leaf.not_after),
             });
         }
-        let (need_server, need_client) = match usage {
-            Usage::Server => (true, false),
-            Usage::Client => (false, true),
-            Usage::Both => (true, true),
-        };
-        if need_server && !leaf.allows_server_auth() {
+        if usage.needs_server() && !leaf.allows_server_auth() {
             return Err(BundleError::Usage("server"));
         }
-        if need_client && !leaf.allows_client_auth() {
+        if usage.needs_client() && !leaf.allows_client_auth() {
             return Err(BundleError::Usage("client"));
         }
         let (roots_name, roots) = match (&raw.trust, &raw.ca) {
@@ -176,11 +195,9 @@ impl CertBundle {
             (None, Some(ca)) => (CA_CRT, certs(CA_CRT, ca)?),
             (None, None) => return Err(BundleError::NoCertificate { file: CA_CRT }),
         };
-        verify_chain(&certified.cert, &roots, need_server, need_client, now, provider).map_err(|reason| {
-            BundleError::Untrusted {
-                roots: roots_name,
-                reason,
-            }
+        verify_chain(&certified.cert, &roots, usage, now, provider).map_err(|reason| BundleError::Untrusted {
+            roots: roots_name,
+            reason,
         })?;
         Ok(Self {
             certified: Arc::new(certified),
@@ -194,29 +211,28 @@ impl CertBundle {
 fn verify_chain(
     chain: &[CertificateDer<'static>],
     roots: &[CertificateDer<'static>],
-    server: bool,
-    client: bool,
+    usage: Usage,
     now: SystemTime,
     provider: &CryptoProvider,
-) -> Result<(), String> {
+) -> Result<(), ChainError> {
     let anchors = roots
         .iter()
         .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("a trust root cannot be parsed: {e}"))?;
-    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
+        .map_err(ChainError::Root)?;
+    let ee = webpki::EndEntityCert::try_from(&chain[0]).map_err(ChainError::Leaf)?;
     let time = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
     let algs = provider.signature_verification_algorithms.all;
     let mut usages = Vec::new();
-    if server {
+    if usage.needs_server() {
         usages.push(webpki::KeyUsage::server_auth());
     }
-    if client {
+    if usage.needs_client() {
         usages.push(webpki::KeyUsage::client_auth());
     }
     for usage in usages {
         ee.verify_for_usage(algs, &anchors, &chain[1..], time, usage, None, None)
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(ChainError::Verify)?;
     }
     Ok(())
 }

@@ -15,9 +15,8 @@ use rustls::crypto::CryptoProvider;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::bundle::{CertBundle, Usage};
+use super::bundle::{BundleError, CertBundle, Usage};
 use super::source::{SecretSource, SourceError};
-use crate::config::ReloadTiming;
 
 /// What woke the watcher up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +43,42 @@ impl Trigger {
     }
 }
 
+/// Why a certificate set was not installed. The previous set keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The files could not be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The files were read but are not a valid set.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The set is valid but the TLS config could not be built from it.
+    #[error("{0}")]
+    Install(Box<dyn std::error::Error + Send + Sync>),
+    /// The blocking read task failed.
+    #[error("certificate load task failed: {0}")]
+    Task(String),
+}
+
+impl ReloadError {
+    /// Whether the set is merely not there yet (not an error while waiting for the kubelet).
+    pub fn waiting(&self) -> bool {
+        matches!(
+            self,
+            Self::Source(SourceError::DirMissing(_) | SourceError::FileMissing { .. })
+        )
+    }
+}
+
+/// The leaf of a set that was installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Its serial, hex.
+    pub serial: String,
+    /// Its expiry.
+    pub not_after: SystemTime,
+}
+
 /// The outcome of one load attempt that changed something or failed.
 #[derive(Debug, Clone)]
 pub struct ReloadReport {
@@ -53,10 +88,8 @@ pub struct ReloadReport {
     pub started: SystemTime,
     /// How long reading, validating and installing took.
     pub duration: Duration,
-    /// Serial and not-after of the installed leaf, or why the set was refused.
-    pub result: Result<(String, SystemTime), String>,
-    /// Whether the set was refused because files are still missing (not an error at start).
-    pub waiting: bool,
+    /// The installed leaf, or why the set was refused.
+    pub result: Result<Installed, Arc<ReloadError>>,
     /// Consecutive failures so far (0 after a success).
     pub failures: u32,
 }
@@ -65,7 +98,7 @@ pub struct ReloadReport {
 /// rustls configs and publishes them.
 pub trait ReloadSink: Send + 'static {
     /// Installs a validated set that differs from the one being served; an error keeps the old one.
-    fn install(&mut self, bundle: CertBundle) -> Result<(), String>;
+    fn install(&mut self, bundle: CertBundle) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
     /// Called after each attempt that installed a set or failed.
     fn report(&mut self, report: &ReloadReport);
     /// Called after every attempt: whether the files on disk are those being served.
@@ -78,11 +111,11 @@ pub trait ReloadSink: Send + 'static {
 /// previous one` with the reason and the serial still served.
 pub fn log_report(report: &ReloadReport, still_serving: Option<&str>) {
     match &report.result {
-        Ok((serial, not_after)) => tracing::info!(
+        Ok(Installed { serial, not_after }) => tracing::info!(
             target: "wsgate::certs",
             trigger = report.trigger.as_str(),
             serial = %serial,
-            not_after = %crate::certs::summary::rfc3339(*not_after),
+            not_after = %crate::x509::rfc3339(*not_after),
             duration_ms = report.duration.as_secs_f64() * 1e3,
             "certificate installed"
         ),
@@ -94,6 +127,30 @@ pub fn log_report(report: &ReloadReport, still_serving: Option<&str>) {
             still_serving = still_serving.unwrap_or("nothing"),
             "certificate set refused; keeping the previous one"
         ),
+    }
+}
+
+/// Timings of the certificate watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadTiming {
+    /// Quiet time after a file event before the set is read (the kubelet writes several entries).
+    pub debounce: Duration,
+    /// Re-read the set this often even without events, to catch a missed one.
+    pub recheck: Duration,
+    /// First retry delay after a bad set; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest retry delay after repeated bad sets.
+    pub max_backoff: Duration,
+}
+
+impl Default for ReloadTiming {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(100),
+            recheck: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
     }
 }
 
@@ -110,8 +167,8 @@ pub struct CertWatcher {
 
 enum Attempt {
     Unchanged,
-    Installed(String, SystemTime),
-    Failed { reason: String, waiting: bool },
+    Installed(Installed),
+    Failed(ReloadError),
 }
 
 impl CertWatcher {
@@ -126,18 +183,18 @@ impl CertWatcher {
     }
 
     /// Reads and validates the set (blocking). `Ok(None)` when its bytes are those of `known`,
-    /// the set being served; the error says why and whether files are merely not there yet.
-    pub fn load(&self, known: Option<[u8; 32]>) -> Result<Option<CertBundle>, (String, bool)> {
-        match self.source.read() {
-            Ok(raw) if Some(raw.fingerprint()) == known => Ok(None),
-            Ok(raw) => CertBundle::from_raw(&raw, self.usage, SystemTime::now(), &self.provider)
-                .map(Some)
-                .map_err(|e| (e.to_string(), false)),
-            Err(e) => {
-                let waiting = matches!(e, SourceError::DirMissing(_) | SourceError::FileMissing { .. });
-                Err((e.to_string(), waiting))
-            }
+    /// the set being served.
+    pub fn load(&self, known: Option<[u8; 32]>) -> Result<Option<CertBundle>, ReloadError> {
+        let raw = self.source.read()?;
+        if Some(raw.fingerprint()) == known {
+            return Ok(None);
         }
+        Ok(Some(CertBundle::from_raw(
+            &raw,
+            self.usage,
+            SystemTime::now(),
+            &self.provider,
+        )?))
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -188,21 +245,20 @@ impl CertWatcher {
                 Ok(Ok(None)) => Attempt::Unchanged,
                 Ok(Ok(Some(bundle))) => {
                     let fp = bundle.fingerprint;
-                    let serial = bundle.leaf.serial.clone();
-                    let not_after = bundle.leaf.not_after;
+                    let installed = Installed {
+                        serial: bundle.leaf.serial.clone(),
+                        not_after: bundle.leaf.not_after,
+                    };
                     match sink.install(bundle) {
                         Ok(()) => {
                             served = Some(fp);
-                            Attempt::Installed(serial, not_after)
+                            Attempt::Installed(installed)
                         }
-                        Err(reason) => Attempt::Failed { reason, waiting: false },
+                        Err(e) => Attempt::Failed(ReloadError::Install(e)),
                     }
                 }
-                Ok(Err((reason, waiting))) => Attempt::Failed { reason, waiting },
-                Err(join) => Attempt::Failed {
-                    reason: format!("certificate load task failed: {join}"),
-                    waiting: false,
-                },
+                Ok(Err(e)) => Attempt::Failed(e),
+                Err(join) => Attempt::Failed(ReloadError::Task(join.to_string())),
             };
             sink.checked(matches!(attempt, Attempt::Unchanged | Attempt::Installed(..)));
             let next = match attempt {
@@ -210,21 +266,20 @@ impl CertWatcher {
                     failures = 0;
                     this.timing.recheck
                 }
-                Attempt::Installed(serial, not_after) => {
+                Attempt::Installed(installed) => {
                     failures = 0;
                     sink.report(&ReloadReport {
                         trigger,
                         started,
                         duration: t0.elapsed(),
-                        result: Ok((serial, not_after)),
-                        waiting: false,
+                        result: Ok(installed),
                         failures,
                     });
                     this.timing.recheck
                 }
-                Attempt::Failed { reason, waiting } => {
+                Attempt::Failed(error) => {
                     failures = failures.saturating_add(1);
-                    if waiting {
+                    if error.waiting() {
                         // The directory may be replaced when it finally appears: watch it afresh.
                         fs_watch = None;
                     }
@@ -232,8 +287,7 @@ impl CertWatcher {
                         trigger,
                         started,
                         duration: t0.elapsed(),
-                        result: Err(reason),
-                        waiting,
+                        result: Err(Arc::new(error)),
                         failures,
                     });
                     this.backoff(failures)
@@ -296,8 +350,9 @@ mod tests {
 
     #[test]
     fn a_missing_directory_is_reported_as_waiting_not_as_an_error() {
-        let (reason, waiting) = watcher(1, 1).load(None).unwrap_err();
-        assert!(waiting);
+        let err = watcher(1, 1).load(None).unwrap_err();
+        assert!(err.waiting(), "{err:?}");
+        let reason = err.to_string();
         assert!(
             reason.contains("/nonexistent") && reason.contains("does not exist"),
             "{reason}"

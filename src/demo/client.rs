@@ -15,7 +15,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::certs::summary::CertSummary;
+use crate::x509::CertSummary;
 
 /// A connected WebSocket over mTLS.
 pub type WssStream = WebSocketStream<TlsStream<TcpStream>>;

@@ -199,7 +199,7 @@ impl Ca {
             params.extended_key_usages.push(ExtendedKeyUsagePurpose::CodeSigning);
         }
         let serial = random_serial()?;
-        let serial_hex = crate::certs::summary::hex(serial.to_bytes().as_slice());
+        let serial_hex = crate::x509::hex(serial.to_bytes().as_slice());
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;

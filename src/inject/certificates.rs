@@ -135,7 +135,7 @@ pub fn manifest(desired: &Desired, owner_uid: &str, settings: &InjectSettings) -
         "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
         "duration": settings.cert_duration,
         "renewBefore": settings.cert_renew_before,
-        "issuerRef": {"name": settings.issuer.name, "kind": settings.issuer.kind, "group": settings.issuer.group},
+        "issuerRef": {"name": settings.issuer.name, "kind": super::settings::value_name(&settings.issuer.kind), "group": settings.issuer.group},
     });
     if !desired.dns_names.is_empty() {
         spec["dnsNames"] = json!(desired.dns_names);

@@ -1,4 +1,6 @@
 //! The injector's Prometheus metrics: admission reviews and certificate reconciles.
+//!
+//! Uses the registry helpers of `telemetry::metrics`.
 
 use std::sync::Arc;
 
@@ -8,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::telemetry::metrics::{encode, register_reloads};
 
 /// Labels of `wsgate_inject_reviews_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,12 +74,7 @@ impl InjectMetrics {
             "1 when sidecars are injected as native sidecars (init containers with restartPolicy Always)",
             native_sidecars.clone(),
         );
-        let reloads = Family::default();
-        registry.register(
-            "certificate_reloads",
-            "Webhook serving-certificate loads, by result",
-            reloads.clone(),
-        );
+        let reloads = register_reloads(&mut registry, "Webhook serving-certificate loads, by result");
         Arc::new(Self {
             registry,
             reviews,
@@ -88,8 +87,6 @@ impl InjectMetrics {
 
     /// OpenMetrics text.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        encode(&self.registry)
     }
 }

@@ -117,10 +117,7 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
         "--cert-dir".into(),
         TLS_MOUNT.into(),
         "--log-format".into(),
-        match settings.log_format {
-            crate::config::LogFormat::Json => "json".into(),
-            crate::config::LogFormat::Text => "text".into(),
-        },
+        super::settings::value_name(&settings.log_format),
     ];
     if opts.trust_bundle.is_some() {
         args.extend(["--trust-bundle".into(), TRUST_MOUNT.into()]);
@@ -139,7 +136,7 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
     ];
     if let Some((endpoint, protocol)) = &settings.otlp {
         env.push(self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
-        env.push(self::env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol));
+        env.push(self::env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.as_str()));
     }
     let mut mounts = vec![VolumeMount {
         name: TLS_VOLUME.into(),
@@ -168,7 +165,7 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
     Container {
         name: SIDECAR.into(),
         image: Some(settings.image.clone()),
-        image_pull_policy: Some(settings.pull_policy.clone()),
+        image_pull_policy: Some(super::settings::value_name(&settings.pull_policy)),
         args: Some(args),
         env: Some(env),
         ports: Some(vec![

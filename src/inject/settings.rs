@@ -1,30 +1,56 @@
 //! The injector's settings: what every injected sidecar looks like, and how workload
 //! certificates are requested. Parsed once at start from `wsgate inject` flags; pure.
 
-use crate::config::LogFormat;
+use clap::ValueEnum;
+
+use crate::telemetry::LogFormat;
+use crate::telemetry::otel::Protocol;
 
 /// Whether the sidecar is injected as a native sidecar (an init container with
 /// `restartPolicy: Always`, Kubernetes 1.29+) or as an ordinary container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NativeSidecar {
     /// Decide from the API server's version.
     Auto,
     /// Always native.
+    #[value(alias = "true")]
     On,
     /// Always an ordinary container.
+    #[value(alias = "false")]
     Off,
 }
 
-impl std::str::FromStr for NativeSidecar {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "on" | "true" => Ok(Self::On),
-            "off" | "false" => Ok(Self::Off),
-            other => Err(format!("'{other}' is not auto, on or off")),
-        }
-    }
+/// The sidecar's `imagePullPolicy`, as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PullPolicy {
+    /// Pull only when the node does not have the image.
+    #[value(name = "IfNotPresent")]
+    IfNotPresent,
+    /// Pull on every start.
+    #[value(name = "Always")]
+    Always,
+    /// Never pull.
+    #[value(name = "Never")]
+    Never,
+}
+
+/// The kind of cert-manager issuer, as cert-manager spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IssuerKind {
+    /// A namespaced `Issuer` (in each workload's namespace).
+    #[value(name = "Issuer")]
+    Issuer,
+    /// A cluster-wide `ClusterIssuer`.
+    #[value(name = "ClusterIssuer")]
+    ClusterIssuer,
+}
+
+/// The name clap parses for a value, which is also how Kubernetes or the sidecar spells it.
+pub fn value_name<V: ValueEnum>(value: &V) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 /// CPU and memory requests and limits of the sidecar, as Kubernetes quantities.
@@ -46,7 +72,7 @@ pub struct IssuerRef {
     /// Issuer or ClusterIssuer name.
     pub name: String,
     /// `Issuer` or `ClusterIssuer`.
-    pub kind: String,
+    pub kind: IssuerKind,
     /// Usually `cert-manager.io`.
     pub group: String,
 }
@@ -59,7 +85,7 @@ pub struct InjectSettings {
     /// The sidecar image.
     pub image: String,
     /// Its pull policy.
-    pub pull_policy: String,
+    pub pull_policy: PullPolicy,
     /// Its resources.
     pub resources: Resources,
     /// Allow patterns used when a pod has no `wsgate.dev/allow`; may contain the placeholders
@@ -70,7 +96,7 @@ pub struct InjectSettings {
     /// The sidecar's log format.
     pub log_format: LogFormat,
     /// OTLP endpoint and protocol given to every sidecar, if any.
-    pub otlp: Option<(String, String)>,
+    pub otlp: Option<(String, Protocol)>,
     /// Where workload certificates come from.
     pub issuer: IssuerRef,
     /// Certificate duration (Go duration, as cert-manager reads it).
@@ -85,7 +111,7 @@ impl InjectSettings {
         Self {
             trust_domain: "cluster.local".into(),
             image: "ghcr.io/wsgate/wsgate:0.1.0".into(),
-            pull_policy: "IfNotPresent".into(),
+            pull_policy: PullPolicy::IfNotPresent,
             resources: Resources {
                 cpu_request: Some("50m".into()),
                 memory_request: Some("32Mi".into()),
@@ -98,7 +124,7 @@ impl InjectSettings {
             otlp: None,
             issuer: IssuerRef {
                 name: "wsgate-ca".into(),
-                kind: "ClusterIssuer".into(),
+                kind: IssuerKind::ClusterIssuer,
                 group: "cert-manager.io".into(),
             },
             cert_duration: "24h".into(),

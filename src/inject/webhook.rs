@@ -2,10 +2,10 @@
 //! `POST /mutate/namespace-enabled` (namespace labelled `wsgate.dev/injection: enabled`).
 //!
 //! The serving certificate comes from a mounted Secret and is hot-rotated through the same
-//! `certs` + `tls::store` code as the proxy. A malformed review gets HTTP 400, never a panic.
+//! `certs` + `tls::reloader` code as the proxy; connections are served by `net::serve_http`
+//! within [`BOUNDS`]. A malformed review gets HTTP 400, never a panic.
 //! Dry-run requests are answered like any other: the webhook has no side effects at all.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,12 +15,10 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::metrics::{InjectMetrics, ReviewLabels};
 use super::patch::{Mutation, mutate};
@@ -180,59 +178,46 @@ async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<
     resp
 }
 
-async fn connection(
-    webhook: Arc<Webhook>,
-    store: Arc<TlsStore>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    stop: CancellationToken,
-) {
-    let Some(serving) = store.current() else {
-        tracing::debug!(%peer, "no serving certificate yet; closing");
-        return;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(serving.server.clone());
-    drop(serving);
-    let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-            return;
-        }
-        Err(_) => return,
-    };
-    let service = hyper::service::service_fn(move |req| {
-        let webhook = webhook.clone();
-        async move { Ok::<_, Infallible>(handle(webhook, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stop.cancelled() => {
-            // Finish the review in flight (if any), then close.
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(STOP_GRACE, conn).await;
-        }
-    }
-}
+/// The webhook's bounds: the API server opens a few kept-alive connections; 256 connections
+/// with 16 KiB heads are far more than it uses, and bound what an unauthenticated peer can hold.
+pub const BOUNDS: crate::net::HttpBounds = crate::net::HttpBounds {
+    max_connections: 256,
+    max_head: 16 * 1024,
+    header_timeout: HEADER_TIMEOUT,
+    max_lifetime: Duration::from_secs(600),
+    stop_grace: STOP_GRACE,
+};
 
 /// Serves the webhook on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Webhook>, stop: CancellationToken) {
-    let tracker = TaskTracker::new();
-    let conn_stop = stop.clone();
-    crate::proxy::listener::accept_loop(listener, 4096, stop, tracker.clone(), move |tcp, peer, permit| {
-        let work = connection(webhook.clone(), store.clone(), tcp, peer, conn_stop.clone());
-        async move {
-            if permit.is_some() {
-                work.await;
-            }
-        }
-    })
+    crate::net::serve_http(
+        listener,
+        BOUNDS,
+        stop,
+        move |tcp, peer| tls_accept(store.clone(), tcp, peer),
+        move |req, _peer| handle(webhook.clone(), req),
+    )
     .await;
-    tracker.close();
-    let _ = tokio::time::timeout(STOP_GRACE, tracker.wait()).await;
+}
+
+/// The TLS handshake with the serving certificate of the moment; `None` drops the connection.
+async fn tls_accept(
+    store: Arc<TlsStore>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let Some(serving) = store.current() else {
+        tracing::debug!(%peer, "no serving certificate yet; closing");
+        return None;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(serving.server.clone());
+    drop(serving);
+    match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
 }

@@ -1,37 +1,37 @@
 //! The inbound composition root: one accepted TCP connection from accept to close.
 //!
-//! TCP → TLS (config loaded once from the store) → peer identity → allow-list → HTTP/1.1
-//! upgrade request → dial the app → relay the app's answer → frame pump. Every attempt ends in
-//! one [`HandshakeRecord`]. Wires `tls`, `authz`, `proxy::upgrade`, `proxy::pump` and `telemetry`.
+//! accept (TLS, identity) → authorize (allow-list) → exchange (the upgrade request) → dial (the
+//! app and its 101) → the client's 101 → pump. Each stage returns its own typed error; this
+//! file turns the first one into the attempt's outcome, in one place ([`HandshakeError`]), and
+//! fills the [`HandshakeRecord`] from what the stages return. Wires `accept`, `exchange`,
+//! `dial`, `upgrade`, `pump`, `record`, `authz`, `tls` and `telemetry`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use http::StatusCode;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::LazyConfigAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
+use super::accept::{self, AcceptError};
+use super::dial::{self, DialError};
+use super::exchange::{self, ExchangeError};
+use super::outcome::FailureKind;
 use super::pump::{self, Direction, RelayMeter};
-use super::upgrade;
-use crate::authz::{Decision, Policy};
-use crate::config::{Limits, Upstream};
+use super::record::{Failure, HandshakeRecord};
+use super::settings::{Limits, Upstream};
+use super::upgrade::{self, NotUpgrade};
+use crate::authz::{Decision, Denied, Policy};
 use crate::telemetry::metrics::CloseLabels;
-use crate::telemetry::spans::TraceStart;
-use crate::telemetry::{FailureKind, HandshakeRecord, Metrics, Telemetry};
-use crate::tls::{PeerIdentity, TlsFacts, TlsStore};
+use crate::telemetry::{Metrics, Telemetry};
+use crate::tls::TlsStore;
 
-/// Largest body of an app's refusal relayed to the client.
-const MAX_REFUSAL_BODY: usize = 64 * 1024;
 /// Read buffer of the client's leg. rustls already holds the decrypted bytes, so reading them out
 /// in smaller pieces costs copies, not system calls; a sidecar holds many idle connections.
 const CLIENT_READ_BUFFER: usize = 2 * 1024;
@@ -39,6 +39,53 @@ const CLIENT_READ_BUFFER: usize = 2 * 1024;
 const APP_READ_BUFFER: usize = 4 * 1024;
 /// Bytes buffered before tungstenite writes on its own (the pump flushes earlier when idle).
 const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Why a handshake attempt did not end in a relayed WebSocket: the first stage that refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// `--max-connections` connections are open.
+    #[error("{0} connections already open (--max-connections)")]
+    TooManyConnections(usize),
+    /// The proxy is draining.
+    #[error("draining: no new connections")]
+    Draining,
+    /// No valid certificate has been loaded yet.
+    #[error("no valid certificate loaded yet")]
+    NotReady,
+    /// TLS + upgrade took longer than `--handshake-timeout`.
+    #[error("TLS and upgrade not done within {}s", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// The TLS stage refused.
+    #[error(transparent)]
+    Accept(#[from] AcceptError),
+    /// The client's HTTP exchange failed.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The request is not a WebSocket upgrade (426).
+    #[error(transparent)]
+    NotUpgrade(#[from] NotUpgrade),
+    /// The identity is not allowed (403).
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The app could not be reached or refused (502 or its own answer).
+    #[error(transparent)]
+    Dial(#[from] DialError),
+}
+
+impl Failure for HandshakeError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::TooManyConnections(_) => FailureKind::LimitExceeded,
+            Self::Draining | Self::NotReady => FailureKind::NotReady,
+            Self::Timeout(_) => FailureKind::HandshakeTimeout,
+            Self::Accept(e) => e.kind(),
+            Self::Exchange(e) => e.kind(),
+            Self::NotUpgrade(_) => FailureKind::NotWebsocket,
+            Self::Denied(_) => FailureKind::IdentityNotAllowed,
+            Self::Dial(e) => e.kind(),
+        }
+    }
+}
 
 /// Everything the inbound path needs, shared by all connections.
 pub struct Inbound {
@@ -71,42 +118,6 @@ impl RelayMeter for Metrics {
     }
 }
 
-/// What the HTTP exchange produced, filled in by the request handler.
-#[derive(Default)]
-struct Exchange {
-    status: Option<u16>,
-    failure: Option<(FailureKind, String)>,
-    path: Option<String>,
-    subprotocol: Option<String>,
-    upgrade_read: Option<Duration>,
-    upstream_connect: Option<Duration>,
-    legs: Option<(OnUpgrade, Upgraded)>,
-    trace: Option<TraceStart>,
-}
-
-type Slot = Arc<Mutex<Exchange>>;
-
-/// Moves what the HTTP exchange recorded into the handshake record; returns the upgraded legs.
-fn take_exchange(slot: &Slot, rec: &mut HandshakeRecord) -> Option<(OnUpgrade, Upgraded)> {
-    let mut ex = slot.lock().map(|mut ex| std::mem::take(&mut *ex)).unwrap_or_default();
-    rec.path = ex.path.take().or(rec.path.take());
-    rec.status = ex.status.or(rec.status);
-    rec.subprotocol = ex.subprotocol.take();
-    rec.upgrade_read_time = ex.upgrade_read;
-    rec.upstream_connect_time = ex.upstream_connect;
-    rec.trace = ex.trace.take();
-    if let Some((kind, reason)) = ex.failure.take() {
-        rec.fail(kind, reason);
-    }
-    ex.legs.take()
-}
-
-fn with_slot(slot: &Slot, f: impl FnOnce(&mut Exchange)) {
-    if let Ok(mut ex) = slot.lock() {
-        f(&mut ex);
-    }
-}
-
 impl Inbound {
     fn ws_config(&self, read_buffer: usize) -> WebSocketConfig {
         WebSocketConfig::default()
@@ -121,52 +132,130 @@ impl Inbound {
     pub async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
         let server_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
         let mut rec = HandshakeRecord::start(peer, server_port, self.upstream.authority());
-        if permit.is_none() {
-            rec.fail(
-                FailureKind::LimitExceeded,
-                format!(
-                    "{} connections already open (--max-connections)",
-                    self.limits.max_connections
-                ),
-            );
-            rec.finish(&self.telemetry);
-            return;
-        }
-        if self.drain.is_cancelled() {
-            rec.fail(FailureKind::NotReady, "draining: no new connections");
-            rec.finish(&self.telemetry);
-            return;
-        }
-        let timeout = self.handshake_timeout;
-        // Boxed: the handshake's state (TLS, hyper on both legs) is large and short-lived;
-        // inline, it would size this task for the whole life of the connection.
-        let slot: Slot = Arc::default();
-        let legs = match tokio::time::timeout(timeout, Box::pin(self.handshake(tcp, &mut rec, &slot))).await {
-            Ok(legs) => legs,
-            Err(_) => {
-                // Keep what the HTTP exchange had learned (path, trace) for the log and the span.
-                take_exchange(&slot, &mut rec);
-                rec.fail(
-                    FailureKind::HandshakeTimeout,
-                    format!("TLS and upgrade not done within {}s", timeout.as_secs_f64()),
-                );
-                None
+        let result = if permit.is_none() {
+            Err(HandshakeError::TooManyConnections(self.limits.max_connections))
+        } else if self.drain.is_cancelled() {
+            Err(HandshakeError::Draining)
+        } else {
+            // Boxed: the handshake's state (TLS, hyper on both legs) is large and short-lived;
+            // inline, it would size this task for the whole life of the connection.
+            let timeout = self.handshake_timeout;
+            match tokio::time::timeout(timeout, Box::pin(self.handshake(tcp, &mut rec))).await {
+                Ok(result) => result,
+                Err(_) => Err(HandshakeError::Timeout(timeout)),
             }
         };
-        drop(slot);
-        let client_not_after = rec.identity.as_ref().map(|id| id.cert.not_after_unix());
         let client_expiry = rec.identity.as_ref().map(|id| id.cert.not_after);
-        rec.finish(&self.telemetry);
-        let Some((client, app)) = legs else { return };
+        let legs = match result {
+            Ok(legs) => {
+                rec.finish(Ok(()), &self.telemetry);
+                legs
+            }
+            Err(e) => {
+                rec.finish(Err(&e), &self.telemetry);
+                return;
+            }
+        };
+        self.relay(legs, client_expiry, peer).await;
+    }
+
+    /// TLS, identity, the upgrade on both legs; returns the client's and the app's streams.
+    async fn handshake(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        rec: &mut HandshakeRecord,
+    ) -> Result<(Upgraded, Upgraded), HandshakeError> {
+        // Stage 1: accept. The config is taken once: a swap never touches this handshake.
+        let serving = self.store.current().ok_or(HandshakeError::NotReady)?;
+        rec.serving_serial = Some(serving.leaf.serial.clone());
+        let accepted = accept::accept(tcp, &serving).await?;
+        drop(serving);
+        rec.tls_time = Some(accepted.elapsed);
+        rec.tls = Some(accepted.tls);
+        rec.identity = Some(accepted.identity.clone());
+        let identity = accepted.identity;
+
+        // Stage 2: authorize (answered once the request is read, so the client gets a 403).
+        let decision = self.policy.decide(&identity.cert);
+        match &decision {
+            Decision::Allow(rule) => {
+                rec.decision = Some("allow");
+                rec.matched_rule = Some(rule.clone());
+            }
+            Decision::Deny(_) => rec.decision = Some("deny"),
+        }
+
+        // Stage 3: the client's upgrade request.
+        let tls_done = Instant::now();
+        let pending = exchange::read_request(accepted.stream).await?;
+        rec.upgrade_read_time = Some(tls_done.elapsed());
+        rec.path = Some(pending.request.uri().path().to_owned());
+        // The trace is fixed first, so that refusals join the client's trace too.
+        let trace_headers = match self.telemetry.tracer.start_handshake(pending.request.headers()) {
+            Some((trace, headers)) => {
+                rec.trace = Some(trace);
+                headers
+            }
+            None => Vec::new(),
+        };
+        if self.drain.is_cancelled() {
+            let answer = upgrade::text_response(StatusCode::SERVICE_UNAVAILABLE, "503 service unavailable: draining");
+            rec.status = Some(503);
+            pending.refuse(answer).await;
+            return Err(HandshakeError::Draining);
+        }
+        if let Decision::Deny(denied) = decision {
+            let answer = upgrade::text_response(StatusCode::FORBIDDEN, &format!("403 forbidden: {denied}"));
+            rec.status = Some(403);
+            pending.refuse(answer).await;
+            return Err(denied.into());
+        }
+        if let Err(not) = upgrade::check_client_request(&pending.request) {
+            rec.status = Some(426);
+            pending.refuse(upgrade::upgrade_required(&not)).await;
+            return Err(not.into());
+        }
+
+        // Stage 4: dial the app and perform its upgrade.
+        let app_request = upgrade::upstream_request(&pending.request, &identity, rec.peer.ip(), &trace_headers);
+        let dialed = dial::dial(&self.upstream, app_request).await.and_then(|app| {
+            let (answer, subprotocol) = upgrade::switching_response(pending.request.headers(), &app.headers)?;
+            Ok((app, answer, subprotocol))
+        });
+        let (app, answer, subprotocol) = match dialed {
+            Ok(done) => done,
+            Err(mut e) => {
+                rec.status = Some(e.status().as_u16());
+                pending.refuse(e.take_answer()).await;
+                return Err(e.into());
+            }
+        };
+        rec.upstream_connect_time = Some(app.connect_time);
+        rec.subprotocol = subprotocol;
+
+        // The client's 101.
+        rec.status = Some(101);
+        let client = pending.switch(answer).await?;
+        Ok((client, app.io))
+    }
+
+    /// Relays between the two upgraded legs until both close.
+    async fn relay(&self, (client, app): (Upgraded, Upgraded), client_expiry: Option<SystemTime>, peer: SocketAddr) {
         let metrics = &self.telemetry.metrics;
+        let client_not_after = client_expiry.map(crate::x509::to_unix);
         metrics.connections_open.inc();
         if let Some(t) = client_not_after {
             metrics.client_connected(t);
         }
-        let client_cfg = self.ws_config(CLIENT_READ_BUFFER);
-        let app_cfg = self.ws_config(APP_READ_BUFFER);
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(client_cfg)).await;
-        let app = WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(app_cfg)).await;
+        let client = WebSocketStream::from_raw_socket(
+            TokioIo::new(client),
+            Role::Server,
+            Some(self.ws_config(CLIENT_READ_BUFFER)),
+        )
+        .await;
+        let app =
+            WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(self.ws_config(APP_READ_BUFFER)))
+                .await;
         let expires_at = client_expiry.map(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::Instant::now() + left
@@ -200,255 +289,5 @@ impl Inbound {
             reason = %summary.reason,
             "connection closed"
         );
-    }
-
-    /// TLS, identity, HTTP upgrade; returns both upgraded legs on success.
-    async fn handshake(
-        self: &Arc<Self>,
-        tcp: TcpStream,
-        rec: &mut HandshakeRecord,
-        slot: &Slot,
-    ) -> Option<(Upgraded, Upgraded)> {
-        let Some(serving) = self.store.current() else {
-            rec.fail(FailureKind::NotReady, "no valid certificate loaded yet");
-            return None;
-        };
-        rec.serving_serial = Some(serving.leaf.serial.clone());
-        let t0 = Instant::now();
-        let start = match LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await {
-            Ok(start) => start,
-            Err(e) => {
-                let (kind, reason) = FailureKind::of_tls_error(&e);
-                let kind = if kind == FailureKind::ClientClosed {
-                    kind
-                } else {
-                    FailureKind::NotTls
-                };
-                rec.fail(kind, reason);
-                return None;
-            }
-        };
-        let tls = match start.into_stream(serving.server.clone()).await {
-            Ok(tls) => tls,
-            Err(e) => {
-                let (kind, reason) = FailureKind::of_tls_error(&e);
-                rec.fail(kind, reason);
-                return None;
-            }
-        };
-        drop(serving);
-        rec.tls_time = Some(t0.elapsed());
-        let conn = tls.get_ref().1;
-        rec.tls = Some(TlsFacts::of(conn));
-        let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
-            rec.fail(FailureKind::NoClientCertificate, "no client certificate");
-            return None;
-        };
-        let identity = match PeerIdentity::from_der(leaf) {
-            Ok(id) => Arc::new(id),
-            Err(e) => {
-                rec.fail(FailureKind::BadCertificate, e.to_string());
-                return None;
-            }
-        };
-        rec.identity = Some(identity.clone());
-        // A resumed session skips verification: its certificate may have expired since.
-        if SystemTime::now() > identity.cert.not_after {
-            rec.fail(
-                FailureKind::CertificateExpired,
-                "client certificate expired (resumed session)",
-            );
-            return None;
-        }
-        let decision = self.policy.decide(&identity.cert);
-        match &decision {
-            Decision::Allow(rule) => {
-                rec.decision = Some("allow");
-                rec.matched_rule = Some(rule.clone());
-            }
-            Decision::Deny(_) => rec.decision = Some("deny"),
-        }
-
-        let tls_done = Instant::now();
-        let this = self.clone();
-        let svc_slot = slot.clone();
-        let peer = rec.peer;
-        let service = hyper::service::service_fn(move |req| {
-            let (this, identity, decision, slot) = (this.clone(), identity.clone(), decision.clone(), svc_slot.clone());
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    this.on_request(req, &identity, &decision, peer, tls_done, &slot).await,
-                )
-            }
-        });
-        let served = hyper::server::conn::http1::Builder::new()
-            .max_buf_size(16 * 1024)
-            .max_headers(100)
-            .serve_connection(TokioIo::new(tls), service)
-            .with_upgrades()
-            .await;
-        let legs = take_exchange(slot, rec);
-        if rec.failure.is_some() {
-            return None;
-        }
-        if let Err(e) = served {
-            let kind = if e.is_parse_too_large() {
-                FailureKind::LimitExceeded
-            } else if e.is_parse() {
-                FailureKind::NotWebsocket
-            } else {
-                FailureKind::ClientClosed
-            };
-            rec.fail(kind, format!("HTTP: {e}"));
-            return None;
-        }
-        let Some((client_upgrade, app)) = legs else {
-            rec.fail(FailureKind::ClientClosed, "closed before sending an upgrade request");
-            return None;
-        };
-        match client_upgrade.await {
-            Ok(client) => Some((client, app)),
-            Err(e) => {
-                rec.fail(FailureKind::ClientClosed, format!("client upgrade failed: {e}"));
-                None
-            }
-        }
-    }
-
-    /// Handles the one HTTP request of a connection.
-    async fn on_request(
-        &self,
-        mut req: Request<Incoming>,
-        identity: &PeerIdentity,
-        decision: &Decision,
-        peer: SocketAddr,
-        tls_done: Instant,
-        slot: &Slot,
-    ) -> Response<Full<Bytes>> {
-        let path = req.uri().path().to_owned();
-        // The trace is fixed first, so that refusals join the client's trace too.
-        let (trace, trace_headers) = match self.telemetry.tracer.start_handshake(req.headers()) {
-            Some((trace, headers)) => (Some(trace), headers),
-            None => (None, Vec::new()),
-        };
-        with_slot(slot, |ex| {
-            ex.upgrade_read = Some(tls_done.elapsed());
-            ex.path = Some(path);
-            ex.trace = trace;
-        });
-        let refuse = |status: StatusCode, kind: FailureKind, reason: String, resp: Response<Full<Bytes>>| {
-            with_slot(slot, |ex| {
-                ex.status = Some(status.as_u16());
-                ex.failure = Some((kind, reason));
-            });
-            resp
-        };
-        if self.drain.is_cancelled() {
-            let resp = upgrade::text_response(StatusCode::SERVICE_UNAVAILABLE, "503 service unavailable: draining");
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                FailureKind::NotReady,
-                "draining: no new connections".into(),
-                resp,
-            );
-        }
-        if let Decision::Deny(reason) = decision {
-            let resp = upgrade::text_response(StatusCode::FORBIDDEN, &format!("403 forbidden: {reason}"));
-            return refuse(
-                StatusCode::FORBIDDEN,
-                FailureKind::IdentityNotAllowed,
-                reason.clone(),
-                resp,
-            );
-        }
-        if let Err(upgrade::NotUpgrade(reason)) = upgrade::check_client_request(&req) {
-            let resp = upgrade::upgrade_required(&reason);
-            return refuse(StatusCode::UPGRADE_REQUIRED, FailureKind::NotWebsocket, reason, resp);
-        }
-        let bad_gateway = |reason: String| {
-            let resp = upgrade::text_response(StatusCode::BAD_GATEWAY, &format!("502 bad gateway: {reason}"));
-            refuse(StatusCode::BAD_GATEWAY, FailureKind::UpstreamUnavailable, reason, resp)
-        };
-        let t0 = Instant::now();
-        let tcp = match self.upstream.addr {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect((self.upstream.host.as_str(), self.upstream.port)).await,
-        };
-        let tcp = match tcp {
-            Ok(tcp) => tcp,
-            Err(e) => return bad_gateway(format!("connecting to the app at {}: {e}", self.upstream.authority())),
-        };
-        with_slot(slot, |ex| ex.upstream_connect = Some(t0.elapsed()));
-        let _ = tcp.set_nodelay(true);
-        let app_req = upgrade::upstream_request(&req, identity, peer.ip(), &trace_headers);
-        let (mut sender, conn) = match hyper::client::conn::http1::Builder::new()
-            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
-            .await
-        {
-            Ok(pair) => pair,
-            Err(e) => return bad_gateway(format!("talking to the app: {e}")),
-        };
-        let mut conn = std::pin::pin!(conn.with_upgrades());
-        let mut send = std::pin::pin!(sender.send_request(app_req));
-        // The connection task may finish (handing the socket to the upgrade) in the same poll
-        // that delivers the response, so a finished connection is not yet a failure.
-        let sent = tokio::select! {
-            biased;
-            resp = &mut send => resp,
-            ended = &mut conn => match ended {
-                Ok(()) => send.await,
-                Err(e) => return bad_gateway(format!("the app closed the connection before answering: {e}")),
-            },
-        };
-        let mut resp = match sent {
-            Ok(resp) => resp,
-            Err(e) => return bad_gateway(format!("the app did not answer the upgrade: {e}")),
-        };
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let status = resp.status();
-            let (parts, body) = resp.into_parts();
-            let mut collect = std::pin::pin!(Limited::new(body, MAX_REFUSAL_BODY).collect());
-            let body = tokio::select! {
-                biased;
-                b = &mut collect => b,
-                _ = &mut conn => collect.await,
-            }
-            .map(|c| c.to_bytes());
-            let body = match body {
-                Ok(b) => b,
-                Err(e) => return bad_gateway(format!("reading the app's {status} answer: {e}")),
-            };
-            let resp = upgrade::relay_refusal(parts, body);
-            return refuse(
-                status,
-                FailureKind::UpstreamRejected,
-                format!("the app answered {status}"),
-                resp,
-            );
-        }
-        let (client_resp, subprotocol) = match upgrade::switching_response(req.headers(), &resp) {
-            Ok(pair) => pair,
-            Err(reason) => return bad_gateway(reason),
-        };
-        let mut app_upgrade = hyper::upgrade::on(&mut resp);
-        let app = tokio::select! {
-            biased;
-            up = &mut app_upgrade => up,
-            ended = &mut conn => match ended {
-                Ok(()) => app_upgrade.await,
-                Err(e) => return bad_gateway(format!("the app's upgrade failed: {e}")),
-            },
-        };
-        let app = match app {
-            Ok(app) => app,
-            Err(e) => return bad_gateway(format!("the app's upgrade failed: {e}")),
-        };
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        with_slot(slot, |ex| {
-            ex.status = Some(101);
-            ex.subprotocol = subprotocol;
-            ex.legs = Some((client_upgrade, app));
-        });
-        client_resp
     }
 }

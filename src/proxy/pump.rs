@@ -7,10 +7,16 @@
 //! drain sends Close 1001 "going away" on both legs, and the expiry of the client's certificate
 //! Close 1008; an oversized message closes its sender's leg with 1009, invalid UTF-8 with 1007
 //! and another protocol violation with 1002. Depends on tokio-tungstenite.
+//!
+//! Each leg is a small state machine (`LegState`: `dst` open, or done) stepped by `Next`
+//! (wait, handle an item already read, done). Every write races the drain/expiry stop and is
+//! given up `STOP_WRITE_TIMEOUT` after it, so a peer that reads nothing cannot hold a leg;
+//! after a stop the relay ends within [`CLOSE_GRACE`].
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use futures_util::future::Fuse;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -104,14 +110,69 @@ fn close(code: CloseCode, reason: &'static str) -> Message {
     }))
 }
 
+/// How long a write may still take once stop (drain or expiry) has fired. Before stop a write
+/// waits as long as its peer makes it (backpressure: a slow reader slows its sender); after it, a
+/// peer that has not taken the frame within this is not reading, and the leg gives up on it.
+const STOP_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs one write (`feed`, `flush` or `send`) so that stop can always reach it: the write races
+/// the stop token, and once stop has fired it gets at most [`STOP_WRITE_TIMEOUT`] more. `false`
+/// when the write failed or was given up; dropping it then is safe for the framing, since
+/// tungstenite keeps whole frames in its write buffer and never half-queues a message.
+async fn guarded_write(stop: &CancellationToken, write: impl Future<Output = Result<(), WsError>>) -> bool {
+    let mut write = std::pin::pin!(write);
+    tokio::select! {
+        biased;
+        done = &mut write => done.is_ok(),
+        _ = stop.cancelled() => matches!(tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await, Ok(Ok(()))),
+    }
+}
+
+/// Where a leg stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegState {
+    /// Relaying: data from `src` is written to `dst`; close requests and stop are watched.
+    Open,
+    /// `dst` is done: it got a Close (forwarded, asked for by the other leg, or sent on stop), or
+    /// a write to it failed or was given up. The leg still reads `src`, so that tungstenite
+    /// answers its pings and its Close, and discards its data until it ends.
+    DstClosed,
+}
+
+/// What a leg does next.
+enum Next {
+    /// Flush the batch, then wait for a close request, stop, or the next item from `src`.
+    Wait,
+    /// Handle an item `src` already had ready (batching, up to [`MAX_BATCH`] in a row).
+    Handle(Option<Result<Message, WsError>>),
+    /// `src` ended: the leg is done.
+    Done,
+}
+
+/// The messages written to `dst` since the last flush.
+#[derive(Default)]
+struct Batch {
+    /// Data messages fed and not yet metered.
+    msgs: u64,
+    /// Their payload bytes.
+    bytes: u64,
+    /// Items handled since the last wait.
+    len: usize,
+}
+
 struct Leg<'a, S, D> {
     src: &'a mut SplitStream<WebSocketStream<S>>,
     dst: &'a mut SplitSink<WebSocketStream<D>, Message>,
     dir: Direction,
-    /// Requests from the other loop to close `dst` with a given frame.
-    close_dst: oneshot::Receiver<Message>,
+    state: LegState,
+    batch: Batch,
+    /// Requests from the other loop to close `dst` with a given frame (fused: pending once used).
+    close_dst: Fuse<oneshot::Receiver<Message>>,
     /// Asks the other loop to close `src`.
     close_src: Option<oneshot::Sender<Message>>,
+    /// Fires on drain and on the client certificate's expiry; `why` then says which (unset: drain).
+    stop: &'a CancellationToken,
+    why: &'a OnceLock<StopReason>,
     first: &'a OnceLock<CloseSummary>,
     meter: &'a dyn RelayMeter,
 }
@@ -136,130 +197,131 @@ where
         });
     }
 
-    fn account(&self, msgs: &mut u64, bytes: &mut u64) {
-        if *msgs > 0 {
-            self.meter.relayed(self.dir, *msgs, *bytes);
-            (*msgs, *bytes) = (0, 0);
+    fn account(&mut self) {
+        if self.batch.msgs > 0 {
+            self.meter.relayed(self.dir, self.batch.msgs, self.batch.bytes);
+            (self.batch.msgs, self.batch.bytes) = (0, 0);
         }
     }
 
-    /// Relays until the source ends. `stop` fires on drain and on the client certificate's
-    /// expiry; `why` then says which (unset: drain).
-    async fn run(mut self, stop: &CancellationToken, why: &OnceLock<StopReason>) {
-        let mut dst_open = true;
-        let mut stopping = false;
-        let mut close_dst_done = false;
-        let mut pending: Option<Option<Result<Message, WsError>>> = None;
-        let (mut msgs, mut bytes, mut batch) = (0u64, 0u64, 0usize);
+    /// Sends `frame` (a Close) to `dst` unless it is done already; `dst` is done after.
+    async fn close_dst(&mut self, frame: Message) {
+        if self.state == LegState::Open {
+            self.state = LegState::DstClosed;
+            let _ = guarded_write(self.stop, self.dst.send(frame)).await;
+        }
+    }
+
+    /// Relays until the source ends.
+    async fn run(mut self) {
+        let mut next = Next::Wait;
         loop {
-            let item = match pending.take() {
-                Some(item) => item,
-                None => {
-                    if msgs > 0 && dst_open && self.dst.flush().await.is_err() {
-                        dst_open = false;
-                    }
-                    self.account(&mut msgs, &mut bytes);
-                    batch = 0;
-                    tokio::select! {
-                        biased;
-                        frame = &mut self.close_dst, if !close_dst_done => {
-                            close_dst_done = true;
-                            if let Ok(frame) = frame && dst_open {
-                                dst_open = false;
-                                let _ = self.dst.send(frame).await;
-                            }
-                            continue;
-                        }
-                        _ = stop.cancelled(), if !stopping => {
-                            stopping = true;
-                            let reason = why.get().copied().unwrap_or(StopReason::Drain);
-                            let (code, text, note) = reason.close();
-                            self.note(Initiator::Proxy, Some(u16::from(code)), note.into());
-                            if dst_open {
-                                dst_open = false;
-                                let _ = self.dst.send(close(code, text)).await;
-                            }
-                            continue;
-                        }
-                        item = self.src.next() => item,
-                    }
-                }
+            next = match next {
+                Next::Wait => self.wait().await,
+                Next::Handle(item) => self.handle(item).await,
+                Next::Done => return,
             };
-            match item {
-                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                    if dst_open {
-                        let len = msg.len() as u64;
-                        if self.dst.feed(msg).await.is_err() {
-                            dst_open = false;
-                        } else {
-                            msgs += 1;
-                            bytes += len;
+        }
+    }
+
+    /// Flushes what the batch fed, then waits for the next thing to do.
+    async fn wait(&mut self) -> Next {
+        if self.batch.msgs > 0 && self.state == LegState::Open && !guarded_write(self.stop, self.dst.flush()).await {
+            self.state = LegState::DstClosed;
+        }
+        self.account();
+        self.batch.len = 0;
+        let open = self.state == LegState::Open;
+        tokio::select! {
+            biased;
+            frame = &mut self.close_dst, if open => {
+                if let Ok(frame) = frame {
+                    self.close_dst(frame).await;
+                }
+                Next::Wait
+            }
+            _ = self.stop.cancelled(), if open => {
+                let reason = self.why.get().copied().unwrap_or(StopReason::Drain);
+                let (code, text, note) = reason.close();
+                self.note(Initiator::Proxy, Some(u16::from(code)), note.into());
+                self.close_dst(close(code, text)).await;
+                Next::Wait
+            }
+            item = self.src.next() => Next::Handle(item),
+        }
+    }
+
+    /// Handles one item read from `src`.
+    async fn handle(&mut self, item: Option<Result<Message, WsError>>) -> Next {
+        match item {
+            Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                if self.state == LegState::Open {
+                    let len = msg.len() as u64;
+                    if guarded_write(self.stop, self.dst.feed(msg)).await {
+                        self.batch.msgs += 1;
+                        self.batch.bytes += len;
+                    } else {
+                        self.state = LegState::DstClosed;
+                    }
+                }
+                self.batch.len += 1;
+                if self.batch.len < MAX_BATCH
+                    && let Some(item) = self.src.next().now_or_never()
+                {
+                    return Next::Handle(item);
+                }
+                Next::Wait
+            }
+            // Answered on this leg by tungstenite; each leg keeps its own liveness.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Next::Wait,
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame
+                    .as_ref()
+                    .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
+                    .unwrap_or((None, String::new()));
+                self.note(self.source(), code, reason);
+                // A Close without a code is forwarded as such; tungstenite replies on `src`.
+                self.close_dst(Message::Close(frame)).await;
+                Next::Wait
+            }
+            // A peer that closed TCP without a Close frame (a crash, a restart, close_notify
+            // and FIN) is a vanished peer, not a protocol violation.
+            None
+            | Some(Err(
+                WsError::ConnectionClosed
+                | WsError::AlreadyClosed
+                | WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake),
+            )) => {
+                tracing::trace!(dir = ?self.dir, "source ended");
+                self.account();
+                self.note(self.source(), None, "connection closed without a Close frame".into());
+                self.close_dst(close(CloseCode::Away, "peer went away")).await;
+                Next::Done
+            }
+            Some(Err(err)) => {
+                tracing::trace!(dir = ?self.dir, error = %err, "source failed");
+                self.account();
+                let to_src = match &err {
+                    WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
+                    WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message", 1007)),
+                    WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
+                    _ => None,
+                };
+                match to_src {
+                    Some((code, reason, num)) => {
+                        self.note(
+                            Initiator::Proxy,
+                            Some(num),
+                            format!("{}: {err}", self.source().as_str()),
+                        );
+                        if let Some(tx) = self.close_src.take() {
+                            let _ = tx.send(close(code, reason));
                         }
                     }
-                    batch += 1;
-                    if batch < MAX_BATCH {
-                        pending = self.src.next().now_or_never();
-                    }
+                    None => self.note(self.source(), None, format!("read failed: {err}")),
                 }
-                // Answered on this leg by tungstenite; each leg keeps its own liveness.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame
-                        .as_ref()
-                        .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
-                        .unwrap_or((None, String::new()));
-                    self.note(self.source(), code, reason);
-                    if dst_open {
-                        dst_open = false;
-                        // A Close without a code is forwarded as such; tungstenite replies on `src`.
-                        let _ = self.dst.send(Message::Close(frame)).await;
-                    }
-                }
-                // A peer that closed TCP without a Close frame (a crash, a restart, close_notify
-                // and FIN) is a vanished peer, not a protocol violation.
-                None
-                | Some(Err(
-                    WsError::ConnectionClosed
-                    | WsError::AlreadyClosed
-                    | WsError::Protocol(
-                        tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                    ),
-                )) => {
-                    tracing::trace!(dir = ?self.dir, "source ended");
-                    self.account(&mut msgs, &mut bytes);
-                    self.note(self.source(), None, "connection closed without a Close frame".into());
-                    if dst_open {
-                        let _ = self.dst.send(close(CloseCode::Away, "peer went away")).await;
-                    }
-                    return;
-                }
-                Some(Err(err)) => {
-                    tracing::trace!(dir = ?self.dir, error = %err, "source failed");
-                    self.account(&mut msgs, &mut bytes);
-                    let to_src = match &err {
-                        WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
-                        WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message", 1007)),
-                        WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
-                        _ => None,
-                    };
-                    match to_src {
-                        Some((code, reason, num)) => {
-                            self.note(
-                                Initiator::Proxy,
-                                Some(num),
-                                format!("{}: {err}", self.source().as_str()),
-                            );
-                            if let Some(tx) = self.close_src.take() {
-                                let _ = tx.send(close(code, reason));
-                            }
-                        }
-                        None => self.note(self.source(), None, format!("read failed: {err}")),
-                    }
-                    if dst_open {
-                        let _ = self.dst.send(close(CloseCode::Away, "peer connection failed")).await;
-                    }
-                    return;
-                }
+                self.close_dst(close(CloseCode::Away, "peer connection failed")).await;
+                Next::Done
             }
         }
     }
@@ -268,6 +330,11 @@ where
 /// Relays messages between the client's and the app's WebSocket until both have closed (or one
 /// has and the other did not finish within [`CLOSE_GRACE`]), then closes the client's
 /// connection gracefully. Resolves to the first close seen.
+///
+/// A drain or the client certificate's expiry ends the relay within [`CLOSE_GRACE`] (plus the
+/// client connection's linger) whatever the peers do: every write races the stop (see
+/// `guarded_write`), and after the stop the legs get [`CLOSE_GRACE`] to finish their close
+/// handshakes.
 ///
 /// Not an `async fn`: its arguments would stay in the future for its whole life (an async fn
 /// keeps its parameters' storage), and an idle connection should hold only what it uses.
@@ -312,35 +379,58 @@ where
             src: &mut client_rx,
             dst: &mut up_tx,
             dir: Direction::ClientToUpstream,
-            close_dst: close_up_rx,
+            state: LegState::Open,
+            batch: Batch::default(),
+            close_dst: close_up_rx.fuse(),
             close_src: Some(close_client_tx),
+            stop: &stop,
+            why: &why,
             first: &first,
             meter,
         }
-        .run(&stop, &why);
+        .run();
         let outbound = Leg {
             src: &mut up_rx,
             dst: &mut client_tx,
             dir: Direction::UpstreamToClient,
-            close_dst: close_client_rx,
+            state: LegState::Open,
+            batch: Batch::default(),
+            close_dst: close_client_rx.fuse(),
             close_src: Some(close_up_tx),
+            stop: &stop,
+            why: &why,
             first: &first,
             meter,
         }
-        .run(&stop, &why);
-        let mut inbound = std::pin::pin!(inbound);
-        let mut outbound = std::pin::pin!(outbound);
-        let far = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
-        let mut expiry = std::pin::pin!(tokio::time::sleep_until(expires_at.unwrap_or(far)));
-        loop {
+        .run();
+        let legs = async {
+            let (mut inbound, mut outbound) = (std::pin::pin!(inbound), std::pin::pin!(outbound));
             tokio::select! {
-                _ = &mut inbound => { let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await; break; }
-                _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; break; }
-                _ = &mut expiry, if expires_at.is_some() && !stop.is_cancelled() => {
+                _ = &mut inbound => { let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await; }
+                _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
+            }
+        };
+        // Stops both legs on drain or expiry, then gives them CLOSE_GRACE to finish.
+        let stopper = async {
+            let expiry = async {
+                match expires_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {}
+                _ = expiry => {
                     let _ = why.set(StopReason::Expired);
                     stop.cancel();
                 }
             }
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        tokio::select! {
+            _ = legs => {}
+            _ = stopper => {}
         }
     }
     drop((up_tx, up_rx));
@@ -377,4 +467,300 @@ async fn linger<C: AsyncRead + AsyncWrite + Unpin>(mut io: C) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+    use tokio::time::Instant;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+    use super::*;
+
+    type Ws = WebSocketStream<DuplexStream>;
+
+    /// Capacity of each in-memory connection, per direction.
+    const PIPE: usize = 64 * 1024;
+    /// Longest a test waits for one event; paused time only reaches it when everything is stuck.
+    const PATIENCE: Duration = Duration::from_secs(600);
+
+    /// Sums what the relay meters, per direction: (calls, messages, bytes).
+    #[derive(Default)]
+    struct Counter(Mutex<[(u64, u64, u64); 2]>);
+
+    impl Counter {
+        fn get(&self, dir: Direction) -> (u64, u64) {
+            let (_, msgs, bytes) = self.0.lock().unwrap()[dir as usize];
+            (msgs, bytes)
+        }
+    }
+
+    impl RelayMeter for Counter {
+        fn relayed(&self, dir: Direction, messages: u64, bytes: u64) {
+            let mut counts = self.0.lock().unwrap();
+            let c = &mut counts[dir as usize];
+            (c.0, c.1, c.2) = (c.0 + 1, c.1 + messages, c.2 + bytes);
+        }
+    }
+
+    /// One leg: the proxy's end in `proxy_role` (with `cfg`) and the peer's end in the other.
+    async fn pipe(proxy_role: Role, cfg: Option<WebSocketConfig>) -> (Ws, Ws) {
+        let (proxy, peer) = tokio::io::duplex(PIPE);
+        let peer_role = match proxy_role {
+            Role::Server => Role::Client,
+            Role::Client => Role::Server,
+        };
+        (
+            WebSocketStream::from_raw_socket(proxy, proxy_role, cfg).await,
+            WebSocketStream::from_raw_socket(peer, peer_role, None).await,
+        )
+    }
+
+    struct Relay {
+        /// The TLS client's end (WebSocket client role).
+        client: Ws,
+        /// The app's end (WebSocket server role).
+        app: Ws,
+        drain: CancellationToken,
+        meter: &'static Counter,
+        task: JoinHandle<CloseSummary>,
+    }
+
+    async fn start(client_cfg: Option<WebSocketConfig>, expires_at: Option<Instant>) -> Relay {
+        let (proxy_client, client) = pipe(Role::Server, client_cfg).await;
+        let (proxy_app, app) = pipe(Role::Client, None).await;
+        let drain = CancellationToken::new();
+        let meter: &'static Counter = Box::leak(Box::default());
+        let task = tokio::spawn(relay(proxy_client, proxy_app, drain.clone(), expires_at, meter));
+        Relay {
+            client,
+            app,
+            drain,
+            meter,
+            task,
+        }
+    }
+
+    fn text_close(code: u16, reason: &'static str) -> Message {
+        close(CloseCode::from(code), reason)
+    }
+
+    /// Reads until a Close frame (skipping data) and returns its code and reason.
+    async fn recv_close(ws: &mut Ws) -> (u16, String) {
+        loop {
+            match tokio::time::timeout(PATIENCE, ws.next())
+                .await
+                .expect("a Close in time")
+            {
+                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+                Some(Ok(Message::Close(None))) => panic!("Close without a code"),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a Close, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads to the end (which sends tungstenite's Close reply), then drops the connection.
+    async fn finish(mut ws: Ws) {
+        let _ = tokio::time::timeout(PATIENCE, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    }
+
+    async fn recv(ws: &mut Ws) -> Message {
+        tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("a message")
+            .expect("no error")
+    }
+
+    async fn summary(task: JoinHandle<CloseSummary>) -> CloseSummary {
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the relay ended")
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relays_both_ways_in_order_answers_pings_and_meters() {
+        let mut r = start(None, None).await;
+        r.client.send(Message::text("one")).await.unwrap();
+        r.client.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
+        r.client.send(Message::text("two")).await.unwrap();
+        r.client.send(Message::binary(vec![7u8; 10])).await.unwrap();
+        assert_eq!(recv(&mut r.app).await, Message::text("one"));
+        // The ping is answered on the client's leg, not forwarded.
+        assert_eq!(recv(&mut r.app).await, Message::text("two"));
+        assert_eq!(recv(&mut r.app).await, Message::binary(vec![7u8; 10]));
+
+        r.app.send(Message::text("back")).await.unwrap();
+        r.app.send(Message::binary(vec![1u8; 5])).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(recv(&mut r.client).await);
+        }
+        assert_eq!(
+            got,
+            [
+                Message::Pong(b"p".to_vec().into()),
+                Message::text("back"),
+                Message::binary(vec![1u8; 5])
+            ]
+        );
+
+        r.client.close(None).await.unwrap();
+        let app_saw = tokio::time::timeout(PATIENCE, r.app.next()).await.unwrap();
+        assert!(matches!(app_saw, Some(Ok(Message::Close(None)))), "{app_saw:?}");
+        tokio::join!(finish(r.client), finish(r.app));
+        let s = summary(r.task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Client, None));
+        assert_eq!(r.meter.get(Direction::ClientToUpstream), (3, 3 + 3 + 10));
+        assert_eq!(r.meter.get(Direction::UpstreamToClient), (2, 4 + 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_close_reaches_the_app_with_its_code_and_reason() {
+        let mut r = start(None, None).await;
+        r.client.send(text_close(4000, "done here")).await.unwrap();
+        assert_eq!(recv_close(&mut r.app).await, (4000, "done here".into()));
+        tokio::join!(finish(r.client), finish(r.app));
+        let s = summary(r.task).await;
+        assert_eq!(
+            s,
+            CloseSummary {
+                initiator: Initiator::Client,
+                code: Some(4000),
+                reason: "done here".into()
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_app_that_vanishes_gives_the_client_1001() {
+        let mut r = start(None, None).await;
+        drop(r.app);
+        assert_eq!(recv_close(&mut r.client).await, (1001, "peer went away".into()));
+        finish(r.client).await;
+        let s = summary(r.task).await;
+        assert_eq!(s.initiator, Initiator::Upstream);
+        assert_eq!(s.code, None);
+        assert_eq!(s.reason, "connection closed without a Close frame");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_sends_1001_to_both_legs() {
+        let mut r = start(None, None).await;
+        let t0 = Instant::now();
+        r.drain.cancel();
+        assert_eq!(recv_close(&mut r.client).await, (1001, "going away".into()));
+        assert_eq!(recv_close(&mut r.app).await, (1001, "going away".into()));
+        tokio::join!(finish(r.client), finish(r.app));
+        let s = summary(r.task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
+        assert_eq!(s.reason, "going away (drain)");
+        // Both peers answered: no grace period was waited out.
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_sends_1008_to_the_client_and_ends_the_relay() {
+        let t0 = Instant::now();
+        let mut r = start(None, Some(t0 + Duration::from_secs(60))).await;
+        r.client.send(Message::text("before")).await.unwrap();
+        assert_eq!(recv(&mut r.app).await, Message::text("before"));
+        assert_eq!(
+            recv_close(&mut r.client).await,
+            (1008, "client certificate expired".into())
+        );
+        assert!(t0.elapsed() >= Duration::from_secs(60));
+        assert_eq!(
+            recv_close(&mut r.app).await,
+            (1008, "client certificate expired".into())
+        );
+        tokio::join!(finish(r.client), finish(r.app));
+        let s = summary(r.task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1008)));
+        assert_eq!(s.reason, "client certificate expired");
+        assert!(t0.elapsed() < Duration::from_secs(61), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_message_closes_its_sender_with_1009() {
+        let cfg = WebSocketConfig::default().max_message_size(Some(1024));
+        let mut r = start(Some(cfg), None).await;
+        r.client.send(Message::binary(vec![0u8; 4096])).await.unwrap();
+        assert_eq!(recv_close(&mut r.client).await, (1009, "message too big".into()));
+        assert_eq!(recv_close(&mut r.app).await, (1001, "peer connection failed".into()));
+        tokio::join!(finish(r.client), finish(r.app));
+        let s = summary(r.task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1009)));
+        assert!(s.reason.starts_with("client: "), "{}", s.reason);
+        assert_eq!(r.meter.get(Direction::ClientToUpstream), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_handshake_left_unfinished_is_cut_after_the_grace() {
+        let mut r = start(None, None).await;
+        let t0 = Instant::now();
+        r.client.send(text_close(1000, "bye")).await.unwrap();
+        // The client's leg finishes its handshake (tungstenite echoes the Close) ...
+        assert_eq!(recv_close(&mut r.client).await, (1000, "bye".into()));
+        drop(r.client);
+        // ... the app never reads, so it never answers the forwarded Close.
+        tokio::time::sleep(CLOSE_GRACE - Duration::from_millis(100)).await;
+        assert!(!r.task.is_finished(), "the relay did not wait for the app");
+        let s = summary(r.task).await;
+        let waited = t0.elapsed();
+        assert!(
+            waited >= CLOSE_GRACE && waited < CLOSE_GRACE + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(
+            (s.initiator, s.code, s.reason.as_str()),
+            (Initiator::Client, Some(1000), "bye")
+        );
+        // The Close did reach the app.
+        assert_eq!(recv_close(&mut r.app).await, (1000, "bye".into()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_ends_a_connection_whose_client_stopped_reading() {
+        let Relay {
+            client,
+            mut app,
+            drain,
+            meter,
+            task,
+        } = start(None, None).await;
+        // The app sends far more than the pipes and buffers hold; the client reads nothing.
+        const SENT: usize = 1000;
+        let app_task = tokio::spawn(async move {
+            for _ in 0..SENT {
+                app.send(Message::binary(vec![0u8; 4096])).await.unwrap();
+            }
+            let close = recv_close(&mut app).await;
+            finish(app).await;
+            close
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!app_task.is_finished(), "the client's pipe never filled up");
+        let (relayed, _) = meter.get(Direction::UpstreamToClient);
+        assert!(relayed < SENT as u64, "{relayed}");
+
+        let t0 = Instant::now();
+        drain.cancel();
+        // The app still reads: it gets its 1001 once the stuck write to the client is given up.
+        let app_close = tokio::time::timeout(PATIENCE, app_task).await.unwrap().unwrap();
+        assert_eq!(app_close, (1001, "going away".into()));
+        assert!(t0.elapsed() >= STOP_WRITE_TIMEOUT, "{:?}", t0.elapsed());
+        let s = summary(task).await;
+        // The client never answers: the relay ends at the grace after the stop, plus the linger.
+        let took = t0.elapsed();
+        assert!(took >= CLOSE_GRACE && took <= CLOSE_GRACE + LINGER, "{took:?}");
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
+        assert_eq!(s.reason, "going away (drain)");
+        drop(client);
+    }
 }

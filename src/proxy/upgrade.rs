@@ -41,9 +41,48 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Why a request is not a WebSocket upgrade this proxy can serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotUpgrade(pub String);
+/// Why a request is not a WebSocket upgrade this proxy can serve (answered 426).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotUpgrade {
+    /// Only GET opens a WebSocket.
+    #[error("method {0} is not GET")]
+    Method(Method),
+    /// HTTP/2 and HTTP/1.0 cannot upgrade.
+    #[error("{0:?} cannot upgrade to WebSocket, use HTTP/1.1")]
+    Version(Version),
+    /// No `Upgrade: websocket`.
+    #[error("no 'Upgrade: websocket' header")]
+    NoUpgradeHeader,
+    /// No `Connection: upgrade`.
+    #[error("no 'Connection: upgrade' header")]
+    NoConnectionUpgrade,
+    /// The key is missing or not 16 bytes in base64.
+    #[error("missing or malformed Sec-WebSocket-Key")]
+    BadKey,
+    /// Only version 13 exists.
+    #[error("Sec-WebSocket-Version must be 13")]
+    BadVersion,
+}
+
+/// Why the app's 101 cannot be passed on to the client (answered 502).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadAnswer {
+    /// The 101 lacks the upgrade headers.
+    #[error("the app answered 101 without 'Upgrade: websocket' and 'Connection: upgrade'")]
+    NotWebsocket,
+    /// The accept key does not prove the app read the client's key.
+    #[error("the app's Sec-WebSocket-Accept does not match the key")]
+    AcceptMismatch,
+    /// Extensions are never offered to the app.
+    #[error("the app negotiated a WebSocket extension that was not offered")]
+    Extension,
+    /// The chosen subprotocol is not ASCII.
+    #[error("the app chose a non-ASCII subprotocol")]
+    SubprotocolNotAscii,
+    /// The chosen subprotocol was not offered.
+    #[error("the app chose subprotocol '{0}', which the client did not offer")]
+    SubprotocolNotOffered(String),
+}
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
@@ -58,32 +97,29 @@ fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 pub fn check_client_request<B>(req: &Request<B>) -> Result<(), NotUpgrade> {
     let h = req.headers();
     if req.method() != Method::GET {
-        return Err(NotUpgrade(format!("method {} is not GET", req.method())));
+        return Err(NotUpgrade::Method(req.method().clone()));
     }
     if req.version() != Version::HTTP_11 {
-        return Err(NotUpgrade(format!(
-            "{:?} cannot upgrade to WebSocket, use HTTP/1.1",
-            req.version()
-        )));
+        return Err(NotUpgrade::Version(req.version()));
     }
     if !has_token(h, &header::UPGRADE, "websocket") {
-        return Err(NotUpgrade("no 'Upgrade: websocket' header".into()));
+        return Err(NotUpgrade::NoUpgradeHeader);
     }
     if !has_token(h, &header::CONNECTION, "upgrade") {
-        return Err(NotUpgrade("no 'Connection: upgrade' header".into()));
+        return Err(NotUpgrade::NoConnectionUpgrade);
     }
     match h.get(SEC_WEBSOCKET_KEY) {
         Some(k) if k.len() == 24 => {}
-        _ => return Err(NotUpgrade("missing or malformed Sec-WebSocket-Key".into())),
+        _ => return Err(NotUpgrade::BadKey),
     }
     if h.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        return Err(NotUpgrade("Sec-WebSocket-Version must be 13".into()));
+        return Err(NotUpgrade::BadVersion);
     }
     Ok(())
 }
 
 /// The 426 sent for a request that is not a WebSocket upgrade.
-pub fn upgrade_required(reason: &str) -> Response<Full<Bytes>> {
+pub fn upgrade_required(reason: &NotUpgrade) -> Response<Full<Bytes>> {
     let mut resp = text_response(StatusCode::UPGRADE_REQUIRED, &format!("426 upgrade required: {reason}"));
     let h = resp.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -176,11 +212,10 @@ pub fn upstream_request<B>(
 /// Returns the response and the subprotocol the app chose.
 pub fn switching_response(
     client_headers: &HeaderMap,
-    upstream: &Response<hyper::body::Incoming>,
-) -> Result<(Response<Full<Bytes>>, Option<String>), String> {
-    let uh = upstream.headers();
+    uh: &HeaderMap,
+) -> Result<(Response<Full<Bytes>>, Option<String>), BadAnswer> {
     if !has_token(uh, &header::UPGRADE, "websocket") || !has_token(uh, &header::CONNECTION, "upgrade") {
-        return Err("the app answered 101 without 'Upgrade: websocket' and 'Connection: upgrade'".into());
+        return Err(BadAnswer::NotWebsocket);
     }
     let key = client_headers
         .get(SEC_WEBSOCKET_KEY)
@@ -188,18 +223,15 @@ pub fn switching_response(
         .unwrap_or_default();
     let want = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
     if uh.get(SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes()) != Some(want.as_bytes()) {
-        return Err("the app's Sec-WebSocket-Accept does not match the key".into());
+        return Err(BadAnswer::AcceptMismatch);
     }
     if uh.contains_key(SEC_WEBSOCKET_EXTENSIONS) {
-        return Err("the app negotiated a WebSocket extension that was not offered".into());
+        return Err(BadAnswer::Extension);
     }
     let subprotocol = match uh.get(SEC_WEBSOCKET_PROTOCOL) {
         None => None,
         Some(chosen) => {
-            let chosen = chosen
-                .to_str()
-                .map_err(|_| "the app chose a non-ASCII subprotocol")?
-                .trim();
+            let chosen = chosen.to_str().map_err(|_| BadAnswer::SubprotocolNotAscii)?.trim();
             let offered = client_headers
                 .get_all(SEC_WEBSOCKET_PROTOCOL)
                 .iter()
@@ -207,9 +239,7 @@ pub fn switching_response(
                 .flat_map(|v| v.split(','))
                 .any(|p| p.trim() == chosen);
             if !offered {
-                return Err(format!(
-                    "the app chose subprotocol '{chosen}', which the client did not offer"
-                ));
+                return Err(BadAnswer::SubprotocolNotOffered(chosen.to_owned()));
             }
             Some(chosen.to_owned())
         }
@@ -240,7 +270,7 @@ pub fn relay_refusal(parts: http::response::Parts, body: Bytes) -> Response<Full
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::summary::CertSummary;
+    use crate::x509::CertSummary;
 
     fn identity() -> PeerIdentity {
         PeerIdentity {
@@ -273,14 +303,19 @@ mod tests {
     #[test]
     fn requests_that_are_not_upgrades_are_named() {
         let plain = Request::get("/").body(()).unwrap();
-        assert!(check_client_request(&plain).unwrap_err().0.contains("Upgrade"));
+        assert!(
+            check_client_request(&plain)
+                .unwrap_err()
+                .to_string()
+                .contains("Upgrade")
+        );
         let post = upgrade_req().method("POST").body(()).unwrap();
-        assert!(check_client_request(&post).unwrap_err().0.contains("POST"));
+        assert!(check_client_request(&post).unwrap_err() == NotUpgrade::Method(Method::POST));
         let v12 = upgrade_req().header("sec-websocket-version", "12");
         let mut r = v12.body(()).unwrap();
         r.headers_mut()
             .insert("sec-websocket-version", HeaderValue::from_static("12"));
-        assert!(check_client_request(&r).unwrap_err().0.contains("13"));
+        assert!(check_client_request(&r).unwrap_err() == NotUpgrade::BadVersion);
     }
 
     #[test]

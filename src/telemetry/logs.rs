@@ -3,7 +3,14 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable key=value lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
 
 /// Installs the global subscriber once; later calls are ignored (tests start several proxies).
 /// `default_level` applies when `RUST_LOG` is not set.

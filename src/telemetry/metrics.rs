@@ -160,11 +160,9 @@ impl Metrics {
         let outbound = DirectionLabels {
             direction: "upstream_to_client",
         };
-        let reloads = Family::<ReloadLabels, Counter>::default();
-        registry.register(
-            "certificate_reloads",
+        let reloads = register_reloads(
+            &mut registry,
             "Certificate set loads that installed a new set (success) or were refused (failure)",
-            reloads.clone(),
         );
         let cert_not_after = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
@@ -241,6 +239,19 @@ impl Metrics {
         })
     }
 
+    /// Counts one finished handshake attempt (`error_type` is `None` on success) and its
+    /// duration.
+    pub fn handshake_done(&self, error_type: Option<&'static str>, elapsed: std::time::Duration) {
+        let labels = HandshakeLabels {
+            result: if error_type.is_some() { "failure" } else { "success" },
+            error_type: error_type.unwrap_or(""),
+        };
+        self.handshakes.get_or_create(&labels).inc();
+        self.handshake_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// A connection with a client certificate valid until `not_after` (Unix seconds) opened.
     pub fn client_connected(&self, not_after: i64) {
         if let Ok(mut set) = self.client_not_afters.lock() {
@@ -275,13 +286,12 @@ impl Metrics {
 
     /// A new certificate is served.
     pub fn certificate_served(&self, serial: &str, not_after: SystemTime) {
-        self.cert_not_after
-            .set(crate::certs::summary::to_unix(not_after) as f64);
+        self.cert_not_after.set(crate::x509::to_unix(not_after) as f64);
         self.cert_info.clear();
         self.cert_info
             .get_or_create(&CertInfoLabels {
                 serial: serial.to_owned(),
-                not_after: crate::certs::summary::rfc3339(not_after),
+                not_after: crate::x509::rfc3339(not_after),
             })
             .set(1);
     }
@@ -308,9 +318,33 @@ impl Metrics {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         self.cert_stale.set(stale);
-        let mut out = String::with_capacity(8192);
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        encode(&self.registry)
     }
+
+    /// Counts one certificate reload by result.
+    pub fn reloaded(&self, ok: bool) {
+        count_reload(&self.reloads, ok);
+    }
+}
+
+/// Registers `certificate_reloads` (by `result`) in `registry`: the proxy and the webhook
+/// count their serving-certificate reloads the same way.
+pub fn register_reloads(registry: &mut Registry, help: &str) -> Family<ReloadLabels, Counter> {
+    let reloads = Family::<ReloadLabels, Counter>::default();
+    registry.register("certificate_reloads", help, reloads.clone());
+    reloads
+}
+
+/// Counts one reload in a family made by [`register_reloads`].
+pub fn count_reload(reloads: &Family<ReloadLabels, Counter>, ok: bool) {
+    let result = if ok { "success" } else { "failure" };
+    reloads.get_or_create(&ReloadLabels { result }).inc();
+}
+
+/// The OpenMetrics text of a registry (served as `application/openmetrics-text`).
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::with_capacity(8192);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
 }

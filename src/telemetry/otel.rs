@@ -11,12 +11,24 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::Sampler;
 
 /// The OTLP transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Protocol {
     /// OTLP/gRPC (`grpc`).
+    #[value(name = "grpc")]
     Grpc,
     /// OTLP/HTTP with protobuf bodies (`http/protobuf`, the specification's default).
+    #[value(name = "http/protobuf")]
     HttpProtobuf,
+}
+
+impl Protocol {
+    /// The value of `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        }
+    }
 }
 
 /// Which context propagators are active.

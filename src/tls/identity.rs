@@ -1,10 +1,10 @@
 //! The verified peer: who the client certificate says it is, and how TLS was negotiated.
 //!
-//! Pure apart from reading the rustls connection state. Depends on `certs::summary`.
+//! Pure apart from reading the rustls connection state. Depends on `x509`.
 
 use rustls::CommonState;
 
-use crate::certs::summary::{CertSummary, SummaryError, hex, rfc3339};
+use crate::x509::{CertSummary, SummaryError, hex, rfc3339};
 
 /// The identity carried by a verified client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,8 @@ use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::SingleCertAndKey;
 
-use super::{TlsError, provider, root_store, versions};
+use super::{TlsError, TlsMinVersion, provider, root_store, versions};
 use crate::certs::CertBundle;
-use crate::config::TlsMinVersion;
 
 /// A server config that requires a client certificate chaining to the bundle's roots (with the
 /// client-auth usage, checked by webpki) and serves the bundle's chain. ALPN offers `http/1.1`

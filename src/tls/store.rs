@@ -1,6 +1,6 @@
 //! The one swappable slot holding the configs currently served.
 //!
-//! One writer (the certificate watcher), many readers: each new connection calls
+//! One writer (the [`super::reloader::Reloader`], fed by the certificate watcher), many readers: each new connection calls
 //! [`TlsStore::current`] once and keeps that `Arc` for its whole handshake, so a swap never
 //! touches a handshake in progress or an established connection. Lock-free (arc-swap).
 
@@ -10,7 +10,47 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use rustls::ServerConfig;
 
-use crate::certs::summary::{CertSummary, rfc3339};
+use crate::certs::ReloadError;
+use crate::x509::{CertSummary, rfc3339};
+
+/// Why nothing valid is served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotServing {
+    /// No set has been read yet.
+    #[error("no valid certificate: no certificate loaded yet")]
+    NothingYet,
+    /// Every set read so far was refused; the latest reason.
+    #[error("no valid certificate: {0}")]
+    Refused(Arc<ReloadError>),
+    /// The served certificate has expired and no newer one arrived.
+    #[error("the serving certificate (serial {serial}) expired at {}", rfc3339(*.not_after))]
+    Expired {
+        /// Its serial, hex.
+        serial: String,
+        /// When it expired.
+        not_after: SystemTime,
+    },
+}
+
+/// The certificate being served, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingNow {
+    /// Its serial, hex.
+    pub serial: String,
+    /// Its expiry.
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Display for ServingNow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "serving certificate serial {}, valid until {}",
+            self.serial,
+            rfc3339(self.not_after)
+        )
+    }
+}
 
 /// What is being served now.
 #[derive(Debug)]
@@ -41,11 +81,11 @@ impl Serving {
 #[derive(Debug, Default)]
 pub struct TlsStore {
     current: ArcSwapOption<Serving>,
-    last_error: ArcSwapOption<String>,
+    last_error: ArcSwapOption<ReloadError>,
 }
 
 impl TlsStore {
-    /// An empty store: nothing is served until [`TlsStore::install`].
+    /// An empty store: nothing is served until its reloader installs a set.
     pub fn new() -> Self {
         Self::default()
     }
@@ -55,38 +95,35 @@ impl TlsStore {
         self.current.load_full()
     }
 
-    /// Publishes a new set; connections already holding the previous one keep it.
-    pub fn install(&self, serving: Serving) {
+    /// Publishes a new set; connections already holding the previous one keep it. Only the
+    /// reloader writes.
+    pub(super) fn install(&self, serving: Serving) {
         self.current.store(Some(Arc::new(serving)));
         self.last_error.store(None);
     }
 
     /// Remembers why the latest set was refused (for readiness while nothing is served).
-    pub fn fail(&self, reason: &str) {
-        self.last_error.store(Some(Arc::new(reason.to_owned())));
+    pub(super) fn fail(&self, error: Arc<ReloadError>) {
+        self.last_error.store(Some(error));
     }
 
-    /// `Ok(summary)` while a valid certificate is served; otherwise why not.
-    pub fn readiness(&self) -> Result<String, String> {
+    /// What is served while a valid certificate is; otherwise why not.
+    pub fn readiness(&self) -> Result<ServingNow, NotServing> {
         let Some(serving) = self.current() else {
-            let why = self
-                .last_error
-                .load_full()
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "no certificate loaded yet".into());
-            return Err(format!("no valid certificate: {why}"));
+            return Err(match self.last_error.load_full() {
+                Some(e) => NotServing::Refused(e),
+                None => NotServing::NothingYet,
+            });
         };
         if SystemTime::now() > serving.leaf.not_after {
-            return Err(format!(
-                "the serving certificate (serial {}) expired at {}",
-                serving.leaf.serial,
-                rfc3339(serving.leaf.not_after)
-            ));
+            return Err(NotServing::Expired {
+                serial: serving.leaf.serial.clone(),
+                not_after: serving.leaf.not_after,
+            });
         }
-        Ok(format!(
-            "serving certificate serial {}, valid until {}",
-            serving.leaf.serial,
-            rfc3339(serving.leaf.not_after)
-        ))
+        Ok(ServingNow {
+            serial: serving.leaf.serial.clone(),
+            not_after: serving.leaf.not_after,
+        })
     }
 }

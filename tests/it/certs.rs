@@ -196,7 +196,9 @@ async fn a_missing_directory_is_waited_for_and_nothing_is_served_meanwhile() {
     cfg.reload.max_backoff = Duration::from_millis(200);
     let proxy = wsgate::proxy::start(cfg).await.unwrap();
     eventually("readyz says the directory is missing", Duration::from_secs(10), || {
-        proxy.readiness().is_err_and(|e| e.contains("does not exist"))
+        proxy
+            .readiness()
+            .is_err_and(|e| e.to_string().contains("does not exist"))
     })
     .await;
     let (status, body) = http(proxy.admin_addr, "GET", "/readyz").await;
@@ -221,7 +223,9 @@ async fn a_missing_directory_is_waited_for_and_nothing_is_served_meanwhile() {
     let vol = SecretVolume::new(&dir).unwrap();
     vol.write(&[("ca.crt", pki.ca.cert_pem.as_bytes())]).unwrap();
     eventually("readyz names the missing file", Duration::from_secs(10), || {
-        proxy.readiness().is_err_and(|e| e.contains("tls.crt is missing"))
+        proxy
+            .readiness()
+            .is_err_and(|e| e.to_string().contains("tls.crt is missing"))
     })
     .await;
     let server = pki.server();
@@ -406,7 +410,7 @@ async fn the_watcher_does_not_wake_itself_up_by_reading_a_plain_directory() {
     use wsgate::certs::watch::{CertWatcher, ReloadReport, ReloadSink};
     struct Counting(Arc<AtomicUsize>);
     impl ReloadSink for Counting {
-        fn install(&mut self, _: wsgate::certs::CertBundle) -> Result<(), String> {
+        fn install(&mut self, _: wsgate::certs::CertBundle) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             Ok(())
         }
         fn report(&mut self, _: &ReloadReport) {}
@@ -447,7 +451,7 @@ async fn the_watcher_does_not_wake_itself_up_by_reading_a_plain_directory() {
     };
     let checks = Arc::new(AtomicUsize::new(0));
     let debounce = Duration::from_millis(20);
-    let timing = wsgate::config::ReloadTiming {
+    let timing = wsgate::certs::ReloadTiming {
         debounce,
         ..Default::default()
     };

@@ -337,7 +337,7 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
     let docs = render(&[]);
     // Cluster-wide and nothing namespaced: no Role can widen or hide anything.
     assert!(of_kind(&docs, "Role").is_empty() && of_kind(&docs, "RoleBinding").is_empty());
-    // What `wsgate inject` calls (README, "wsgate inject"): the certificate controller's watch of
+    // What `wsgate inject` calls (docs/injector.md): the certificate controller's watch of
     // injected pods, a get of each one's ServiceAccount (the Certificate's owner), and a
     // server-side apply of the Certificate (a patch that may create; a get first); with
     // nativeSidecar=auto (the default), a list of nodes for their kubelet versions. /version is

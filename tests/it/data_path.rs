@@ -221,7 +221,7 @@ async fn an_app_that_refuses_the_tcp_connection_gives_502_without_hanging() {
         .local_addr()
         .unwrap();
     let env = Env::start_with(&[a[0].as_str()], |cfg| {
-        cfg.upstream = wsgate::config::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
+        cfg.upstream = wsgate::proxy::settings::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
     })
     .await;
     let t0 = std::time::Instant::now();

@@ -77,8 +77,11 @@ async fn drain_is_refused_from_outside_the_pod() {
 
 struct FixedState;
 impl wsgate::admin::AdminState for FixedState {
-    fn readiness(&self) -> Result<String, String> {
-        Ok("fine".into())
+    fn readiness(&self) -> Result<wsgate::tls::ServingNow, wsgate::admin::NotReady> {
+        Ok(wsgate::tls::ServingNow {
+            serial: "01".into(),
+            not_after: std::time::SystemTime::now(),
+        })
     }
     fn metrics(&self) -> String {
         String::new()
@@ -168,8 +171,8 @@ async fn an_upgrade_request_that_arrives_while_draining_gets_503() {
 fn drain_is_accepted_from_loopback_on_a_dual_stack_admin_socket() {
     struct Count(std::sync::atomic::AtomicUsize);
     impl wsgate::admin::AdminState for Count {
-        fn readiness(&self) -> Result<String, String> {
-            Ok(String::new())
+        fn readiness(&self) -> Result<wsgate::tls::ServingNow, wsgate::admin::NotReady> {
+            Err(wsgate::admin::NotReady::Draining)
         }
         fn metrics(&self) -> String {
             String::new()

@@ -727,7 +727,7 @@ mod sidecar_command_line {
         assert_eq!(cfg.admin, text("admin").parse().unwrap(), "{label}");
         assert_eq!(
             cfg.upstream,
-            wsgate::config::Upstream::parse(&text("upstream"), false).unwrap(),
+            wsgate::proxy::settings::Upstream::parse(&text("upstream"), false).unwrap(),
             "{label}"
         );
         assert_eq!(cfg.cert_dir, PathBuf::from(TLS_MOUNT), "{label}");
@@ -853,7 +853,7 @@ mod over_https {
             .connect("localhost".try_into().unwrap(), tcp)
             .await
             .unwrap();
-        let serial = wsgate::certs::summary::CertSummary::from_der(&tls.get_ref().1.peer_certificates().unwrap()[0])
+        let serial = wsgate::x509::CertSummary::from_der(&tls.get_ref().1.peer_certificates().unwrap()[0])
             .unwrap()
             .serial;
         let head = format!(
@@ -950,8 +950,8 @@ mod over_https {
         assert_eq!(metric(&text, "wsgate_inject_native_sidecars"), Some(1.0));
 
         // SIGTERM: not ready at once (endpoints move away), still answering during the delay.
-        hook.shut_down();
-        assert!(hook.readiness().is_err_and(|e| e.contains("stopping")));
+        hook.drain();
+        assert!(matches!(hook.readiness(), Err(wsgate::admin::NotReady::Draining)));
         assert_eq!(http(hook.admin_addr, "GET", "/readyz").await.0, 503);
         let (status, _, _) = post(hook.listen_addr, &pki, "POST", "/mutate", &body).await;
         assert_eq!(status, 200, "a review during the shutdown delay is still answered");

@@ -6,6 +6,7 @@ mod certs;
 mod chart;
 mod cli;
 mod data_path;
+mod design;
 mod docs;
 mod drain;
 mod e2e;

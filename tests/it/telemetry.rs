@@ -339,7 +339,7 @@ async fn every_failure_that_can_happen_on_one_machine_has_its_exact_error_type()
     let s = settings.clone();
     let unreachable = Env::start_with(&[allow.as_str()], move |cfg| {
         cfg.otel = s;
-        cfg.upstream = wsgate::config::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
+        cfg.upstream = wsgate::proxy::settings::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
     })
     .await;
     attempt_with(&unreachable, Some(&unreachable.pki.client("frontend"))).await;
@@ -365,7 +365,9 @@ async fn every_failure_that_can_happen_on_one_machine_has_its_exact_error_type()
     cfg.otel = settings.clone();
     let waiting = wsgate::proxy::start(cfg).await.unwrap();
     eventually("not ready", Duration::from_secs(5), || {
-        waiting.readiness().is_err_and(|e| e.contains("does not exist"))
+        waiting
+            .readiness()
+            .is_err_and(|e| e.to_string().contains("does not exist"))
     })
     .await;
     drop(tokio::net::TcpStream::connect(waiting.listen_addr).await.unwrap());
@@ -538,14 +540,14 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
             env.proxy
                 .store
                 .current()
-                .map(|s| wsgate::certs::summary::rfc3339(s.leaf.not_after))
+                .map(|s| wsgate::x509::rfc3339(s.leaf.not_after))
                 .unwrap()
         )),
         Some(1.0)
     );
 
     let leaf = env.pki.client("frontend");
-    let client_not_after = wsgate::certs::summary::CertSummary::from_der(&leaf.cert_der)
+    let client_not_after = wsgate::x509::CertSummary::from_der(&leaf.cert_der)
         .unwrap()
         .not_after_unix();
     let (mut ws, _) = connect(

@@ -216,7 +216,7 @@ async fn the_minimum_tls_version_is_enforced() {
     .await;
 
     let lenient = Env::start_with(&[allow.as_str()], |cfg| {
-        cfg.tls_min_version = wsgate::config::TlsMinVersion::Tls12;
+        cfg.tls_min_version = wsgate::tls::TlsMinVersion::Tls12;
     })
     .await;
     let (mut ws, _) = connect(lenient.proxy.listen_addr, tls12_only(&lenient), "localhost", "/")

@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 pub use app::{Mode, TestApp};
 use wsgate::authz::Policy;
-use wsgate::config::{Limits, ProxyConfig, ReloadTiming, TlsMinVersion, Upstream};
+use wsgate::certs::ReloadTiming;
 pub use wsgate::demo::client::{ClientError, WssStream, config as client_config, connect};
 pub use wsgate::demo::pki::{Ca, Leaf, LeafSpec};
 /// The kubelet-faithful Secret-volume writer (new hidden timestamped directory, `..data_tmp`
 /// renamed over `..data`, visible symlinks, old directory removed).
 pub use wsgate::demo::volume::SecretVolume;
 use wsgate::proxy::ProxyHandle;
+use wsgate::proxy::settings::{Limits, ProxyConfig, Upstream};
+use wsgate::tls::TlsMinVersion;
 
 pub const TRUST_DOMAIN: &str = "test.wsgate.local";
 
@@ -33,7 +35,7 @@ pub fn spiffe(sa: &str) -> String {
 /// Logs to stderr when RUST_LOG is set (`RUST_LOG=debug cargo nextest run …`).
 pub fn init_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
-        wsgate::telemetry::logs::init(wsgate::config::LogFormat::Text, "info");
+        wsgate::telemetry::logs::init(wsgate::telemetry::LogFormat::Text, "info");
     }
 }
 

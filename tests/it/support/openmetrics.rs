@@ -130,6 +130,16 @@ pub fn registered_families(path: &str, source: &str) -> Vec<(String, String)> {
         .map(|(p, _)| p)
         .unwrap_or_else(|| panic!("{path}: no Registry::with_prefix(\"…\")"));
     let mut families = Vec::new();
+    // The shared helper of telemetry::metrics registers `certificate_reloads` with the help its
+    // caller passes: `register_reloads(&mut registry, "HELP")`.
+    for (at, _) in source.match_indices("register_reloads(&mut registry,") {
+        let args = &source[at + "register_reloads(&mut registry,".len()..];
+        let line = source[..at].lines().count();
+        let Some((help, _)) = string_literal(args) else {
+            panic!("{path}:{line}: cannot read the help of this reload family")
+        };
+        families.push((format!("{prefix}_certificate_reloads"), help));
+    }
     for (at, _) in source.match_indices(".register") {
         let call = &source[at + ".register".len()..];
         let (with_unit, args) = if let Some(args) = call.strip_prefix("_with_unit(") {
@@ -145,6 +155,10 @@ pub fn registered_families(path: &str, source: &str) -> Vec<(String, String)> {
             unreadable()
         };
         let Some((help, rest)) = rest.trim_start().strip_prefix(',').and_then(string_literal) else {
+            if name == "certificate_reloads" && source.contains("pub fn register_reloads(") {
+                // The helper's own body: its callers are read above.
+                continue;
+            }
             unreadable()
         };
         let mut family = format!("{prefix}_{name}");

@@ -1,17 +1,22 @@
-//! Validated, typed settings for `wsgate proxy`, and the pure parsers behind them.
+//! Validated, typed settings of `wsgate proxy`: the app behind it, its limits, and the whole
+//! `ProxyConfig` the command line builds.
 //!
-//! Everything here is parsed once at start-up; an error is a usage error (exit 64) raised before
-//! any port is bound. Depends on `authz` (the allow policy is part of the settings) and std only.
+//! Pure: parsing is unit-tested here; an error is a usage error (exit 64) raised before any port
+//! is bound. Depends on `authz` (the allow policy), `certs` (reload timing), `tls` (the minimum
+//! version) and `telemetry` (the OTLP settings): the types of the modules that use them.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::authz::Policy;
+use crate::certs::ReloadTiming;
+use crate::telemetry::OtelSettings;
+use crate::tls::TlsMinVersion;
 
 /// Why a setting was refused. Every message names the flag and the value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
+pub enum SettingsError {
     /// A flag's value could not be parsed.
     #[error("{flag}: {reason}")]
     Invalid {
@@ -22,52 +27,12 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    /// Shorthand for an [`ConfigError::Invalid`] naming `flag`.
+impl SettingsError {
+    /// Shorthand for an [`SettingsError::Invalid`] naming `flag`.
     pub fn invalid(flag: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             flag,
             reason: reason.into(),
-        }
-    }
-}
-
-/// The lowest TLS version the proxy accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMinVersion {
-    /// TLS 1.2 and 1.3.
-    Tls12,
-    /// TLS 1.3 only (the default: every current client speaks it).
-    Tls13,
-}
-
-impl std::str::FromStr for TlsMinVersion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "1.2" => Ok(Self::Tls12),
-            "1.3" => Ok(Self::Tls13),
-            other => Err(format!("'{other}' is not a TLS version: use 1.2 or 1.3")),
-        }
-    }
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable key=value lines.
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
-
-impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "text" => Ok(Self::Text),
-            "json" => Ok(Self::Json),
-            other => Err(format!("'{other}' is not a log format: use text or json")),
         }
     }
 }
@@ -87,21 +52,21 @@ pub struct Upstream {
 impl Upstream {
     /// Parses `ws://HOST:PORT`. The client's path and query are forwarded as they are, so the URL
     /// takes no path of its own; a non-loopback host is refused unless `allow_remote` is set.
-    pub fn parse(url: &str, allow_remote: bool) -> Result<Self, ConfigError> {
+    pub fn parse(url: &str, allow_remote: bool) -> Result<Self, SettingsError> {
         let flag = "--upstream";
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| ConfigError::invalid(flag, format!("'{url}' is not a URL: {e}")))?;
+            .map_err(|e| SettingsError::invalid(flag, format!("'{url}' is not a URL: {e}")))?;
         match uri.scheme_str() {
             Some("ws") => {}
             Some(other) => {
-                return Err(ConfigError::invalid(
+                return Err(SettingsError::invalid(
                     flag,
                     format!("'{url}': scheme {other} is not supported, the app is dialled over plain ws://"),
                 ));
             }
             None => {
-                return Err(ConfigError::invalid(
+                return Err(SettingsError::invalid(
                     flag,
                     format!("'{url}' has no scheme: write ws://HOST:PORT"),
                 ));
@@ -109,11 +74,11 @@ impl Upstream {
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| ConfigError::invalid(flag, format!("'{url}' has no host")))?;
+            .ok_or_else(|| SettingsError::invalid(flag, format!("'{url}' has no host")))?;
         if let Some(pq) = uri.path_and_query()
             && (pq.as_str() != "/" && !pq.as_str().is_empty())
         {
-            return Err(ConfigError::invalid(
+            return Err(SettingsError::invalid(
                 flag,
                 format!(
                     "'{url}' has a path or query: the client's own path and query are forwarded, write ws://HOST:PORT"
@@ -133,7 +98,7 @@ impl Upstream {
         };
         let loopback = ip.is_some_and(|ip| ip.is_loopback());
         if !loopback && !allow_remote {
-            return Err(ConfigError::invalid(
+            return Err(SettingsError::invalid(
                 flag,
                 format!(
                     "'{url}' is not on loopback: the app runs in the same pod; pass --allow-remote-upstream to dial it anyway"
@@ -178,30 +143,6 @@ impl Default for Limits {
     }
 }
 
-/// Timings of the certificate watcher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReloadTiming {
-    /// Quiet time after a file event before the set is read (the kubelet writes several entries).
-    pub debounce: Duration,
-    /// Re-read the set this often even without events, to catch a missed one.
-    pub recheck: Duration,
-    /// First retry delay after a bad set; doubles up to `max_backoff`.
-    pub min_backoff: Duration,
-    /// Longest retry delay after repeated bad sets.
-    pub max_backoff: Duration,
-}
-
-impl Default for ReloadTiming {
-    fn default() -> Self {
-        Self {
-            debounce: Duration::from_millis(100),
-            recheck: Duration::from_secs(30),
-            min_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(30),
-        }
-    }
-}
-
 /// Everything `wsgate proxy` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -228,80 +169,12 @@ pub struct ProxyConfig {
     /// Certificate watcher timings.
     pub reload: ReloadTiming,
     /// OpenTelemetry export (from the `OTEL_*` variables); off by default.
-    pub otel: crate::telemetry::OtelSettings,
-}
-
-/// Parses a duration: `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration: write e.g. 500ms, 10s, 2m"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("'{s}': unknown unit '{unit}', use ms, s, m or h")),
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 1e9 {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Parses a size in bytes: `4096`, `64KiB`, `16MiB` (also `k`/`K`/`KB` = KiB, `M`/`MB` = MiB).
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: usize = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: write e.g. 65536, 64KiB, 4MiB"))?;
-    let scale: usize = match unit.trim() {
-        "" | "B" => 1,
-        "k" | "K" | "KB" | "KiB" => 1 << 10,
-        "M" | "MB" | "MiB" => 1 << 20,
-        "G" | "GB" | "GiB" => 1 << 30,
-        other => return Err(format!("'{s}': unknown unit '{other}', use KiB, MiB or GiB")),
-    };
-    value.checked_mul(scale).ok_or_else(|| format!("'{s}' is out of range"))
+    pub otel: OtelSettings,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_accept_units_and_bare_seconds() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-    }
-
-    #[test]
-    fn durations_reject_garbage_with_the_value_named() {
-        let err = parse_duration("ten").unwrap_err();
-        assert!(err.contains("'ten'"), "{err}");
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("").is_err());
-    }
-
-    #[test]
-    fn sizes_accept_binary_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
-        assert_eq!(parse_size("1k"), Ok(1024));
-        assert!(parse_size("4 parsecs").is_err());
-        assert!(parse_size("99999999999999999999GiB").is_err());
-    }
 
     #[test]
     fn loopback_upstreams_are_accepted() {
@@ -341,14 +214,5 @@ mod tests {
                 .contains("path")
         );
         assert!(Upstream::parse("not a url", false).is_err());
-    }
-
-    #[test]
-    fn tls_versions_and_log_formats_parse() {
-        assert_eq!("1.2".parse::<TlsMinVersion>(), Ok(TlsMinVersion::Tls12));
-        assert_eq!("1.3".parse::<TlsMinVersion>(), Ok(TlsMinVersion::Tls13));
-        assert!("1.1".parse::<TlsMinVersion>().is_err());
-        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
-        assert!("xml".parse::<LogFormat>().is_err());
     }
 }

@@ -1,0 +1,148 @@
+//! Sockets, shared by every listener: the accept loop with its connection cap, the socket
+//! options (NODELAY, keepalive, TCP_USER_TIMEOUT), and the one HTTP/1.1 serve loop that the
+//! admin server and the webhook use, with its timeouts and caps.
+//!
+//! A leaf: depends on tokio, socket2 and hyper only.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Keepalive on accepted connections: a peer that vanished (node died, network partition) is
+/// noticed after about a minute even when neither side sends anything.
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3)
+}
+
+/// A peer that stops acknowledging what is sent to it (gone, or a zero window) is dropped after
+/// this long; keepalive only covers idle connections.
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sets TCP_NODELAY (small frames must not wait for Nagle), keepalive and TCP_USER_TIMEOUT on a
+/// stream.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = SockRef::from(stream);
+    let _ = sock.set_tcp_keepalive(&keepalive());
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// Accepts connections until `stop` fires, spawning `handle` for each on `tracker`.
+/// `handle` gets a permit, or `None` when `max_connections` are already open (it should
+/// refuse the connection at once).
+pub async fn accept_loop<H, F>(
+    listener: TcpListener,
+    max_connections: usize,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr, Option<OwnedSemaphorePermit>) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tune(&stream);
+                    let permit = slots.clone().try_acquire_owned().ok();
+                    tracker.spawn(handle(stream, peer, permit));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The bounds of an HTTP/1.1 server (admin port, webhook): a peer can hold at most
+/// `max_connections × max_head` bytes of unfinished requests, for at most `header_timeout` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpBounds {
+    /// Most connections at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Largest request head (hyper's read buffer; at least 8 KiB).
+    pub max_head: usize,
+    /// Longest wait for a request's head, also between requests on a kept-alive connection.
+    pub header_timeout: Duration,
+    /// Longest life of one connection (keep-alive included), so none is held for ever.
+    pub max_lifetime: Duration,
+    /// On stop, requests in flight get this long to finish.
+    pub stop_grace: Duration,
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop` fires. Each accepted socket is tuned, turned into
+/// a stream by `wrap` (identity for plain HTTP, a TLS accept for HTTPS; `None` drops it), and
+/// served by `handle`, which gets the peer address with each request.
+pub async fn serve_http<W, WF, IO, H, HF, B>(
+    listener: TcpListener,
+    bounds: HttpBounds,
+    stop: CancellationToken,
+    wrap: W,
+    handle: H,
+) where
+    W: Fn(TcpStream, SocketAddr) -> WF + Send + Sync + 'static,
+    WF: Future<Output = Option<IO>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> HF + Clone + Send + Sync + 'static,
+    HF: Future<Output = http::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tracker = TaskTracker::new();
+    let conn_stop = stop.clone();
+    accept_loop(
+        listener,
+        bounds.max_connections,
+        stop,
+        tracker.clone(),
+        move |tcp, peer, permit| {
+            let io = wrap(tcp, peer);
+            let handle = handle.clone();
+            let stop = conn_stop.clone();
+            async move {
+                let Some(_permit) = permit else { return };
+                let work = async move {
+                    let Some(io) = io.await else { return };
+                    let service = hyper::service::service_fn(move |req| {
+                        let answer = handle(req, peer);
+                        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(bounds.header_timeout)
+                        .max_buf_size(bounds.max_head.max(8192))
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = stop.cancelled() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(bounds.stop_grace, conn).await;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(bounds.max_lifetime, work).await;
+            }
+        },
+    )
+    .await;
+    tracker.close();
+    let _ = tokio::time::timeout(bounds.stop_grace, tracker.wait()).await;
+}
