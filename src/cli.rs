@@ -539,7 +539,16 @@ mod tests {
     #[test]
     fn renew_before_must_be_shorter_than_the_duration() {
         let err = inject(&["--cert-duration", "2h", "--cert-renew-before", "2h"]).unwrap_err();
-        assert!(matches!(err, CliError::Invalid { flag: "--cert-renew-before", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CliError::Invalid {
+                    flag: "--cert-renew-before",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let cfg = inject(&["--cert-duration", "1.5h", "--cert-renew-before", "30m"]).unwrap();
         assert_eq!(cfg.settings.cert_duration, "1h30m");
         assert_eq!(cfg.settings.cert_renew_before, "30m");
@@ -563,7 +572,10 @@ mod tests {
         assert_eq!(cfg.settings.pull_policy, PullPolicy::Always);
         assert_eq!(cfg.settings.issuer.kind, IssuerKind::Issuer);
         assert_eq!(cfg.settings.native, NativeSidecar::On);
-        assert_eq!(cfg.settings.otlp, Some(("http://collector:4317".into(), Protocol::Grpc)));
+        assert_eq!(
+            cfg.settings.otlp,
+            Some(("http://collector:4317".into(), Protocol::Grpc))
+        );
         for (flag, bad) in [
             ("--sidecar-image-pull-policy", "Sometimes"),
             ("--issuer-kind", "Vault"),
