@@ -1,5 +1,13 @@
-//! End-to-end against a real API server: skipped unless `WSGATE_E2E_KUBECONFIG` names a
-//! kubeconfig (see the README: `../shared`-style loopback API server, or any test cluster).
+//! End-to-end against a real API server. These tests are `#[ignore]`d, so a plain
+//! `cargo nextest run` leaves them out; `scripts/test.sh` builds and starts a loopback
+//! kube-apiserver (`scripts/kube-apiserver.sh`) and runs them with `--run-ignored all`. Run on
+//! their own, they need `WSGATE_E2E_KUBECONFIG` naming a kubeconfig, and fail without it:
+//!
+//! ```sh
+//! scripts/kube-apiserver.sh build && scripts/kube-apiserver.sh start /tmp/wsgate-k8s
+//! WSGATE_E2E_KUBECONFIG=/tmp/wsgate-k8s/kubeconfig cargo nextest run --run-ignored only e2e
+//! scripts/kube-apiserver.sh stop /tmp/wsgate-k8s
+//! ```
 //!
 //! The test runs the injector in this process on 127.0.0.1, registers it by URL with our own
 //! CA as `caBundle`, creates annotated and plain pods in two fresh namespaces, and checks what
@@ -16,13 +24,25 @@ use serde_json::{Value, json};
 
 use crate::support::{Pki, SecretVolume, wait_serial_of, write_set};
 
-async fn client() -> Option<kube::Client> {
-    let path = std::env::var_os("WSGATE_E2E_KUBECONFIG")?;
-    let kc = kube::config::Kubeconfig::read_from(&path).expect("reading WSGATE_E2E_KUBECONFIG");
+/// Why every test here is ignored by default, and how to run them.
+const NEEDS_API_SERVER: &str = "needs a kube-apiserver: scripts/kube-apiserver.sh (run by scripts/test.sh)";
+
+/// A client for the API server that `WSGATE_E2E_KUBECONFIG` names; panics without one, so an
+/// e2e test that was asked to run never passes without having run.
+async fn client() -> kube::Client {
+    let Some(path) = std::env::var_os("WSGATE_E2E_KUBECONFIG") else {
+        panic!(
+            "WSGATE_E2E_KUBECONFIG is not set: this test {NEEDS_API_SERVER}. Start one with \
+             `scripts/kube-apiserver.sh build && scripts/kube-apiserver.sh start RUN_DIR` and set \
+             WSGATE_E2E_KUBECONFIG=RUN_DIR/kubeconfig, or run scripts/test.sh"
+        );
+    };
+    let kc = kube::config::Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("reading WSGATE_E2E_KUBECONFIG={}: {e}", path.to_string_lossy()));
     let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
         .expect("a usable kubeconfig");
-    Some(kube::Client::try_from(cfg).expect("a client"))
+    kube::Client::try_from(cfg).expect("a client")
 }
 
 async fn create<K>(api: &Api<K>, value: Value) -> K
@@ -54,11 +74,9 @@ fn sidecar(p: &Pod) -> Option<k8s_openapi::api::core::v1::Container> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: scripts/kube-apiserver.sh (run by scripts/test.sh)"]
 async fn the_webhook_and_controller_work_against_a_real_api_server() {
-    let Some(client) = client().await else {
-        eprintln!("skipped: set WSGATE_E2E_KUBECONFIG to run the end-to-end tests");
-        return;
-    };
+    let client = client().await;
     crate::support::init_logs();
     let id = format!(
         "{:x}",
