@@ -10,6 +10,8 @@
 //! module below it: `net`, `lifecycle`, `admin`, `certs`, `tls`, `authz`, `telemetry`, `x509`.
 
 pub mod accept;
+pub mod admission;
+pub mod budget;
 pub mod dial;
 pub mod exchange;
 pub mod inbound;
@@ -223,6 +225,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         telemetry,
         drain: life.drain_token(),
         kill: kill.clone(),
+        admission: admission::Admission::new(admission::AdmissionLimits {
+            max_pending: cfg.limits.max_pending,
+            max_pending_per_ip: cfg.limits.max_pending_per_ip,
+            max_per_identity: cfg.limits.max_connections_per_identity,
+        }),
+        budget: budget::MemoryBudget::new(cfg.limits.memory_budget),
     });
     let connections = TaskTracker::new();
     let accept = tokio::spawn(crate::net::accept_loop(
