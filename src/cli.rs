@@ -434,9 +434,10 @@ pub struct ProxyArgs {
     /// --max-connections, at most 512); must be below --max-connections.
     #[arg(long, env = "WSGATE_MAX_PENDING", value_name = "N")]
     pub max_pending: Option<usize>,
-    /// Most connections still in their handshake from one source address.
-    #[arg(long, env = "WSGATE_MAX_PENDING_PER_IP", default_value_t = crate::proxy::settings::DEFAULT_MAX_PENDING_PER_IP, value_name = "N")]
-    pub max_pending_per_ip: usize,
+    /// Most connections still in their handshake from one source address (default: half of
+    /// --max-pending, at most 64); must be below --max-pending.
+    #[arg(long, env = "WSGATE_MAX_PENDING_PER_IP", value_name = "N")]
+    pub max_pending_per_ip: Option<usize>,
     /// Most open connections of one client identity; the next is refused with 429.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = crate::proxy::settings::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY, value_name = "N")]
     pub max_connections_per_identity: usize,
@@ -491,9 +492,18 @@ impl ProxyArgs {
             }
             Some(n) => n,
         };
-        if self.max_pending_per_ip == 0 {
-            return Err(CliError::invalid("--max-pending-per-ip", "must be at least 1"));
-        }
+        let max_pending_per_ip = match self.max_pending_per_ip {
+            None => crate::proxy::settings::default_max_pending_per_ip(max_pending),
+            Some(n) if n == 0 || (n >= max_pending && max_pending > 1) => {
+                return Err(CliError::invalid(
+                    "--max-pending-per-ip",
+                    format!(
+                        "{n} must be between 1 and --max-pending {max_pending} - 1, so that one address cannot take every handshake slot"
+                    ),
+                ));
+            }
+            Some(n) => n,
+        };
         if self.max_connections_per_identity == 0 {
             return Err(CliError::invalid(
                 "--max-connections-per-identity",
@@ -541,7 +551,7 @@ impl ProxyArgs {
                 max_frame_size: self.max_frame_size,
                 max_connections: self.max_connections,
                 max_pending,
-                max_pending_per_ip: self.max_pending_per_ip,
+                max_pending_per_ip,
                 max_connections_per_identity: self.max_connections_per_identity,
                 keepalive,
                 message_timeout: self.message_timeout,

@@ -61,6 +61,7 @@ pub enum ProxyError {
 struct Status {
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
+    budget: Arc<budget::MemoryBudget>,
     life: Lifecycle,
 }
 
@@ -73,6 +74,8 @@ impl AdminState for Status {
     }
 
     fn metrics(&self) -> String {
+        self.metrics.budget_used.set(self.budget.used() as i64);
+        self.metrics.budget_limit.set(self.budget.limit() as i64);
         self.metrics.encode()
     }
 
@@ -192,9 +195,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         tracer,
     });
     let store = Arc::new(TlsStore::new());
+    let memory_budget = budget::MemoryBudget::new(cfg.limits.memory_budget);
     let status = Arc::new(Status {
         store: store.clone(),
         metrics: metrics.clone(),
+        budget: memory_budget.clone(),
         life: life.clone(),
     });
 
@@ -230,7 +235,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
             max_pending_per_ip: cfg.limits.max_pending_per_ip,
             max_per_identity: cfg.limits.max_connections_per_identity,
         }),
-        budget: budget::MemoryBudget::new(cfg.limits.memory_budget),
+        budget: memory_budget,
     });
     let connections = TaskTracker::new();
     let accept = tokio::spawn(crate::net::accept_loop(

@@ -149,7 +149,7 @@ pub struct Limits {
 
 /// `max_pending` when not given: half of `max_connections`, at most this.
 pub const DEFAULT_MAX_PENDING: usize = 512;
-/// Default `max_pending_per_ip`.
+/// `max_pending_per_ip` when not given: half of `max_pending`, at most this.
 pub const DEFAULT_MAX_PENDING_PER_IP: usize = 64;
 /// Default `max_connections_per_identity`: one identity may not take more than a tenth of the
 /// default connection limit, so at least ten clients always find room.
@@ -161,6 +161,12 @@ pub const DEFAULT_KEEPALIVE: super::pump::Keepalive = super::pump::Keepalive {
 };
 /// Default `message_timeout`.
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default `max_pending_per_ip` for a given `max_pending`: one address never holds more than
+/// half of the handshake slots.
+pub fn default_max_pending_per_ip(max_pending: usize) -> usize {
+    (max_pending / 2).clamp(1, DEFAULT_MAX_PENDING_PER_IP)
+}
 
 /// The default `max_pending` for a given `max_connections`.
 pub fn default_max_pending(max_connections: usize) -> usize {
@@ -174,7 +180,7 @@ impl Default for Limits {
             max_frame_size: 1 << 20,
             max_connections: 10_000,
             max_pending: default_max_pending(10_000),
-            max_pending_per_ip: DEFAULT_MAX_PENDING_PER_IP,
+            max_pending_per_ip: default_max_pending_per_ip(default_max_pending(10_000)),
             max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
             keepalive: Some(DEFAULT_KEEPALIVE),
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,

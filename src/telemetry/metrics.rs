@@ -84,6 +84,10 @@ pub struct Metrics {
     pub connections_closed: Family<CloseLabels, Counter>,
     /// Connections refused by a limit, by the limit (never by identity or address).
     pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Bytes charged to the memory budget for unfinished messages now.
+    pub budget_used: Gauge,
+    /// The memory budget's limit.
+    pub budget_limit: Gauge,
     /// Messages relayed client → app.
     pub messages_in: Counter,
     /// Messages relayed app → client.
@@ -159,6 +163,20 @@ impl Metrics {
             "connections_refused",
             "Connections refused by a limit, by reason",
             connections_refused.clone(),
+        );
+        let budget_used = Gauge::default();
+        registry.register_with_unit(
+            "memory_budget_used",
+            "Bytes held for unfinished messages beyond each connection's allowance, charged to the budget",
+            prometheus_client::registry::Unit::Bytes,
+            budget_used.clone(),
+        );
+        let budget_limit = Gauge::default();
+        registry.register_with_unit(
+            "memory_budget_limit",
+            "The memory budget for unfinished messages (--memory-budget)",
+            prometheus_client::registry::Unit::Bytes,
+            budget_limit.clone(),
         );
         let connections_closed = Family::<CloseLabels, Counter>::default();
         registry.register(
@@ -260,6 +278,8 @@ impl Metrics {
             bytes_out: bytes.get_or_create_owned(&outbound),
             reloads,
             connections_refused,
+            budget_used,
+            budget_limit,
             cert_not_after,
             registry,
         })
