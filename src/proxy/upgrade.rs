@@ -281,6 +281,7 @@ mod tests {
                 &[],
             ),
             sha256: [1; 32],
+            subject_rfc2253: "CN=frontend".into(),
         }
     }
 
