@@ -28,7 +28,7 @@ use super::outcome::FailureKind;
 use super::pump::{self, Direction, RelayMeter, Stopper};
 use super::record::{Failure, HandshakeRecord};
 use super::settings::{Limits, Upstream};
-use super::upgrade::{self, NotUpgrade};
+use super::upgrade::{self, IdentityHeaderError, NotUpgrade};
 use crate::authz::{Decision, Denied, Policy};
 use crate::telemetry::metrics::CloseLabels;
 use crate::telemetry::{Metrics, Telemetry};
@@ -75,6 +75,10 @@ pub enum HandshakeError {
     /// The app could not be reached or refused (502 or its own answer).
     #[error(transparent)]
     Dial(#[from] DialError),
+    /// The verified identity could not be written into the app's request (500, never forwarded
+    /// without it).
+    #[error(transparent)]
+    IdentityHeader(#[from] IdentityHeaderError),
 }
 
 impl Failure for HandshakeError {
@@ -89,6 +93,7 @@ impl Failure for HandshakeError {
             Self::Denied(_) => FailureKind::IdentityNotAllowed,
             Self::Limit(_) => FailureKind::LimitExceeded,
             Self::Dial(e) => e.kind(),
+            Self::IdentityHeader(_) => FailureKind::BadCertificate,
         }
     }
 }
@@ -265,7 +270,17 @@ impl Inbound {
         };
 
         // Stage 4: dial the app and perform its upgrade.
-        let app_request = upgrade::upstream_request(&pending.request, &identity, rec.peer.ip(), &trace_headers);
+        let app_request = match upgrade::upstream_request(&pending.request, &identity, rec.peer.ip(), &trace_headers) {
+            Ok(request) => request,
+            Err(e) => {
+                rec.status = Some(500);
+                let line = format!("500 internal server error: {e}");
+                pending
+                    .refuse(upgrade::text_response(StatusCode::INTERNAL_SERVER_ERROR, &line))
+                    .await;
+                return Err(e.into());
+            }
+        };
         let dialed = dial::dial(&self.upstream, app_request).await.and_then(|app| {
             let (answer, subprotocol) = upgrade::switching_response(pending.request.headers(), &app.headers)?;
             Ok((app, answer, subprotocol))
