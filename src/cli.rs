@@ -430,6 +430,32 @@ pub struct ProxyArgs {
     /// Most connections open at once; more are refused at accept.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_name = "N")]
     pub max_connections: usize,
+    /// Most connections still in their TLS handshake or upgrade, in all (default: half of
+    /// --max-connections, at most 512); must be below --max-connections.
+    #[arg(long, env = "WSGATE_MAX_PENDING", value_name = "N")]
+    pub max_pending: Option<usize>,
+    /// Most connections still in their handshake from one source address (default: half of
+    /// --max-pending, at most 64); must be below --max-pending.
+    #[arg(long, env = "WSGATE_MAX_PENDING_PER_IP", value_name = "N")]
+    pub max_pending_per_ip: Option<usize>,
+    /// Most open connections of one client identity; the next is refused with 429.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = crate::proxy::settings::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY, value_name = "N")]
+    pub max_connections_per_identity: usize,
+    /// Close a connection after this long without any frame from one of its peers (each is
+    /// pinged every --ping-interval, and a Pong counts); 0 turns pings and this off.
+    #[arg(long, env = "WSGATE_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+    /// How often each leg of a connection is pinged; below --idle-timeout.
+    #[arg(long, env = "WSGATE_PING_INTERVAL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ping_interval: Duration,
+    /// Longest time a peer may take to finish a message it started (Close 1008 after it).
+    #[arg(long, env = "WSGATE_MESSAGE_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub message_timeout: Duration,
+    /// Bytes all connections together may hold for unfinished messages beyond 64 KiB each
+    /// (Close 1013 to the peer that would exceed it); default: a quarter of the container's
+    /// memory limit (cgroup memory.max), or 32MiB without one.
+    #[arg(long, env = "WSGATE_MEMORY_BUDGET", value_parser = parse_size, value_name = "SIZE")]
+    pub memory_budget: Option<usize>,
     /// How often the certificate files are re-read even without a file event.
     #[arg(long, env = "WSGATE_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub reload_interval: Duration,
@@ -453,6 +479,57 @@ impl ProxyArgs {
         if !(1..=1_000_000).contains(&self.max_connections) {
             return Err(CliError::invalid("--max-connections", "must be between 1 and 1000000"));
         }
+        let max_pending = match self.max_pending {
+            None => crate::proxy::settings::default_max_pending(self.max_connections),
+            Some(n) if n == 0 || n >= self.max_connections => {
+                return Err(CliError::invalid(
+                    "--max-pending",
+                    format!(
+                        "{n} must be between 1 and --max-connections {} - 1, so that handshakes cannot take every slot",
+                        self.max_connections
+                    ),
+                ));
+            }
+            Some(n) => n,
+        };
+        let max_pending_per_ip = match self.max_pending_per_ip {
+            None => crate::proxy::settings::default_max_pending_per_ip(max_pending),
+            Some(n) if n == 0 || (n >= max_pending && max_pending > 1) => {
+                return Err(CliError::invalid(
+                    "--max-pending-per-ip",
+                    format!(
+                        "{n} must be between 1 and --max-pending {max_pending} - 1, so that one address cannot take every handshake slot"
+                    ),
+                ));
+            }
+            Some(n) => n,
+        };
+        if self.max_connections_per_identity == 0 {
+            return Err(CliError::invalid(
+                "--max-connections-per-identity",
+                "must be at least 1",
+            ));
+        }
+        let keepalive = if self.idle_timeout.is_zero() {
+            None
+        } else if self.ping_interval.is_zero() || self.ping_interval >= self.idle_timeout {
+            return Err(CliError::invalid(
+                "--ping-interval",
+                format!(
+                    "{} must be more than 0 and below --idle-timeout {}",
+                    go_format(self.ping_interval),
+                    go_format(self.idle_timeout)
+                ),
+            ));
+        } else {
+            Some(crate::proxy::pump::Keepalive {
+                ping_interval: self.ping_interval,
+                idle_timeout: self.idle_timeout,
+            })
+        };
+        if self.message_timeout.is_zero() {
+            return Err(CliError::invalid("--message-timeout", "must be more than 0"));
+        }
         if self.handshake_timeout.is_zero() {
             return Err(CliError::invalid("--handshake-timeout", "must be more than 0"));
         }
@@ -473,6 +550,12 @@ impl ProxyArgs {
                 max_message_size: self.max_message_size,
                 max_frame_size: self.max_frame_size,
                 max_connections: self.max_connections,
+                max_pending,
+                max_pending_per_ip,
+                max_connections_per_identity: self.max_connections_per_identity,
+                keepalive,
+                message_timeout: self.message_timeout,
+                memory_budget: self.memory_budget.unwrap_or_else(crate::proxy::budget::default_budget),
             },
             reload: ReloadTiming {
                 recheck: self.reload_interval,

@@ -10,6 +10,8 @@
 //! module below it: `net`, `lifecycle`, `admin`, `certs`, `tls`, `authz`, `telemetry`, `x509`.
 
 pub mod accept;
+pub mod admission;
+pub mod budget;
 pub mod dial;
 pub mod exchange;
 pub mod inbound;
@@ -59,6 +61,7 @@ pub enum ProxyError {
 struct Status {
     store: Arc<TlsStore>,
     metrics: Arc<Metrics>,
+    budget: Arc<budget::MemoryBudget>,
     life: Lifecycle,
 }
 
@@ -71,6 +74,8 @@ impl AdminState for Status {
     }
 
     fn metrics(&self) -> String {
+        self.metrics.budget_used.set(self.budget.used() as i64);
+        self.metrics.budget_limit.set(self.budget.limit() as i64);
         self.metrics.encode()
     }
 
@@ -190,9 +195,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         tracer,
     });
     let store = Arc::new(TlsStore::new());
+    let memory_budget = budget::MemoryBudget::new(cfg.limits.memory_budget);
     let status = Arc::new(Status {
         store: store.clone(),
         metrics: metrics.clone(),
+        budget: memory_budget.clone(),
         life: life.clone(),
     });
 
@@ -223,6 +230,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         telemetry,
         drain: life.drain_token(),
         kill: kill.clone(),
+        admission: admission::Admission::new(admission::AdmissionLimits {
+            max_pending: cfg.limits.max_pending,
+            max_pending_per_ip: cfg.limits.max_pending_per_ip,
+            max_per_identity: cfg.limits.max_connections_per_identity,
+        }),
+        budget: memory_budget,
     });
     let connections = TaskTracker::new();
     let accept = tokio::spawn(crate::net::accept_loop(

@@ -20,13 +20,15 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::{self, AcceptError};
+use super::admission::{Admission, IdentitySlot, Refusal};
+use super::budget::{Budgeted, Hold, MemoryBudget};
 use super::dial::{self, DialError};
 use super::exchange::{self, ExchangeError};
 use super::outcome::FailureKind;
-use super::pump::{self, Direction, RelayMeter};
+use super::pump::{self, Direction, RelayMeter, Stopper};
 use super::record::{Failure, HandshakeRecord};
 use super::settings::{Limits, Upstream};
-use super::upgrade::{self, NotUpgrade};
+use super::upgrade::{self, IdentityHeaderError, NotUpgrade};
 use crate::authz::{Decision, Denied, Policy};
 use crate::telemetry::metrics::CloseLabels;
 use crate::telemetry::{Metrics, Telemetry};
@@ -67,9 +69,16 @@ pub enum HandshakeError {
     /// The identity is not allowed (403).
     #[error(transparent)]
     Denied(#[from] Denied),
+    /// The identity has too many connections open (429).
+    #[error(transparent)]
+    Limit(#[from] Refusal),
     /// The app could not be reached or refused (502 or its own answer).
     #[error(transparent)]
     Dial(#[from] DialError),
+    /// The verified identity could not be written into the app's request (500, never forwarded
+    /// without it).
+    #[error(transparent)]
+    IdentityHeader(#[from] IdentityHeaderError),
 }
 
 impl Failure for HandshakeError {
@@ -82,7 +91,9 @@ impl Failure for HandshakeError {
             Self::Exchange(e) => e.kind(),
             Self::NotUpgrade(_) => FailureKind::NotWebsocket,
             Self::Denied(_) => FailureKind::IdentityNotAllowed,
+            Self::Limit(_) => FailureKind::LimitExceeded,
             Self::Dial(e) => e.kind(),
+            Self::IdentityHeader(_) => FailureKind::BadCertificate,
         }
     }
 }
@@ -105,6 +116,17 @@ pub struct Inbound {
     pub drain: CancellationToken,
     /// Fires when the drain timeout has passed: connections still open are dropped.
     pub kill: CancellationToken,
+    /// Handshake slots per address and in all, connection slots per identity.
+    pub admission: Arc<Admission>,
+    /// What all connections may hold for unfinished messages.
+    pub budget: Arc<MemoryBudget>,
+}
+
+/// A connection that passed the handshake: both upgraded legs and its identity's slot.
+struct Upgraded2 {
+    client: Upgraded,
+    app: Upgraded,
+    _slot: IdentitySlot,
 }
 
 impl RelayMeter for Metrics {
@@ -131,8 +153,23 @@ impl Inbound {
     /// Serves one accepted connection to its end.
     pub async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
         let server_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        // A handshake slot first: refused before a byte is read, counted, and logged at debug
+        // only (a flood must not become a log flood). Held until the handshake ends.
+        let pending = if permit.is_some() && !self.drain.is_cancelled() {
+            match self.admission.pending(peer.ip()) {
+                Ok(slot) => Some(slot),
+                Err(refusal) => {
+                    self.telemetry.metrics.refused(refusal.label());
+                    tracing::debug!(target: "wsgate::limits", %peer, reason = %refusal, "connection refused");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let mut rec = HandshakeRecord::start(peer, server_port, self.upstream.authority());
         let result = if permit.is_none() {
+            self.telemetry.metrics.refused("max_connections");
             Err(HandshakeError::TooManyConnections(self.limits.max_connections))
         } else if self.drain.is_cancelled() {
             Err(HandshakeError::Draining)
@@ -145,6 +182,7 @@ impl Inbound {
                 Err(_) => Err(HandshakeError::Timeout(timeout)),
             }
         };
+        drop(pending);
         let client_expiry = rec.identity.as_ref().map(|id| id.cert.not_after);
         let legs = match result {
             Ok(legs) => {
@@ -152,6 +190,9 @@ impl Inbound {
                 legs
             }
             Err(e) => {
+                if let HandshakeError::Limit(refusal) = &e {
+                    self.telemetry.metrics.refused(refusal.label());
+                }
                 rec.finish(Err(&e), &self.telemetry);
                 return;
             }
@@ -164,7 +205,7 @@ impl Inbound {
         self: &Arc<Self>,
         tcp: TcpStream,
         rec: &mut HandshakeRecord,
-    ) -> Result<(Upgraded, Upgraded), HandshakeError> {
+    ) -> Result<Upgraded2, HandshakeError> {
         // Stage 1: accept. The config is taken once: a swap never touches this handshake.
         let serving = self.store.current().ok_or(HandshakeError::NotReady)?;
         rec.serving_serial = Some(serving.leaf.serial.clone());
@@ -215,9 +256,31 @@ impl Inbound {
             pending.refuse(upgrade::upgrade_required(&not)).await;
             return Err(not.into());
         }
+        let slot = match self.admission.identity(identity.name()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let answer = upgrade::text_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!("429 too many requests: {refusal}"),
+                );
+                rec.status = Some(429);
+                pending.refuse(answer).await;
+                return Err(refusal.into());
+            }
+        };
 
         // Stage 4: dial the app and perform its upgrade.
-        let app_request = upgrade::upstream_request(&pending.request, &identity, rec.peer.ip(), &trace_headers);
+        let app_request = match upgrade::upstream_request(&pending.request, &identity, rec.peer.ip(), &trace_headers) {
+            Ok(request) => request,
+            Err(e) => {
+                rec.status = Some(500);
+                let line = format!("500 internal server error: {e}");
+                pending
+                    .refuse(upgrade::text_response(StatusCode::INTERNAL_SERVER_ERROR, &line))
+                    .await;
+                return Err(e.into());
+            }
+        };
         let dialed = dial::dial(&self.upstream, app_request).await.and_then(|app| {
             let (answer, subprotocol) = upgrade::switching_response(pending.request.headers(), &app.headers)?;
             Ok((app, answer, subprotocol))
@@ -236,31 +299,47 @@ impl Inbound {
         // The client's 101.
         rec.status = Some(101);
         let client = pending.switch(answer).await?;
-        Ok((client, app.io))
+        Ok(Upgraded2 {
+            client,
+            app: app.io,
+            _slot: slot,
+        })
     }
 
     /// Relays between the two upgraded legs until both close.
-    async fn relay(&self, (client, app): (Upgraded, Upgraded), client_expiry: Option<SystemTime>, peer: SocketAddr) {
+    async fn relay(&self, legs: Upgraded2, client_expiry: Option<SystemTime>, peer: SocketAddr) {
+        let Upgraded2 { client, app, _slot } = legs;
         let metrics = &self.telemetry.metrics;
         let client_not_after = client_expiry.map(crate::x509::to_unix);
         metrics.connections_open.inc();
         if let Some(t) = client_not_after {
             metrics.client_connected(t);
         }
+        let (client_hold, app_hold) = (Hold::new(self.budget.clone()), Hold::new(self.budget.clone()));
         let client = WebSocketStream::from_raw_socket(
-            TokioIo::new(client),
+            Budgeted::new(TokioIo::new(client), client_hold.clone()),
             Role::Server,
             Some(self.ws_config(CLIENT_READ_BUFFER)),
         )
         .await;
-        let app =
-            WebSocketStream::from_raw_socket(TokioIo::new(app), Role::Client, Some(self.ws_config(APP_READ_BUFFER)))
-                .await;
+        let app = WebSocketStream::from_raw_socket(
+            Budgeted::new(TokioIo::new(app), app_hold.clone()),
+            Role::Client,
+            Some(self.ws_config(APP_READ_BUFFER)),
+        )
+        .await;
         let expires_at = client_expiry.map(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::Instant::now() + left
         });
-        let relay = pump::relay(client, app, self.drain.clone(), expires_at, metrics.as_ref());
+        let control = pump::Control {
+            stopper: Stopper::new(&self.drain),
+            expires_at,
+            keepalive: self.limits.keepalive,
+            holds: Some((client_hold, app_hold, self.limits.message_timeout)),
+            meter: metrics.as_ref(),
+        };
+        let relay = pump::relay(client, app, control);
         let summary = tokio::select! {
             summary = relay => summary,
             // The drain timeout passed: drop the connection (both sockets close).

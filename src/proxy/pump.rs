@@ -12,8 +12,15 @@
 //! (wait, handle an item already read, done). Every write races the drain/expiry stop and is
 //! given up `STOP_WRITE_TIMEOUT` after it, so a peer that reads nothing cannot hold a leg;
 //! after a stop the relay ends within [`CLOSE_GRACE`].
+//!
+//! wsgate ends a connection itself through its [`Stopper`]: drain (1001), the client
+//! certificate's expiry or a trust change that no longer admits it (1008), no frame from a peer
+//! within the idle timeout although each leg is pinged (1001), a message left unfinished past
+//! the message timeout (1008); a peer whose unfinished message would exceed the memory budget
+//! is closed with 1013. Depends on tokio-tungstenite and `budget`.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::future::Fuse;
@@ -26,6 +33,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
+
+use super::budget::{BudgetExceeded, Hold};
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,11 +80,17 @@ pub struct CloseSummary {
 
 /// Why wsgate ends a connection that both peers would keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
+pub enum StopReason {
     /// The proxy drains.
     Drain,
     /// The client's certificate expired.
     Expired,
+    /// The trust roots changed and the client's chain no longer verifies.
+    Untrusted,
+    /// A peer sent no frame (not even a Pong) within the idle timeout.
+    Idle,
+    /// A peer left a message unfinished past the message timeout.
+    Unfinished,
 }
 
 impl StopReason {
@@ -88,8 +103,80 @@ impl StopReason {
                 "client certificate expired",
                 "client certificate expired",
             ),
+            StopReason::Untrusted => (
+                CloseCode::Policy,
+                "client certificate no longer trusted",
+                "client certificate no longer trusted (trust roots changed)",
+            ),
+            StopReason::Idle => (CloseCode::Away, "idle timeout", "idle timeout: no frame from a peer"),
+            StopReason::Unfinished => (
+                CloseCode::Policy,
+                "message not finished in time",
+                "message not finished within the message timeout",
+            ),
         }
     }
+}
+
+/// Ends one connection from outside its relay: the drain ends every connection (the stopper's
+/// token is a child of the drain token); expiry, trust changes and timeouts end one.
+#[derive(Debug)]
+pub struct Stopper {
+    token: CancellationToken,
+    why: OnceLock<StopReason>,
+}
+
+impl Stopper {
+    /// A stopper that also fires when `drain` does.
+    pub fn new(drain: &CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            token: drain.child_token(),
+            why: OnceLock::new(),
+        })
+    }
+
+    /// Ends the connection for `reason` (the first reason given wins; a drain that came first
+    /// stays a drain).
+    pub fn stop(&self, reason: StopReason) {
+        if !self.token.is_cancelled() {
+            let _ = self.why.set(reason);
+        }
+        self.token.cancel();
+    }
+
+    /// Whether the connection is being ended.
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    fn reason(&self) -> StopReason {
+        self.why.get().copied().unwrap_or(StopReason::Drain)
+    }
+}
+
+/// Keep-alive: each leg is pinged every `ping_interval`; a connection from whose peers no frame
+/// at all (a Pong answers a Ping) arrived for `idle_timeout` is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// How often each leg is pinged.
+    pub ping_interval: Duration,
+    /// Longest silence from either peer.
+    pub idle_timeout: Duration,
+}
+
+/// How the relay is bounded and ended.
+pub struct Control<'m> {
+    /// Ends the connection from outside (drain, trust change).
+    pub stopper: Arc<Stopper>,
+    /// The client certificate's expiry.
+    pub expires_at: Option<tokio::time::Instant>,
+    /// Pings and the idle timeout; `None`: neither.
+    pub keepalive: Option<Keepalive>,
+    /// What each direction holds of unfinished messages (client's, app's), and how long a
+    /// message may stay unfinished.
+    pub holds: Option<(Arc<Hold>, Arc<Hold>, Duration)>,
+    /// Counts relayed messages.
+    pub meter: &'m dyn RelayMeter,
 }
 
 /// Receives relay counts, once per flushed batch.
@@ -125,6 +212,16 @@ async fn guarded_write(stop: &CancellationToken, write: impl Future<Output = Res
         biased;
         done = &mut write => done.is_ok(),
         _ = stop.cancelled() => matches!(tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await, Ok(Ok(()))),
+    }
+}
+
+/// The next tick of a keep-alive interval; never, without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -170,11 +267,18 @@ struct Leg<'a, S, D> {
     close_dst: Fuse<oneshot::Receiver<Message>>,
     /// Asks the other loop to close `src`.
     close_src: Option<oneshot::Sender<Message>>,
-    /// Fires on drain and on the client certificate's expiry; `why` then says which (unset: drain).
+    /// Fires when wsgate ends the connection; its reason says why.
+    stopper: &'a Stopper,
     stop: &'a CancellationToken,
-    why: &'a OnceLock<StopReason>,
     first: &'a OnceLock<CloseSummary>,
     meter: &'a dyn RelayMeter,
+    /// Pings `dst` on each tick (keep-alive).
+    ping: Option<tokio::time::Interval>,
+    /// When `src` last sent a frame, in milliseconds since the relay started.
+    seen: &'a AtomicU64,
+    origin: tokio::time::Instant,
+    /// What `src`'s stream holds of an unfinished message.
+    hold: Option<&'a Hold>,
 }
 
 impl<S, D> Leg<'_, S, D>
@@ -241,18 +345,32 @@ where
                 Next::Wait
             }
             _ = self.stop.cancelled(), if open => {
-                let reason = self.why.get().copied().unwrap_or(StopReason::Drain);
+                let reason = self.stopper.reason();
                 let (code, text, note) = reason.close();
                 self.note(Initiator::Proxy, Some(u16::from(code)), note.into());
                 self.close_dst(close(code, text)).await;
                 Next::Wait
             }
             item = self.src.next() => Next::Handle(item),
+            _ = tick(&mut self.ping), if open => {
+                if !guarded_write(self.stop, self.dst.send(Message::Ping(Default::default()))).await {
+                    self.state = LegState::DstClosed;
+                }
+                Next::Wait
+            }
         }
     }
 
     /// Handles one item read from `src`.
     async fn handle(&mut self, item: Option<Result<Message, WsError>>) -> Next {
+        if let Some(Ok(_)) = &item {
+            // A whole frame came out: the peer is alive and what was held is free.
+            self.seen
+                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if let Some(hold) = self.hold {
+                hold.release();
+            }
+        }
         match item {
             Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
                 if self.state == LegState::Open {
@@ -302,6 +420,9 @@ where
                 tracing::trace!(dir = ?self.dir, error = %err, "source failed");
                 self.account();
                 let to_src = match &err {
+                    WsError::Io(e) if BudgetExceeded::is(e) => {
+                        Some((CloseCode::Again, "memory budget exceeded, try again later", 1013))
+                    }
                     WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
                     WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message", 1007)),
                     WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
@@ -341,9 +462,7 @@ where
 pub fn relay<'m, C, U>(
     client: WebSocketStream<C>,
     upstream: WebSocketStream<U>,
-    drain: CancellationToken,
-    expires_at: Option<tokio::time::Instant>,
-    meter: &'m dyn RelayMeter,
+    control: Control<'m>,
 ) -> impl std::future::Future<Output = CloseSummary> + 'm
 where
     C: AsyncRead + AsyncWrite + Unpin + 'm,
@@ -351,7 +470,15 @@ where
 {
     let (client_tx, client_rx) = client.split();
     let (up_tx, up_rx) = upstream.split();
-    relay_halves(client_tx, client_rx, up_tx, up_rx, drain, expires_at, meter)
+    relay_halves(client_tx, client_rx, up_tx, up_rx, control)
+}
+
+fn ping_interval(keepalive: Option<Keepalive>) -> Option<tokio::time::Interval> {
+    keepalive.map(|k| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + k.ping_interval, k.ping_interval);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    })
 }
 
 async fn relay_halves<C, U>(
@@ -359,19 +486,23 @@ async fn relay_halves<C, U>(
     mut client_rx: SplitStream<WebSocketStream<C>>,
     mut up_tx: SplitSink<WebSocketStream<U>, Message>,
     mut up_rx: SplitStream<WebSocketStream<U>>,
-    drain: CancellationToken,
-    expires_at: Option<tokio::time::Instant>,
-    meter: &dyn RelayMeter,
+    control: Control<'_>,
 ) -> CloseSummary
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let first = OnceLock::new();
-    // One timer for the connection: at the client certificate's expiry it stops both legs, as a
-    // drain does (the per-connection token is a child of the drain token).
-    let stop = drain.child_token();
-    let why = OnceLock::new();
+    let Control {
+        stopper,
+        expires_at,
+        keepalive,
+        holds,
+        meter,
+    } = control;
+    let stop = stopper.token.clone();
+    let origin = tokio::time::Instant::now();
+    let (client_seen, app_seen) = (AtomicU64::new(0), AtomicU64::new(0));
     {
         let (close_client_tx, close_client_rx) = oneshot::channel();
         let (close_up_tx, close_up_rx) = oneshot::channel();
@@ -383,10 +514,14 @@ where
             batch: Batch::default(),
             close_dst: close_up_rx.fuse(),
             close_src: Some(close_client_tx),
+            stopper: &stopper,
             stop: &stop,
-            why: &why,
             first: &first,
             meter,
+            ping: ping_interval(keepalive),
+            seen: &client_seen,
+            origin,
+            hold: holds.as_ref().map(|h| h.0.as_ref()),
         }
         .run();
         let outbound = Leg {
@@ -397,10 +532,14 @@ where
             batch: Batch::default(),
             close_dst: close_client_rx.fuse(),
             close_src: Some(close_up_tx),
+            stopper: &stopper,
             stop: &stop,
-            why: &why,
             first: &first,
             meter,
+            ping: ping_interval(keepalive),
+            seen: &app_seen,
+            origin,
+            hold: holds.as_ref().map(|h| h.1.as_ref()),
         }
         .run();
         let legs = async {
@@ -410,27 +549,27 @@ where
                 _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
             }
         };
-        // Stops both legs on drain or expiry, then gives them CLOSE_GRACE to finish.
-        let stopper = async {
+        // Stops both legs on drain, expiry, trust change or a timeout, then gives them
+        // CLOSE_GRACE to finish.
+        let stopper_task = async {
             let expiry = async {
                 match expires_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
+            let timeouts = watch_timeouts(keepalive, holds.as_ref(), origin, [&client_seen, &app_seen]);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => {}
-                _ = expiry => {
-                    let _ = why.set(StopReason::Expired);
-                    stop.cancel();
-                }
+                _ = expiry => stopper.stop(StopReason::Expired),
+                reason = timeouts => stopper.stop(reason),
             }
             tokio::time::sleep(CLOSE_GRACE).await;
         };
         tokio::select! {
             _ = legs => {}
-            _ = stopper => {}
+            _ = stopper_task => {}
         }
     }
     drop((up_tx, up_rx));
@@ -442,6 +581,65 @@ where
         code: None,
         reason: "closed".into(),
     })
+}
+
+/// Resolves when a peer has been silent past the idle timeout, or has left a message
+/// unfinished past the message timeout. Sleeps until the earliest deadline; a new unfinished
+/// message wakes it to take that one into account.
+async fn watch_timeouts(
+    keepalive: Option<Keepalive>,
+    holds: Option<&(Arc<Hold>, Arc<Hold>, Duration)>,
+    origin: tokio::time::Instant,
+    seen: [&AtomicU64; 2],
+) -> StopReason {
+    if keepalive.is_none() && holds.is_none() {
+        return std::future::pending().await;
+    }
+    loop {
+        let now = tokio::time::Instant::now();
+        let mut next: Option<(tokio::time::Instant, StopReason)> = None;
+        let mut earliest = |at: tokio::time::Instant, why: StopReason| {
+            if next.is_none_or(|(n, _)| at < n) {
+                next = Some((at, why));
+            }
+        };
+        if let Some(k) = keepalive {
+            let last = seen.iter().map(|s| s.load(Ordering::Relaxed)).min().unwrap_or(0);
+            earliest(origin + Duration::from_millis(last) + k.idle_timeout, StopReason::Idle);
+        }
+        if let Some((client, app, limit)) = holds {
+            for hold in [client, app] {
+                if let Some(since) = hold.since() {
+                    earliest(since + *limit, StopReason::Unfinished);
+                }
+            }
+        }
+        match next {
+            Some((at, why)) if at <= now => return why,
+            Some((at, _)) => {
+                let started = async {
+                    match holds {
+                        Some((client, app, _)) => tokio::select! {
+                            _ = client.started() => {}
+                            _ = app.started() => {}
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = started => {}
+                }
+            }
+            None => match holds {
+                Some((client, app, _)) => tokio::select! {
+                    _ = client.started() => {}
+                    _ = app.started() => {}
+                },
+                None => return std::future::pending().await,
+            },
+        }
+    }
 }
 
 /// How long a closed client connection is read from (and discarded) before it is dropped.
@@ -534,7 +732,14 @@ mod tests {
         let (proxy_app, app) = pipe(Role::Client, None).await;
         let drain = CancellationToken::new();
         let meter: &'static Counter = Box::leak(Box::default());
-        let task = tokio::spawn(relay(proxy_client, proxy_app, drain.clone(), expires_at, meter));
+        let control = Control {
+            stopper: Stopper::new(&drain),
+            expires_at,
+            keepalive: None,
+            holds: None,
+            meter,
+        };
+        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
         Relay {
             client,
             app,

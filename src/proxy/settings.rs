@@ -131,6 +131,46 @@ pub struct Limits {
     pub max_frame_size: usize,
     /// Most connections (handshaking or open) at once; more are refused at accept.
     pub max_connections: usize,
+    /// Most connections still in their handshake (TLS and upgrade), in all; below
+    /// `max_connections`, so unauthenticated peers can never fill every slot.
+    pub max_pending: usize,
+    /// Most connections still in their handshake from one source address.
+    pub max_pending_per_ip: usize,
+    /// Most open connections of one client identity; the next gets 429.
+    pub max_connections_per_identity: usize,
+    /// Keep-alive pings and the idle timeout; `None` turns both off.
+    pub keepalive: Option<super::pump::Keepalive>,
+    /// Longest time a peer may take to finish a message it started.
+    pub message_timeout: Duration,
+    /// Bytes all connections together may hold for unfinished messages beyond each one's
+    /// allowance (see `proxy::budget`).
+    pub memory_budget: usize,
+}
+
+/// `max_pending` when not given: half of `max_connections`, at most this.
+pub const DEFAULT_MAX_PENDING: usize = 512;
+/// `max_pending_per_ip` when not given: half of `max_pending`, at most this.
+pub const DEFAULT_MAX_PENDING_PER_IP: usize = 64;
+/// Default `max_connections_per_identity`: one identity may not take more than a tenth of the
+/// default connection limit, so at least ten clients always find room.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 1000;
+/// Default keep-alive: a ping every 30 s, closed after 90 s of silence (three missed pongs).
+pub const DEFAULT_KEEPALIVE: super::pump::Keepalive = super::pump::Keepalive {
+    ping_interval: Duration::from_secs(30),
+    idle_timeout: Duration::from_secs(90),
+};
+/// Default `message_timeout`.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default `max_pending_per_ip` for a given `max_pending`: one address never holds more than
+/// half of the handshake slots.
+pub fn default_max_pending_per_ip(max_pending: usize) -> usize {
+    (max_pending / 2).clamp(1, DEFAULT_MAX_PENDING_PER_IP)
+}
+
+/// The default `max_pending` for a given `max_connections`.
+pub fn default_max_pending(max_connections: usize) -> usize {
+    (max_connections / 2).clamp(1, DEFAULT_MAX_PENDING)
 }
 
 impl Default for Limits {
@@ -139,6 +179,12 @@ impl Default for Limits {
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
             max_connections: 10_000,
+            max_pending: default_max_pending(10_000),
+            max_pending_per_ip: default_max_pending_per_ip(default_max_pending(10_000)),
+            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            keepalive: Some(DEFAULT_KEEPALIVE),
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            memory_budget: super::budget::default_budget(),
         }
     }
 }

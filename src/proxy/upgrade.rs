@@ -1,10 +1,12 @@
 //! The HTTP/1.1 WebSocket upgrade on both legs, and header hygiene.
 //!
 //! Pure functions over `http` types: check the client's request, build the app's request (strip
-//! hop-by-hop headers, extensions wsgate does not relay, and any identity header the client
-//! tried to forge; add the verified identity), check the app's 101 and build the client's, or
-//! relay the app's refusal. Depends on `tls::identity`.
+//! hop-by-hop headers, extensions wsgate does not relay, and any header the client tried to forge
+//! that wsgate sets or that names the client: in any case and with `_` for `-`, since WSGI, Rack
+//! and CGI read both spellings as one variable; add the verified identity), check the app's 101
+//! and build the client's, or relay the app's refusal. Depends on `tls::identity`.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use bytes::Bytes;
@@ -19,6 +21,16 @@ pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 /// The client certificate's not-after, RFC 3339.
 pub const CLIENT_NOT_AFTER: HeaderName = HeaderName::from_static("x-wsgate-client-not-after");
 const OUR_PREFIX: &str = "x-wsgate-";
+/// Headers the client may not send under any spelling: wsgate sets them (the identity, the hop
+/// it saw) or they claim facts about the client that only wsgate knows (`Forwarded`,
+/// `X-Real-IP`). Compared after [`canonical`].
+const RESERVED: [&str; 5] = [
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+];
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
 const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
@@ -84,6 +96,45 @@ pub enum BadAnswer {
     SubprotocolNotOffered(String),
 }
 
+/// Why the identity headers for the app could not be built. The request is then refused, never
+/// forwarded without them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityHeaderError {
+    /// The `X-Forwarded-Client-Cert` value is not a valid header value.
+    #[error("cannot write the client certificate into X-Forwarded-Client-Cert: {0}")]
+    Xfcc(String),
+    /// The `x-wsgate-client-not-after` value is not a valid header value.
+    #[error("cannot write the client certificate's not-after into x-wsgate-client-not-after: {0}")]
+    NotAfter(String),
+}
+
+/// A header name as WSGI, Rack and CGI see it: lowercase (already, in `http`), `_` read as `-`.
+fn canonical(name: &HeaderName) -> Cow<'_, str> {
+    let s = name.as_str();
+    if s.contains('_') {
+        Cow::Owned(s.replace('_', "-"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// Whether a client-sent header is one wsgate sets or owns (under any spelling).
+fn is_reserved(name: &HeaderName) -> bool {
+    let c = canonical(name);
+    c.starts_with(OUR_PREFIX) || RESERVED.contains(&c.as_ref())
+}
+
+/// Whether a name listed in `Connection` must survive anyway: `Host` (the app routes on it), the
+/// WebSocket handshake (`Sec-WebSocket-*`), and what wsgate adds itself (added after the strip,
+/// but protected here too so the rule does not depend on order).
+fn is_protected(name: &HeaderName) -> bool {
+    let c = canonical(name);
+    *name == header::HOST
+        || c.starts_with("sec-websocket-")
+        || c.starts_with(OUR_PREFIX)
+        || RESERVED.contains(&c.as_ref())
+}
+
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
@@ -140,7 +191,8 @@ pub fn text_response(status: StatusCode, line: &str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Removes hop-by-hop headers, and every header the `Connection` header names.
+/// Removes hop-by-hop headers, and every header the `Connection` header names except the
+/// protected ones (`Connection: host` must not strip `Host`, nor the handshake's headers).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -148,6 +200,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !is_protected(name))
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -156,14 +209,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Builds the upgrade request for the app: the client's path, query, subprotocols, key and
 /// ordinary headers; no hop-by-hop headers, no extensions (frames are relayed one by one, so
-/// none can be negotiated end to end); any client-sent `X-Forwarded-Client-Cert` or
-/// `x-wsgate-*` removed and the verified identity added.
+/// none can be negotiated end to end); every client-sent `X-Forwarded-Client-Cert`,
+/// `x-wsgate-*`, `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded` and `X-Real-IP` removed
+/// whatever its case or `_` spelling; then the verified identity and the hop wsgate saw added.
+/// `X-Forwarded-For` is replaced, not appended to: wsgate is the pod's first hop and the client's
+/// list cannot be verified. Fails, rather than forward a request without the identity, when
+/// the identity cannot be written as a header value.
 pub fn upstream_request<B>(
     req: &Request<B>,
     identity: &PeerIdentity,
     peer: IpAddr,
     extra: &[(HeaderName, HeaderValue)],
-) -> Request<Empty<Bytes>> {
+) -> Result<Request<Empty<Bytes>>, IdentityHeaderError> {
+    let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| IdentityHeaderError::Xfcc(e.to_string()))?;
+    let not_after = HeaderValue::from_str(&identity.not_after_rfc3339())
+        .map_err(|e| IdentityHeaderError::NotAfter(e.to_string()))?;
     let mut headers = req.headers().clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(SEC_WEBSOCKET_EXTENSIONS);
@@ -171,32 +231,16 @@ pub fn upstream_request<B>(
     // (or read WebSocket frames as) a body that never comes.
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::EXPECT);
-    headers.remove(XFCC);
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(OUR_PREFIX))
-        .cloned()
-        .collect();
-    for k in ours {
+    let forged: Vec<HeaderName> = headers.keys().filter(|k| is_reserved(k)).cloned().collect();
+    for k in forged {
         headers.remove(k);
     }
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer}"),
-        None => peer.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    headers.insert(X_FORWARDED_FOR, peer_value(peer));
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    // Certificate names are ASCII (IA5String); a value that still fails is left out, not forged.
-    if let Ok(v) = HeaderValue::from_str(&identity.xfcc()) {
-        headers.insert(XFCC, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&identity.not_after_rfc3339()) {
-        headers.insert(CLIENT_NOT_AFTER, v);
-    }
+    headers.insert(XFCC, xfcc);
+    headers.insert(CLIENT_NOT_AFTER, not_after);
     for (k, v) in extra {
         headers.insert(k.clone(), v.clone());
     }
@@ -205,7 +249,12 @@ pub fn upstream_request<B>(
     *out.method_mut() = Method::GET;
     *out.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     *out.headers_mut() = headers;
-    out
+    Ok(out)
+}
+
+/// The peer's address as a header value (digits, dots, colons and hex: always valid).
+fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Checks the app's 101 against the client's request and builds the 101 for the client.
@@ -281,6 +330,7 @@ mod tests {
                 &[],
             ),
             sha256: [1; 32],
+            subject_rfc2253: "CN=frontend".into(),
         }
     }
 
@@ -326,7 +376,7 @@ mod tests {
             .header("x-wsgate-anything", "x")
             .body(())
             .unwrap();
-        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]);
+        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]).unwrap();
         let xfcc: Vec<_> = out.headers().get_all(XFCC).iter().collect();
         assert_eq!(xfcc.len(), 1);
         assert!(
@@ -348,7 +398,7 @@ mod tests {
             .header("expect", "100-continue")
             .body(())
             .unwrap();
-        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]);
+        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]).unwrap();
         assert!(!out.headers().contains_key("content-length"));
         assert!(!out.headers().contains_key("expect"));
     }
@@ -362,7 +412,7 @@ mod tests {
             .header("x-request-id", "abc")
             .body(())
             .unwrap();
-        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]);
+        let out = upstream_request(&req, &identity(), "10.1.2.3".parse().unwrap(), &[]).unwrap();
         let h = out.headers();
         assert_eq!(out.uri(), "/chat?room=1");
         assert_eq!(h.get("sec-websocket-key").unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
@@ -374,5 +424,122 @@ mod tests {
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
         assert!(!h.contains_key("keep-alive"));
         assert!(!h.contains_key("sec-websocket-extensions"));
+    }
+
+    fn app_request(req: &Request<()>) -> Request<Empty<Bytes>> {
+        upstream_request(req, &identity(), "10.1.2.3".parse().unwrap(), &[]).unwrap()
+    }
+
+    /// The names of `out`'s headers as a WSGI/CGI server would see them.
+    fn cgi_names(out: &Request<Empty<Bytes>>) -> Vec<String> {
+        out.headers().keys().map(|k| canonical(k).into_owned()).collect()
+    }
+
+    #[test]
+    fn underscore_and_mixed_case_forgeries_never_reach_the_app() {
+        let req = upgrade_req()
+            .header("X_Forwarded_Client_Cert", "URI=spiffe://td/ns/kube-system/sa/admin")
+            .header("x_wsgate_client_not_after", "2999-01-01T00:00:00Z")
+            .header("X_WSGATE_anything", "x")
+            .header("X-Forwarded_Client-Cert", "URI=spiffe://evil")
+            .header("x_forwarded_for", "1.1.1.1")
+            .header("X_Forwarded_Proto", "http")
+            .body(())
+            .unwrap();
+        let out = app_request(&req);
+        let names = cgi_names(&out);
+        for name in [
+            "x-forwarded-client-cert",
+            "x-wsgate-client-not-after",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+        ] {
+            assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{name}: {names:?}");
+        }
+        assert!(!names.contains(&"x-wsgate-anything".to_owned()), "{names:?}");
+        let xfcc = out.headers().get(XFCC).unwrap().to_str().unwrap();
+        assert!(!xfcc.contains("admin") && !xfcc.contains("evil"), "{xfcc}");
+        assert_eq!(out.headers().get(CLIENT_NOT_AFTER).unwrap(), "1970-01-01T00:00:00Z");
+        assert_eq!(out.headers().get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn a_client_x_forwarded_for_is_replaced_not_appended_to() {
+        let req = upgrade_req()
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("X-Forwarded-For", "7.7.7.7")
+            .body(())
+            .unwrap();
+        let out = app_request(&req);
+        let xff: Vec<_> = out.headers().get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, vec!["10.1.2.3"]);
+    }
+
+    #[test]
+    fn forwarded_and_x_real_ip_are_stripped_in_every_spelling() {
+        let req = upgrade_req()
+            .header("Forwarded", "for=6.6.6.6;proto=https")
+            .header("X-Real-IP", "6.6.6.6")
+            .header("x_real_ip", "6.6.6.6")
+            .body(())
+            .unwrap();
+        let names = cgi_names(&app_request(&req));
+        assert!(!names.iter().any(|n| n == "forwarded" || n == "x-real-ip"), "{names:?}");
+    }
+
+    #[test]
+    fn connection_cannot_strip_host_the_handshake_or_the_identity() {
+        let req = upgrade_req()
+            .header(
+                "connection",
+                "host, Sec-WebSocket-Key, sec-websocket-protocol, x-forwarded-client-cert, \
+                 x-wsgate-client-not-after, x-forwarded-for, x-forwarded-proto",
+            )
+            .header("sec-websocket-protocol", "chat")
+            .body(())
+            .unwrap();
+        let out = app_request(&req);
+        let h = out.headers();
+        assert_eq!(h.get("host").unwrap(), "app.shop.svc");
+        assert_eq!(h.get("sec-websocket-key").unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(h.get("sec-websocket-protocol").unwrap(), "chat");
+        for name in [XFCC, CLIENT_NOT_AFTER, X_FORWARDED_FOR, X_FORWARDED_PROTO] {
+            assert_eq!(h.get_all(&name).iter().count(), 1, "{name}");
+        }
+        assert_eq!(h.get("connection").unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn connection_still_strips_the_end_to_end_headers_it_names() {
+        let req = upgrade_req()
+            .header("connection", "x-hop-secret")
+            .header("x-hop-secret", "s")
+            .header("x-kept", "k")
+            .body(())
+            .unwrap();
+        let out = app_request(&req);
+        assert!(!out.headers().contains_key("x-hop-secret"));
+        assert_eq!(out.headers().get("x-kept").unwrap(), "k");
+    }
+
+    #[test]
+    fn the_identity_header_always_builds_whatever_the_certificate_holds() {
+        // Every byte value in the subject and in the SANs (what a hostile CA could sign).
+        let all: String = (0u8..=0x7f).map(char::from).chain(['\u{e9}', '\u{20ac}']).collect();
+        let id = PeerIdentity {
+            cert: CertSummary::fake(&all, Some(&all), &[&all], &[&all]),
+            sha256: [2; 32],
+            subject_rfc2253: all.clone(),
+        };
+        let req = upgrade_req().body(()).unwrap();
+        let out = upstream_request(&req, &id, "10.1.2.3".parse().unwrap(), &[]).unwrap();
+        let xfcc = out.headers().get(XFCC).unwrap();
+        assert!(xfcc.as_bytes().iter().all(|b| (0x20..0x7f).contains(b)), "{xfcc:?}");
+    }
+
+    #[test]
+    fn the_identity_header_error_names_the_header() {
+        let e = IdentityHeaderError::Xfcc("invalid".into());
+        assert!(e.to_string().contains("X-Forwarded-Client-Cert"), "{e}");
     }
 }

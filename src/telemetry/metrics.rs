@@ -40,6 +40,14 @@ pub struct CloseLabels {
     pub initiator: &'static str,
 }
 
+/// Labels of `wsgate_connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// Which limit refused it: `max_connections`, `max_pending`, `max_pending_per_ip`,
+    /// `max_connections_per_identity`.
+    pub reason: &'static str,
+}
+
 /// Labels of `wsgate_certificate_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -74,6 +82,12 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Connections closed, by close code and initiator.
     pub connections_closed: Family<CloseLabels, Counter>,
+    /// Connections refused by a limit, by the limit (never by identity or address).
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Bytes charged to the memory budget for unfinished messages now.
+    pub budget_used: Gauge,
+    /// The memory budget's limit.
+    pub budget_limit: Gauge,
     /// Messages relayed client → app.
     pub messages_in: Counter,
     /// Messages relayed app → client.
@@ -134,6 +148,35 @@ impl Metrics {
             "connections_open",
             "Proxied WebSocket connections open now",
             connections_open.clone(),
+        );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        // Every reason from the start: a limit never hit reads 0, not absent.
+        for reason in [
+            "max_connections",
+            "max_pending",
+            "max_pending_per_ip",
+            "max_connections_per_identity",
+        ] {
+            drop(connections_refused.get_or_create(&RefusedLabels { reason }));
+        }
+        registry.register(
+            "connections_refused",
+            "Connections refused by a limit, by reason",
+            connections_refused.clone(),
+        );
+        let budget_used = Gauge::default();
+        registry.register_with_unit(
+            "memory_budget_used",
+            "Bytes held for unfinished messages beyond each connection's allowance, charged to the budget",
+            prometheus_client::registry::Unit::Bytes,
+            budget_used.clone(),
+        );
+        let budget_limit = Gauge::default();
+        registry.register_with_unit(
+            "memory_budget_limit",
+            "The memory budget for unfinished messages (--memory-budget)",
+            prometheus_client::registry::Unit::Bytes,
+            budget_limit.clone(),
         );
         let connections_closed = Family::<CloseLabels, Counter>::default();
         registry.register(
@@ -234,6 +277,9 @@ impl Metrics {
             bytes_in: bytes.get_or_create_owned(&inbound),
             bytes_out: bytes.get_or_create_owned(&outbound),
             reloads,
+            connections_refused,
+            budget_used,
+            budget_limit,
             cert_not_after,
             registry,
         })
@@ -319,6 +365,11 @@ impl Metrics {
             .unwrap_or(0.0);
         self.cert_stale.set(stale);
         encode(&self.registry)
+    }
+
+    /// Counts one connection refused by the limit named `reason`.
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 
     /// Counts one certificate reload by result.

@@ -167,6 +167,70 @@ async fn a_forged_identity_header_never_reaches_the_app() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_subject_and_forged_headers_in_any_spelling_leave_exactly_the_real_identity() {
+    use rcgen::DnType;
+    let mut env = env().await;
+    let ca = crate::support::SubjectCa::new();
+    env.trust_also(&ca).await;
+    let admin = "spiffe://test.wsgate.local/ns/kube-system/sa/admin";
+    let cn = format!("frontend\r\nX-Forwarded-Client-Cert: URI={admin}");
+    let leaf = ca.client(
+        &[
+            (DnType::CountryName, "DE"),
+            (DnType::OrganizationName, "Shop, Inc."),
+            (DnType::CommonName, &cn),
+        ],
+        &spiffe("frontend"),
+    );
+    let (_ws, _) = env
+        .connect_with(
+            &leaf,
+            "/hostile",
+            &[
+                ("X_Forwarded_Client_Cert", &format!("URI={admin}")),
+                ("x_wsgate_client_not_after", "2999-12-31T00:00:00Z"),
+                ("Forwarded", "for=6.6.6.6;proto=https"),
+                ("X-Real-IP", "6.6.6.6"),
+                ("X-Forwarded-For", "6.6.6.6"),
+                ("Connection", "host"),
+            ],
+        )
+        .await
+        .expect("the request is forwarded, with the identity");
+    let seen = env.app.last_seen();
+    assert_eq!(seen.path_and_query, "/hostile");
+    // Every header as WSGI, Rack and CGI would name it.
+    let cgi = |name: &str| -> Vec<&str> {
+        seen.headers
+            .iter()
+            .filter(|(k, _)| k.replace('_', "-").eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, &leaf.cert_der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // RFC 2253: CN first, CR/LF as \0D\0A, the comma as \,; then XFCC quoting doubles the '\'.
+    assert_eq!(
+        cgi("x-forwarded-client-cert"),
+        vec![format!(
+            "Hash={hash};URI={};Subject=\"CN=frontend\\\\0D\\\\0AX-Forwarded-Client-Cert: URI={admin},O=Shop\\\\, Inc.,C=DE\"",
+            spiffe("frontend")
+        )]
+    );
+    let not_after = cgi("x-wsgate-client-not-after");
+    assert_eq!(not_after.len(), 1, "{not_after:?}");
+    assert_ne!(not_after[0], "2999-12-31T00:00:00Z");
+    assert_eq!(cgi("forwarded"), Vec::<&str>::new());
+    assert_eq!(cgi("x-real-ip"), Vec::<&str>::new());
+    assert_eq!(cgi("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(cgi("host"), vec!["localhost"]);
+    counted(&env, "wsgate_handshakes_total{result=\"success\",error_type=\"\"}", 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subprotocol_and_ordinary_headers_are_relayed() {
     let env = env().await;
     let (_ws, resp) = connect_with_headers(

@@ -79,6 +79,73 @@ impl Pki {
     }
 }
 
+/// A second CA whose client leaves carry any subject (the demo `Ca` only sets a common name), to
+/// test what a hostile but trusted subject does to the identity headers.
+pub struct SubjectCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub cert_pem: String,
+}
+
+impl SubjectCa {
+    pub fn new() -> Self {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "wsgate subject CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A client leaf with `subject` (attributes in certificate order, most significant first)
+    /// and URI SAN `uri`.
+    pub fn client(&self, subject: &[(rcgen::DnType, &str)], uri: &str) -> Leaf {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (ty, value) in subject {
+            params.distinguished_name.push(ty.clone(), *value);
+        }
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42]));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+            serial: "42".into(),
+        }
+    }
+}
+
+impl Env {
+    /// Also trusts `extra` for client certificates: serves a fresh server leaf with `ca.crt`
+    /// holding both CAs, and waits until it is served.
+    pub async fn trust_also(&mut self, extra: &SubjectCa) {
+        let server = self.pki.server();
+        let bundle = format!("{}{}", self.pki.ca.cert_pem, extra.cert_pem);
+        self.vol
+            .write(&[
+                ("ca.crt", bundle.as_bytes()),
+                ("tls.crt", server.cert_pem.as_bytes()),
+                ("tls.key", server.key_pem.as_bytes()),
+            ])
+            .unwrap();
+        wait_serial(&self.proxy, &server.serial).await;
+        self.server = server;
+    }
+}
+
 /// Writes tls.crt, tls.key, ca.crt the kubelet's way.
 pub fn write_set(vol: &SecretVolume, leaf: &Leaf, ca: &Ca) {
     vol.write(&[
