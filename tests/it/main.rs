@@ -15,3 +15,4 @@ mod rotation;
 mod support;
 mod telemetry;
 mod tls_refusals;
+mod trust;
