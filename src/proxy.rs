@@ -5,7 +5,8 @@
 //! `accept` (TCP + TLS → authenticated stream and identity), `exchange` (the client's upgrade
 //! request and its answer), `dial` (the app and its upgrade), `pump` (the relay). `outcome` is
 //! the shared set of `error.type` values, `record` the one record per attempt, `upgrade` the
-//! pure header rules, `settings` the typed configuration. The stages do not import one another;
+//! pure header rules, `settings` the typed configuration, `trust` the registry of open
+//! connections verified again when the trust roots change. The stages do not import one another;
 //! `inbound` composes them per connection; this file composes the process. Depends on every
 //! module below it: `net`, `lifecycle`, `admin`, `certs`, `tls`, `authz`, `telemetry`, `x509`.
 
@@ -19,6 +20,7 @@ pub mod outcome;
 pub mod pump;
 pub mod record;
 pub mod settings;
+pub mod trust;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -84,9 +86,45 @@ impl AdminState for Status {
     }
 }
 
-/// What the proxy reports around a reload: metrics and a span.
+/// What the proxy does around a reload: metrics, a span, and when the trust roots changed, the
+/// re-verification of every open connection.
 struct InboundHooks {
     telemetry: Arc<Telemetry>,
+    trust: Arc<trust::TrustRegistry>,
+}
+
+impl InboundHooks {
+    /// Holds the open connections to `roots`: when they changed, verifies every open client
+    /// chain again on a blocking thread (signature checks) and ends those that fail.
+    fn hold_to(&self, roots: &[rustls_pki_types::CertificateDer<'static>]) {
+        let recheck = match self.trust.set_roots(roots) {
+            Ok(Some(recheck)) => recheck,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(target: "wsgate::trust", %error, "open connections not verified again");
+                return;
+            }
+        };
+        let metrics = self.telemetry.metrics.clone();
+        let run = move || {
+            let open = recheck.len();
+            let ended = recheck.run();
+            for one in &ended {
+                inbound::report_untrusted(&metrics, one);
+            }
+            metrics.trust_rechecks.inc();
+            tracing::info!(
+                target: "wsgate::trust",
+                open,
+                closed = ended.len(),
+                "trust roots changed: open connections verified again"
+            );
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
 }
 
 impl ReloadHooks for InboundHooks {
@@ -94,6 +132,8 @@ impl ReloadHooks for InboundHooks {
         self.telemetry
             .metrics
             .certificate_served(&bundle.leaf.serial, bundle.leaf.not_after);
+        // Before the new config is served: see `TrustRegistry::set_roots`.
+        self.hold_to(&bundle.roots);
     }
 
     fn reported(&mut self, report: &ReloadReport, serving: Option<&Serving>) {
@@ -209,11 +249,13 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     };
     let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
     let min_version = cfg.tls_min_version;
+    let trust = trust::TrustRegistry::new();
     let reloader = Reloader::new(
         store.clone(),
         Box::new(move |bundle| crate::tls::server::server_config(bundle, min_version)),
         InboundHooks {
             telemetry: telemetry.clone(),
+            trust: trust.clone(),
         },
     );
     life.spawn(watcher.run(reloader, life.stop_token()));
@@ -236,6 +278,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
             max_per_identity: cfg.limits.max_connections_per_identity,
         }),
         budget: memory_budget,
+        trust,
     });
     let connections = TaskTracker::new();
     let accept = tokio::spawn(crate::net::accept_loop(

@@ -53,6 +53,22 @@ fn versions(min: TlsMinVersion) -> &'static [&'static rustls::SupportedProtocolV
     }
 }
 
+/// A digest of a set of trust roots, independent of their order and of duplicates: two sets
+/// with the same digest trust the same certificates.
+pub fn roots_digest(roots: &[rustls_pki_types::CertificateDer<'static>]) -> [u8; 32] {
+    let mut sorted: Vec<&[u8]> = roots.iter().map(|r| r.as_ref()).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for der in sorted {
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 fn root_store(roots: &[rustls_pki_types::CertificateDer<'static>]) -> Result<rustls::RootCertStore, TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {

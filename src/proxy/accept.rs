@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -65,6 +66,9 @@ pub struct Accepted {
     pub tls: TlsFacts,
     /// The verified identity of the client.
     pub identity: Arc<PeerIdentity>,
+    /// The chain the client presented (leaf first), kept so it can be verified again when the
+    /// trust roots change.
+    pub chain: Vec<CertificateDer<'static>>,
     /// How long TLS took.
     pub elapsed: Duration,
 }
@@ -90,10 +94,11 @@ pub async fn accept(tcp: TcpStream, serving: &Serving) -> Result<Accepted, Accep
     let elapsed = t0.elapsed();
     let conn = stream.get_ref().1;
     let tls = TlsFacts::of(conn);
-    let leaf = conn
+    let chain: Vec<CertificateDer<'static>> = conn
         .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(AcceptError::NoClientCertificate)?;
+        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let leaf = chain.first().ok_or(AcceptError::NoClientCertificate)?;
     let identity = Arc::new(PeerIdentity::from_der(leaf)?);
     // A resumed session skips verification: its certificate may have expired since.
     if SystemTime::now() > identity.cert.not_after {
@@ -103,6 +108,7 @@ pub async fn accept(tcp: TcpStream, serving: &Serving) -> Result<Accepted, Accep
         stream,
         tls,
         identity,
+        chain,
         elapsed,
     })
 }

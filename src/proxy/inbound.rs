@@ -28,11 +28,13 @@ use super::outcome::FailureKind;
 use super::pump::{self, Direction, RelayMeter, Stopper};
 use super::record::{Failure, HandshakeRecord};
 use super::settings::{Limits, Upstream};
+use super::trust::{self, TrustRegistry, Untrusted};
 use super::upgrade::{self, IdentityHeaderError, NotUpgrade};
 use crate::authz::{Decision, Denied, Policy};
 use crate::telemetry::metrics::CloseLabels;
 use crate::telemetry::{Metrics, Telemetry};
-use crate::tls::TlsStore;
+use crate::tls::{PeerIdentity, TlsStore};
+use rustls_pki_types::CertificateDer;
 
 /// Read buffer of the client's leg. rustls already holds the decrypted bytes, so reading them out
 /// in smaller pieces costs copies, not system calls; a sidecar holds many idle connections.
@@ -120,6 +122,8 @@ pub struct Inbound {
     pub admission: Arc<Admission>,
     /// What all connections may hold for unfinished messages.
     pub budget: Arc<MemoryBudget>,
+    /// The open connections' client chains, verified again when the trust roots change.
+    pub trust: Arc<TrustRegistry>,
 }
 
 /// A connection that passed the handshake: both upgraded legs and its identity's slot.
@@ -127,6 +131,23 @@ struct Upgraded2 {
     client: Upgraded,
     app: Upgraded,
     _slot: IdentitySlot,
+    /// Who the client is, and the chain it presented.
+    identity: Arc<PeerIdentity>,
+    chain: Vec<CertificateDer<'static>>,
+    /// Digest of the roots the handshake verified the chain against.
+    roots: [u8; 32],
+}
+
+/// Counts and logs a connection ended because its client is no longer trusted.
+pub(super) fn report_untrusted(metrics: &Metrics, ended: &Untrusted) {
+    metrics.connections_untrusted.inc();
+    tracing::info!(
+        target: "wsgate::trust",
+        peer = %ended.peer,
+        identity = %ended.name,
+        reason = %ended.reason,
+        "closing connection: client certificate no longer trusted (trust roots changed)"
+    );
 }
 
 impl RelayMeter for Metrics {
@@ -209,12 +230,14 @@ impl Inbound {
         // Stage 1: accept. The config is taken once: a swap never touches this handshake.
         let serving = self.store.current().ok_or(HandshakeError::NotReady)?;
         rec.serving_serial = Some(serving.leaf.serial.clone());
+        let roots = serving.roots;
         let accepted = accept::accept(tcp, &serving).await?;
         drop(serving);
         rec.tls_time = Some(accepted.elapsed);
         rec.tls = Some(accepted.tls);
         rec.identity = Some(accepted.identity.clone());
         let identity = accepted.identity;
+        let chain = accepted.chain;
 
         // Stage 2: authorize (answered once the request is read, so the client gets a 403).
         let decision = self.policy.decide(&identity.cert);
@@ -303,12 +326,54 @@ impl Inbound {
             client,
             app: app.io,
             _slot: slot,
+            identity,
+            chain,
+            roots,
         })
+    }
+
+    /// Registers the connection with the trust registry; ends it at once if the roots changed
+    /// since its handshake and no longer admit its chain.
+    fn watch_trust(
+        &self,
+        stopper: &Arc<Stopper>,
+        identity: &PeerIdentity,
+        chain: Vec<CertificateDer<'static>>,
+        roots: [u8; 32],
+        peer: SocketAddr,
+    ) -> trust::TrustGuard {
+        let weak = Arc::downgrade(stopper);
+        let stop: trust::Stop = Box::new(move || {
+            weak.upgrade().is_some_and(|stopper| {
+                let ending = !stopper.is_stopped();
+                stopper.stop(pump::StopReason::Untrusted);
+                ending
+            })
+        });
+        let (guard, ended) = self.trust.register(trust::Connection {
+            chain,
+            name: identity.name().to_owned(),
+            peer,
+            not_after: identity.cert.not_after,
+            verified_with: roots,
+            stop,
+        });
+        if let Some(ended) = ended {
+            report_untrusted(&self.telemetry.metrics, &ended);
+        }
+        guard
     }
 
     /// Relays between the two upgraded legs until both close.
     async fn relay(&self, legs: Upgraded2, client_expiry: Option<SystemTime>, peer: SocketAddr) {
-        let Upgraded2 { client, app, _slot } = legs;
+        let Upgraded2 {
+            client,
+            app,
+            _slot,
+            identity,
+            chain,
+            roots,
+        } = legs;
         let metrics = &self.telemetry.metrics;
         let client_not_after = client_expiry.map(crate::x509::to_unix);
         metrics.connections_open.inc();
@@ -332,8 +397,11 @@ impl Inbound {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::Instant::now() + left
         });
+        let stopper = Stopper::new(&self.drain);
+        // Held until the relay ends: a change of trust roots verifies this chain again.
+        let _trust = self.watch_trust(&stopper, &identity, chain, roots, peer);
         let control = pump::Control {
-            stopper: Stopper::new(&self.drain),
+            stopper,
             expires_at,
             keepalive: self.limits.keepalive,
             holds: Some((client_hold, app_hold, self.limits.message_timeout)),

@@ -88,6 +88,10 @@ pub struct Metrics {
     pub budget_used: Gauge,
     /// The memory budget's limit.
     pub budget_limit: Gauge,
+    /// Connections closed because new trust roots no longer admit their client's chain.
+    pub connections_untrusted: Counter,
+    /// Re-verifications of the open connections after the trust roots changed.
+    pub trust_rechecks: Counter,
     /// Messages relayed client → app.
     pub messages_in: Counter,
     /// Messages relayed app → client.
@@ -184,6 +188,18 @@ impl Metrics {
             "Proxied WebSocket connections closed, by first close code and who sent it",
             connections_closed.clone(),
         );
+        let connections_untrusted = Counter::default();
+        registry.register(
+            "connections_untrusted",
+            "Connections closed (1008) because new trust roots no longer admit their client certificate",
+            connections_untrusted.clone(),
+        );
+        let trust_rechecks = Counter::default();
+        registry.register(
+            "trust_rechecks",
+            "Re-verifications of the open connections' client certificates after the trust roots changed",
+            trust_rechecks.clone(),
+        );
         let messages = Family::<DirectionLabels, Counter>::default();
         registry.register(
             "messages_relayed",
@@ -272,6 +288,8 @@ impl Metrics {
             handshake_duration,
             connections_open,
             connections_closed,
+            connections_untrusted,
+            trust_rechecks,
             messages_in: messages.get_or_create_owned(&inbound),
             messages_out: messages.get_or_create_owned(&outbound),
             bytes_in: bytes.get_or_create_owned(&inbound),

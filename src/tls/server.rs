@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::SingleCertAndKey;
+use rustls_pki_types::CertificateDer;
 
 use super::{TlsError, TlsMinVersion, provider, root_store, versions};
 use crate::certs::CertBundle;
@@ -15,15 +17,20 @@ use crate::certs::CertBundle;
 /// client-auth usage, checked by webpki) and serves the bundle's chain. ALPN offers `http/1.1`
 /// only: WebSocket upgrades are an HTTP/1.1 mechanism.
 pub fn server_config(bundle: &CertBundle, min: TlsMinVersion) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(&bundle.roots)?), provider.clone()).build()?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let verifier = client_verifier(&bundle.roots)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions(min))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(bundle.certified.clone())));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The client-certificate verifier for `roots`: the one the served config uses, also used to
+/// re-verify the chains of open connections when the roots change.
+pub fn client_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let provider = provider();
+    Ok(WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider).build()?)
 }
 
 /// A server config without client authentication, for the admission webhook (the API server

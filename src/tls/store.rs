@@ -63,6 +63,8 @@ pub struct Serving {
     pub installed_at: SystemTime,
     /// Fingerprint of the files it was built from.
     pub fingerprint: [u8; 32],
+    /// [`super::roots_digest`] of the trust roots its client verifier uses.
+    pub roots: [u8; 32],
 }
 
 impl Serving {
@@ -73,6 +75,7 @@ impl Serving {
             leaf: bundle.leaf,
             installed_at: SystemTime::now(),
             fingerprint: bundle.fingerprint,
+            roots: super::roots_digest(&bundle.roots),
         }
     }
 }

@@ -16,3 +16,4 @@ mod rotation;
 mod support;
 mod telemetry;
 mod tls_refusals;
+mod trust;
