@@ -3,7 +3,8 @@
 //!
 //! The serving certificate comes from a mounted Secret and is hot-rotated through the same
 //! `certs` + `tls::reloader` code as the proxy; connections are served by `net::serve_http`
-//! within [`BOUNDS`]. A malformed review gets HTTP 400, never a panic.
+//! within [`BOUNDS`]. A malformed review gets HTTP 400, never a panic. A review is read within
+//! `review`'s caps.
 //! Dry-run requests are answered like any other: the webhook has no side effects at all.
 
 use std::net::SocketAddr;
@@ -16,12 +17,15 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::TypeMeta;
+use kube::core::admission::{AdmissionResponse, Operation};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::annotations::{Wanted, wanted};
 use super::metrics::{InjectMetrics, ReviewLabels};
 use super::patch::{Mutation, mutate};
+use super::review::{OverLimit, RequestView, ReviewView};
 use super::settings::InjectSettings;
 use crate::tls::TlsStore;
 
@@ -60,11 +64,18 @@ pub struct Webhook {
 
 impl Webhook {
     /// Answers one review body. `namespace_enabled` comes from the path.
+    ///
+    /// The body is read within bounds ([`super::review`]): only the fields the mutation reads,
+    /// every kept list capped, the rest skipped unbuilt. A pod past a cap is answered by
+    /// [`Webhook::over_limit`].
     pub fn review(&self, body: &[u8], namespace_enabled: bool) -> Result<Vec<u8>, ReviewError> {
-        let review: AdmissionReview<Pod> =
-            serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
-        let request: AdmissionRequest<Pod> = review.try_into().map_err(|_| ReviewError::NoRequest)?;
-        let response = self.decide(&request, namespace_enabled);
+        let review: ReviewView = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+        let types = TypeMeta {
+            api_version: review.api_version,
+            kind: review.kind,
+        };
+        let request = review.request.ok_or(ReviewError::NoRequest)?;
+        let response = self.decide(types, &request, namespace_enabled);
         serde_json::to_vec(&response.into_review()).map_err(|e| ReviewError::Malformed(e.to_string()))
     }
 
@@ -72,15 +83,20 @@ impl Webhook {
         self.metrics.reviews.get_or_create(&ReviewLabels { result }).inc();
     }
 
-    fn decide(&self, request: &AdmissionRequest<Pod>, namespace_enabled: bool) -> AdmissionResponse {
-        let allowed = AdmissionResponse::from(request);
-        let pod = match (&request.operation, &request.object) {
+    fn decide(&self, types: TypeMeta, request: &RequestView, namespace_enabled: bool) -> AdmissionResponse {
+        let mut allowed = AdmissionResponse::invalid("");
+        allowed.types = types;
+        allowed.uid = request.uid.clone();
+        allowed.allowed = true;
+        allowed.result = Default::default();
+        let view = match (&request.operation, &request.object) {
             (Operation::Create, Some(pod)) if request.kind.kind == "Pod" => pod,
             _ => {
                 self.count("skipped");
                 return allowed;
             }
         };
+        let pod = view.to_pod();
         let namespace = request
             .namespace
             .clone()
@@ -92,6 +108,10 @@ impl Webhook {
             .clone()
             .or_else(|| pod.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
             .unwrap_or_default();
+        if let Some(over) = view.over_limit() {
+            return self.over_limit(allowed, &pod, &over, namespace_enabled, (&namespace, &name));
+        }
+        let pod = &pod;
         let native = self.native.load(Ordering::Relaxed);
         match mutate(pod, &namespace, namespace_enabled, &self.settings, native) {
             Mutation::Skip(why) => {
@@ -128,6 +148,37 @@ impl Webhook {
                 }
             },
         }
+    }
+
+    /// The answer for a pod past one of [`super::review`]'s caps, which wsgate cannot inspect.
+    ///
+    /// If the path and the pod's annotations (read within caps of their own) say the pod does
+    /// not want the sidecar (not opted in, or `wsgate.dev/inject: "false"`), it is admitted
+    /// unchanged, like any such pod: the `/mutate` entry sees every pod of every ordinary
+    /// namespace, and wsgate must not turn into a policy that rejects pods it has no part in.
+    ///
+    /// Otherwise it is **denied**, with a message naming the cap. In an opted-in namespace (or
+    /// with `wsgate.dev/inject: "true"`) a pod wsgate cannot inspect must not run without its
+    /// sidecar: admitting it unpatched would make the caps a way around the injection, and a
+    /// security review of the platform would rightly call that fail-open. The denial costs only
+    /// that one pod, which no real workload resembles; what stopped every pod creation before
+    /// (gigabytes of memory, seconds of a runtime worker) is bounded before this decision.
+    fn over_limit(
+        &self,
+        allowed: AdmissionResponse,
+        pod: &Pod,
+        over: &OverLimit,
+        namespace_enabled: bool,
+        (namespace, name): (&str, &str),
+    ) -> AdmissionResponse {
+        if let Ok(Wanted::No) = wanted(pod, namespace_enabled) {
+            self.count("skipped");
+            tracing::debug!(target: "wsgate::inject", %namespace, pod = %name, %over, "not injected, over a cap");
+            return allowed;
+        }
+        self.count("denied");
+        tracing::warn!(target: "wsgate::inject", %namespace, pod = %name, reason = %over, "pod denied: over a cap");
+        allowed.deny(format!("wsgate: cannot inspect this pod for injection: {over}"))
     }
 }
 
