@@ -4,7 +4,8 @@
 //! The serving certificate comes from a mounted Secret and is hot-rotated through the same
 //! `certs` + `tls::reloader` code as the proxy; connections are served by `net::serve_http`
 //! within [`BOUNDS`]. A malformed review gets HTTP 400, never a panic. A review is read within
-//! `review`'s caps.
+//! `review`'s caps and answered on a blocking thread, at most [`REVIEW_PERMITS`] at once; one
+//! that waits longer than [`PERMIT_WAIT`] for its turn gets 503.
 //! Dry-run requests are answered like any other: the webhook has no side effects at all.
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::TypeMeta;
 use kube::core::admission::{AdmissionResponse, Operation};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::annotations::{Wanted, wanted};
@@ -67,7 +69,8 @@ impl Webhook {
     ///
     /// The body is read within bounds ([`super::review`]): only the fields the mutation reads,
     /// every kept list capped, the rest skipped unbuilt. A pod past a cap is answered by
-    /// [`Webhook::over_limit`].
+    /// [`Webhook::over_limit`]. CPU-bound (milliseconds for the largest body): the server calls
+    /// it off the async workers.
     pub fn review(&self, body: &[u8], namespace_enabled: bool) -> Result<Vec<u8>, ReviewError> {
         let review: ReviewView = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
         let types = TypeMeta {
@@ -190,7 +193,15 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     resp
 }
 
-async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Reviews parsed and mutated at once, each on a blocking thread: the API server sends a few
+/// at a time, and each costs about its body (at most 3 MiB) in memory and milliseconds of CPU.
+pub const REVIEW_PERMITS: usize = 4;
+/// Longest wait for one of the [`REVIEW_PERMITS`]; past it the review gets 503 (the API server
+/// applies the webhook's failurePolicy, its client retries). Real reviews hold a permit for
+/// about a millisecond, so a wait this long means the injector is flooded.
+pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
+
+async fn handle(webhook: Arc<Webhook>, permits: Arc<Semaphore>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let namespace_enabled = match req.uri().path() {
         "/mutate" => false,
         "/mutate/namespace-enabled" => true,
@@ -217,12 +228,33 @@ async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<
             return respond(StatusCode::REQUEST_TIMEOUT, "text/plain", msg);
         }
     };
-    let resp = match webhook.review(&body, namespace_enabled) {
-        Ok(json) => respond(StatusCode::OK, "application/json", json),
-        Err(e) => {
+    let Ok(Ok(permit)) = tokio::time::timeout(PERMIT_WAIT, permits.acquire_owned()).await else {
+        webhook.count("busy");
+        tracing::warn!(target: "wsgate::inject", "review refused: {REVIEW_PERMITS} reviews in progress for {PERMIT_WAIT:?}");
+        let msg = format!("the injector is busy: {REVIEW_PERMITS} reviews in progress; retry\n");
+        let mut resp = respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", msg.into_bytes());
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return resp;
+    };
+    let hook = webhook.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        hook.review(&body, namespace_enabled)
+    })
+    .await;
+    let resp = match answer {
+        Ok(Ok(json)) => respond(StatusCode::OK, "application/json", json),
+        Ok(Err(e)) => {
             webhook.count("invalid");
             tracing::warn!(target: "wsgate::inject", error = %e, "malformed admission review");
             respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n").into_bytes())
+        }
+        Err(e) => {
+            webhook.count("invalid");
+            tracing::error!(target: "wsgate::inject", error = %e, "the review task failed");
+            let msg = b"the review could not be answered\n".to_vec();
+            respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", msg)
         }
     };
     webhook.metrics.review_duration.observe(t0.elapsed().as_secs_f64());
@@ -241,12 +273,13 @@ pub const BOUNDS: crate::net::HttpBounds = crate::net::HttpBounds {
 
 /// Serves the webhook on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Webhook>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(REVIEW_PERMITS));
     crate::net::serve_http(
         listener,
         BOUNDS,
         stop,
         move |tcp, peer| tls_accept(store.clone(), tcp, peer),
-        move |req, _peer| handle(webhook.clone(), req),
+        move |req, _peer| handle(webhook.clone(), permits.clone(), req),
     )
     .await;
 }
