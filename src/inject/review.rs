@@ -27,12 +27,20 @@ pub const MAX_CONTAINERS: usize = 1024;
 /// Most ports one container may declare. Kubernetes has no port ranges, so media servers
 /// declare one entry per port, sometimes a few hundred; 1024 is above those.
 pub const MAX_PORTS: usize = 1024;
+/// Most ports all the containers of a pod may declare together: the per-container cap alone
+/// would let one body of 3 MiB carry 150,000 ports, about 40 MiB once turned into a pod.
+pub const MAX_PORTS_IN_POD: usize = 4096;
 /// Most `wsgate.dev/*` annotations a pod may carry (wsgate reads 8 of them).
 pub const MAX_WSGATE_ANNOTATIONS: usize = 64;
 /// Longest value of an annotation wsgate reads (`wsgate.dev/*`, and
 /// `kubectl.kubernetes.io/default-container`): allow lists and DNS names of a few hundred
 /// entries fit; Kubernetes caps all of a pod's annotations together at 256 KiB.
 pub const MAX_ANNOTATION_VALUE: usize = 32 * 1024;
+
+/// Longest container name wsgate reads. Kubernetes requires a DNS label (63 bytes), but a
+/// mutating webhook sees the pod before that validation; each declared port copies its
+/// container's name, so an unbounded name would multiply the body.
+pub const MAX_NAME: usize = 253;
 
 /// The annotation kubectl uses to pick the container of `exec` and `logs`.
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
@@ -58,6 +66,14 @@ pub enum OverLimit {
     Annotations {
         /// How many it has.
         found: usize,
+        /// The cap.
+        cap: usize,
+    },
+    /// A container name longer than [`MAX_NAME`].
+    #[error("the pod has a container name {len} bytes long; wsgate reads at most {cap} bytes")]
+    Name {
+        /// Its length in bytes.
+        len: usize,
         /// The cap.
         cap: usize,
     },
@@ -235,7 +251,7 @@ struct SpecView {
 #[serde(rename_all = "camelCase")]
 struct ContainerView {
     #[serde(default)]
-    name: Option<String>,
+    name: Option<BoundedStr<MAX_NAME>>,
     #[serde(default)]
     ports: Option<Bounded<PortView, MAX_PORTS>>,
 }
@@ -280,30 +296,31 @@ impl Visitor<'_> for KeySeed {
     }
 }
 
-/// An annotation value: its length, and the value itself only within [`MAX_ANNOTATION_VALUE`].
-struct ValueSeed;
+/// A JSON string read only when at most `CAP` bytes long; otherwise only its length is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundedStr<const CAP: usize>(pub Result<String, usize>);
 
-impl<'de> DeserializeSeed<'de> for ValueSeed {
-    type Value = Result<String, usize>;
+impl<'de, const CAP: usize> Deserialize<'de> for BoundedStr<CAP> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Measure<const CAP: usize>;
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
+        impl<const CAP: usize> Visitor<'_> for Measure<CAP> {
+            type Value = BoundedStr<CAP>;
 
-impl Visitor<'_> for ValueSeed {
-    type Value = Result<String, usize>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a string")
+            }
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "an annotation value (a string)")
-    }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(BoundedStr(if value.len() > CAP {
+                    Err(value.len())
+                } else {
+                    Ok(value.to_owned())
+                }))
+            }
+        }
 
-    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
-        Ok(if value.len() > MAX_ANNOTATION_VALUE {
-            Err(value.len())
-        } else {
-            Ok(value.to_owned())
-        })
+        deserializer.deserialize_str(Measure::<CAP>)
     }
 }
 
@@ -333,7 +350,7 @@ impl<'de> Deserialize<'de> for Annotations {
                             continue;
                         }
                     }
-                    match map.next_value_seed(ValueSeed)? {
+                    match map.next_value::<BoundedStr<MAX_ANNOTATION_VALUE>>()?.0 {
                         Ok(value) => {
                             out.kept.insert(key, value);
                         }
@@ -372,6 +389,15 @@ fn list_over<T, const CAP: usize>(list: Option<&Bounded<T, CAP>>, what: impl FnO
     })
 }
 
+impl ContainerView {
+    fn name(&self) -> &str {
+        match &self.name {
+            Some(BoundedStr(Ok(name))) => name,
+            _ => "",
+        }
+    }
+}
+
 impl PodView {
     /// The first cap the pod exceeds, if any. When there is one, [`PodView::to_pod`] lacks the
     /// part beyond it (the list is empty), so only the annotations can be trusted.
@@ -388,19 +414,33 @@ impl PodView {
                 return Some(over);
             }
             for c in list.iter().flat_map(|l| l.items()) {
-                let name = || format!("ports in container {}", c.name.as_deref().unwrap_or(""));
+                if let Some(BoundedStr(Err(len))) = c.name {
+                    return Some(OverLimit::Name { len, cap: MAX_NAME });
+                }
+                let name = || format!("ports in container {}", c.name());
                 if let Some(over) = list_over(c.ports.as_ref(), name) {
                     return Some(over);
                 }
             }
         }
-        None
+        let ports: usize = [&spec.containers, &spec.init_containers]
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l.items())
+            .flat_map(|c| c.ports.as_ref())
+            .map(Bounded::len)
+            .sum();
+        (ports > MAX_PORTS_IN_POD).then(|| OverLimit::List {
+            what: "ports in all its containers".into(),
+            found: ports,
+            cap: MAX_PORTS_IN_POD,
+        })
     }
 
     /// The pod as k8s-openapi's type, with only the fields the mutation reads: name,
     /// generateName, namespace, whether there are labels, the annotations wsgate reads, the
     /// containers' names and ports, the init containers' names, whether there are volumes, and
-    /// the service account.
+    /// the service account. A pod past a cap ([`PodView::over_limit`]) gets its metadata only.
     pub fn to_pod(&self) -> Pod {
         let m = &self.metadata;
         let metadata = ObjectMeta {
@@ -411,9 +451,10 @@ impl PodView {
             annotations: m.annotations.as_ref().map(|a| a.kept.clone()),
             ..ObjectMeta::default()
         };
-        let spec = self.spec.as_ref().map(|s| {
+        let within = self.over_limit().is_none();
+        let spec = self.spec.as_ref().filter(|_| within).map(|s| {
             let container = |c: &ContainerView, with_ports: bool| Container {
-                name: c.name.clone().unwrap_or_default(),
+                name: c.name().to_owned(),
                 ports: c.ports.as_ref().filter(|_| with_ports).map(|ports| {
                     ports
                         .items()
@@ -537,12 +578,45 @@ mod tests {
     }
 
     #[test]
-    fn too_many_ports_in_one_container_is_named() {
+    fn too_many_ports_in_a_container_or_too_long_a_name_is_named() {
         let ports = vec![r#"{"containerPort":80}"#; MAX_PORTS + 1].join(",");
         let p = view(&format!(
             r#"{{"spec":{{"initContainers":[],"containers":[{{"name":"web","ports":[{ports}]}}]}}}}"#
         ));
         assert!(p.over_limit().unwrap().to_string().contains("ports in container web"));
+        let long = "a".repeat(MAX_NAME + 1);
+        let p = view(&format!(r#"{{"spec":{{"containers":[{{"name":"{long}"}}]}}}}"#));
+        assert_eq!(
+            p.over_limit(),
+            Some(OverLimit::Name {
+                len: MAX_NAME + 1,
+                cap: MAX_NAME
+            })
+        );
+        let at_cap = "a".repeat(MAX_NAME);
+        let p = view(&format!(r#"{{"spec":{{"containers":[{{"name":"{at_cap}"}}]}}}}"#));
+        assert_eq!(p.to_pod().spec.unwrap().containers[0].name, at_cap);
+    }
+
+    #[test]
+    fn ports_are_capped_across_the_whole_pod_and_such_a_pod_is_not_built() {
+        let ports = vec![r#"{"containerPort":80}"#; MAX_PORTS].join(",");
+        let n = MAX_PORTS_IN_POD / MAX_PORTS;
+        let at_cap = vec![format!(r#"{{"ports":[{ports}]}}"#); n].join(",");
+        let p = view(&format!(r#"{{"spec":{{"containers":[{at_cap}]}}}}"#));
+        assert_eq!(p.over_limit(), None);
+        assert_eq!(p.to_pod().spec.unwrap().containers.len(), n);
+        let p = view(&format!(
+            r#"{{"spec":{{"containers":[{at_cap}],"initContainers":[{{"ports":[{{}}]}}]}}}}"#
+        ));
+        assert_eq!(
+            p.over_limit().unwrap().to_string(),
+            format!(
+                "the pod has {} ports in all its containers; wsgate reads at most {MAX_PORTS_IN_POD}",
+                MAX_PORTS_IN_POD + 1
+            )
+        );
+        assert!(p.to_pod().spec.is_none());
     }
 
     #[test]
