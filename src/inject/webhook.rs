@@ -114,9 +114,8 @@ impl Webhook {
         if let Some(over) = view.over_limit() {
             return self.over_limit(allowed, &pod, &over, namespace_enabled, (&namespace, &name));
         }
-        let pod = &pod;
         let native = self.native.load(Ordering::Relaxed);
-        match mutate(pod, &namespace, namespace_enabled, &self.settings, native) {
+        match mutate(&pod, &namespace, namespace_enabled, &self.settings, native) {
             Mutation::Skip(why) => {
                 self.count("skipped");
                 tracing::debug!(target: "wsgate::inject", %namespace, pod = %name, why, "not injected");
