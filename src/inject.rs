@@ -1,14 +1,16 @@
 //! `wsgate inject`: the mutating admission webhook that injects the sidecar, and the controller
 //! that requests a cert-manager Certificate for every service account whose pods are injected.
 //!
-//! `settings` and `annotations` are pure; `patch` is the pure injection; `webhook` serves it
-//! over HTTPS; `certificates` is the controller. Shares the proxy's building blocks, not the
-//! proxy: depends on `net`, `lifecycle`, `admin`, `certs`, `tls`, `telemetry` and `authz`.
+//! `settings` and `annotations` are pure; `patch` is the pure injection; `review` reads a
+//! review within bounds (pure); `webhook` serves it over HTTPS; `certificates` is the
+//! controller. Shares the proxy's building blocks, not the proxy: depends on `net`,
+//! `lifecycle`, `admin`, `certs`, `tls`, `telemetry` and `authz`.
 
 pub mod annotations;
 pub mod certificates;
 pub mod metrics;
 pub mod patch;
+pub mod review;
 pub mod settings;
 pub mod webhook;
 

@@ -3,7 +3,9 @@
 //!
 //! The serving certificate comes from a mounted Secret and is hot-rotated through the same
 //! `certs` + `tls::reloader` code as the proxy; connections are served by `net::serve_http`
-//! within [`BOUNDS`]. A malformed review gets HTTP 400, never a panic.
+//! within [`BOUNDS`]. A malformed review gets HTTP 400, never a panic. A review is read within
+//! `review`'s caps and answered on a blocking thread, at most [`REVIEW_PERMITS`] at once; one
+//! that waits longer than [`PERMIT_WAIT`] for its turn gets 503.
 //! Dry-run requests are answered like any other: the webhook has no side effects at all.
 
 use std::net::SocketAddr;
@@ -16,12 +18,16 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::TypeMeta;
+use kube::core::admission::{AdmissionResponse, Operation};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::annotations::{Wanted, wanted};
 use super::metrics::{InjectMetrics, ReviewLabels};
 use super::patch::{Mutation, mutate};
+use super::review::{OverLimit, RequestView, ReviewView};
 use super::settings::InjectSettings;
 use crate::tls::TlsStore;
 
@@ -60,11 +66,19 @@ pub struct Webhook {
 
 impl Webhook {
     /// Answers one review body. `namespace_enabled` comes from the path.
+    ///
+    /// The body is read within bounds ([`super::review`]): only the fields the mutation reads,
+    /// every kept list capped, the rest skipped unbuilt. A pod past a cap is answered by
+    /// [`Webhook::over_limit`]. CPU-bound (milliseconds for the largest body): the server calls
+    /// it off the async workers.
     pub fn review(&self, body: &[u8], namespace_enabled: bool) -> Result<Vec<u8>, ReviewError> {
-        let review: AdmissionReview<Pod> =
-            serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
-        let request: AdmissionRequest<Pod> = review.try_into().map_err(|_| ReviewError::NoRequest)?;
-        let response = self.decide(&request, namespace_enabled);
+        let review: ReviewView = serde_json::from_slice(body).map_err(|e| ReviewError::Malformed(e.to_string()))?;
+        let types = TypeMeta {
+            api_version: review.api_version,
+            kind: review.kind,
+        };
+        let request = review.request.ok_or(ReviewError::NoRequest)?;
+        let response = self.decide(types, &request, namespace_enabled);
         serde_json::to_vec(&response.into_review()).map_err(|e| ReviewError::Malformed(e.to_string()))
     }
 
@@ -72,15 +86,20 @@ impl Webhook {
         self.metrics.reviews.get_or_create(&ReviewLabels { result }).inc();
     }
 
-    fn decide(&self, request: &AdmissionRequest<Pod>, namespace_enabled: bool) -> AdmissionResponse {
-        let allowed = AdmissionResponse::from(request);
-        let pod = match (&request.operation, &request.object) {
+    fn decide(&self, types: TypeMeta, request: &RequestView, namespace_enabled: bool) -> AdmissionResponse {
+        let mut allowed = AdmissionResponse::invalid("");
+        allowed.types = types;
+        allowed.uid = request.uid.clone();
+        allowed.allowed = true;
+        allowed.result = Default::default();
+        let view = match (&request.operation, &request.object) {
             (Operation::Create, Some(pod)) if request.kind.kind == "Pod" => pod,
             _ => {
                 self.count("skipped");
                 return allowed;
             }
         };
+        let pod = view.to_pod();
         let namespace = request
             .namespace
             .clone()
@@ -92,8 +111,11 @@ impl Webhook {
             .clone()
             .or_else(|| pod.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
             .unwrap_or_default();
+        if let Some(over) = view.over_limit() {
+            return self.over_limit(allowed, &pod, &over, namespace_enabled, (&namespace, &name));
+        }
         let native = self.native.load(Ordering::Relaxed);
-        match mutate(pod, &namespace, namespace_enabled, &self.settings, native) {
+        match mutate(&pod, &namespace, namespace_enabled, &self.settings, native) {
             Mutation::Skip(why) => {
                 self.count("skipped");
                 tracing::debug!(target: "wsgate::inject", %namespace, pod = %name, why, "not injected");
@@ -129,6 +151,37 @@ impl Webhook {
             },
         }
     }
+
+    /// The answer for a pod past one of [`super::review`]'s caps, which wsgate cannot inspect.
+    ///
+    /// If the path and the pod's annotations (read within caps of their own) say the pod does
+    /// not want the sidecar (not opted in, or `wsgate.dev/inject: "false"`), it is admitted
+    /// unchanged, like any such pod: the `/mutate` entry sees every pod of every ordinary
+    /// namespace, and wsgate must not turn into a policy that rejects pods it has no part in.
+    ///
+    /// Otherwise it is **denied**, with a message naming the cap. In an opted-in namespace (or
+    /// with `wsgate.dev/inject: "true"`) a pod wsgate cannot inspect must not run without its
+    /// sidecar: admitting it unpatched would make the caps a way around the injection, and a
+    /// security review of the platform would rightly call that fail-open. The denial costs only
+    /// that one pod, which no real workload resembles; what stopped every pod creation before
+    /// (gigabytes of memory, seconds of a runtime worker) is bounded before this decision.
+    fn over_limit(
+        &self,
+        allowed: AdmissionResponse,
+        pod: &Pod,
+        over: &OverLimit,
+        namespace_enabled: bool,
+        (namespace, name): (&str, &str),
+    ) -> AdmissionResponse {
+        if let Ok(Wanted::No) = wanted(pod, namespace_enabled) {
+            self.count("skipped");
+            tracing::debug!(target: "wsgate::inject", %namespace, pod = %name, %over, "not injected, over a cap");
+            return allowed;
+        }
+        self.count("denied");
+        tracing::warn!(target: "wsgate::inject", %namespace, pod = %name, reason = %over, "pod denied: over a cap");
+        allowed.deny(format!("wsgate: cannot inspect this pod for injection: {over}"))
+    }
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -139,7 +192,15 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     resp
 }
 
-async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Reviews parsed and mutated at once, each on a blocking thread: the API server sends a few
+/// at a time, and each costs about its body (at most 3 MiB) in memory and milliseconds of CPU.
+pub const REVIEW_PERMITS: usize = 4;
+/// Longest wait for one of the [`REVIEW_PERMITS`]; past it the review gets 503 (the API server
+/// applies the webhook's failurePolicy, its client retries). Real reviews hold a permit for
+/// about a millisecond, so a wait this long means the injector is flooded.
+pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
+
+async fn handle(webhook: Arc<Webhook>, permits: Arc<Semaphore>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let namespace_enabled = match req.uri().path() {
         "/mutate" => false,
         "/mutate/namespace-enabled" => true,
@@ -166,12 +227,33 @@ async fn handle(webhook: Arc<Webhook>, req: Request<Incoming>) -> Response<Full<
             return respond(StatusCode::REQUEST_TIMEOUT, "text/plain", msg);
         }
     };
-    let resp = match webhook.review(&body, namespace_enabled) {
-        Ok(json) => respond(StatusCode::OK, "application/json", json),
-        Err(e) => {
+    let Ok(Ok(permit)) = tokio::time::timeout(PERMIT_WAIT, permits.acquire_owned()).await else {
+        webhook.count("busy");
+        tracing::warn!(target: "wsgate::inject", "review refused: {REVIEW_PERMITS} reviews in progress for {PERMIT_WAIT:?}");
+        let msg = format!("the injector is busy: {REVIEW_PERMITS} reviews in progress; retry\n");
+        let mut resp = respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", msg.into_bytes());
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return resp;
+    };
+    let hook = webhook.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        hook.review(&body, namespace_enabled)
+    })
+    .await;
+    let resp = match answer {
+        Ok(Ok(json)) => respond(StatusCode::OK, "application/json", json),
+        Ok(Err(e)) => {
             webhook.count("invalid");
             tracing::warn!(target: "wsgate::inject", error = %e, "malformed admission review");
             respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n").into_bytes())
+        }
+        Err(e) => {
+            webhook.count("invalid");
+            tracing::error!(target: "wsgate::inject", error = %e, "the review task failed");
+            let msg = b"the review could not be answered\n".to_vec();
+            respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", msg)
         }
     };
     webhook.metrics.review_duration.observe(t0.elapsed().as_secs_f64());
@@ -190,12 +272,13 @@ pub const BOUNDS: crate::net::HttpBounds = crate::net::HttpBounds {
 
 /// Serves the webhook on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Webhook>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(REVIEW_PERMITS));
     crate::net::serve_http(
         listener,
         BOUNDS,
         stop,
         move |tcp, peer| tls_accept(store.clone(), tcp, peer),
-        move |req, _peer| handle(webhook.clone(), req),
+        move |req, _peer| handle(webhook.clone(), permits.clone(), req),
     )
     .await;
 }

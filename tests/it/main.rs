@@ -11,6 +11,7 @@ mod docs;
 mod drain;
 mod e2e;
 mod inject;
+mod inject_limits;
 mod limits;
 mod rotation;
 mod support;
