@@ -200,7 +200,55 @@ pub const REVIEW_PERMITS: usize = 4;
 /// about a millisecond, so a wait this long means the injector is flooded.
 pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
 
-async fn handle(webhook: Arc<Webhook>, permits: Arc<Semaphore>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Bytes of request bodies held at once, in all: 256 connections × 3 MiB would be 768 MiB,
+/// three times the injector's memory limit. A body takes its Content-Length (or, without one,
+/// the 3 MiB maximum) from this budget before it is read; past [`PERMIT_WAIT`] it gets 503.
+pub const BODY_BUDGET: usize = 32 << 20;
+/// The unit the body budget is counted in.
+const BODY_UNIT: usize = 1024;
+
+/// The 503 a flooded injector answers (the API server applies the failurePolicy; it retries).
+fn busy(webhook: &Webhook, what: &str) -> Response<Full<Bytes>> {
+    webhook.count("busy");
+    tracing::warn!(target: "wsgate::inject", "review refused: {what} for {PERMIT_WAIT:?}");
+    let msg = format!("the injector is busy: {what}; retry\n");
+    let mut resp = respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", msg.into_bytes());
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    resp
+}
+
+/// The shares of the body budget a request needs.
+fn body_units(req: &Request<Incoming>) -> u32 {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(MAX_BODY)
+        .min(MAX_BODY);
+    u32::try_from(declared.div_ceil(BODY_UNIT).max(1)).unwrap_or(u32::MAX)
+}
+
+/// What bounds the work of the reviews in flight.
+#[derive(Clone)]
+pub struct Permits {
+    /// Reviews parsed at once.
+    reviews: Arc<Semaphore>,
+    /// Body bytes held at once, in [`BODY_UNIT`]s.
+    bodies: Arc<Semaphore>,
+}
+
+impl Permits {
+    fn new() -> Self {
+        Self {
+            reviews: Arc::new(Semaphore::new(REVIEW_PERMITS)),
+            bodies: Arc::new(Semaphore::new(BODY_BUDGET / BODY_UNIT)),
+        }
+    }
+}
+
+async fn handle(webhook: Arc<Webhook>, permits: Permits, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let namespace_enabled = match req.uri().path() {
         "/mutate" => false,
         "/mutate/namespace-enabled" => true,
@@ -216,6 +264,10 @@ async fn handle(webhook: Arc<Webhook>, permits: Arc<Semaphore>, req: Request<Inc
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"use POST\n".to_vec());
     }
     let t0 = Instant::now();
+    let units = body_units(&req);
+    let Ok(Ok(body_permit)) = tokio::time::timeout(PERMIT_WAIT, permits.bodies.acquire_many_owned(units)).await else {
+        return busy(&webhook, "the request bodies in progress fill the body budget");
+    };
     let body = match tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) => {
@@ -227,18 +279,13 @@ async fn handle(webhook: Arc<Webhook>, permits: Arc<Semaphore>, req: Request<Inc
             return respond(StatusCode::REQUEST_TIMEOUT, "text/plain", msg);
         }
     };
-    let Ok(Ok(permit)) = tokio::time::timeout(PERMIT_WAIT, permits.acquire_owned()).await else {
-        webhook.count("busy");
-        tracing::warn!(target: "wsgate::inject", "review refused: {REVIEW_PERMITS} reviews in progress for {PERMIT_WAIT:?}");
-        let msg = format!("the injector is busy: {REVIEW_PERMITS} reviews in progress; retry\n");
-        let mut resp = respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", msg.into_bytes());
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return resp;
+    let Ok(Ok(permit)) = tokio::time::timeout(PERMIT_WAIT, permits.reviews.acquire_owned()).await else {
+        return busy(&webhook, &format!("{REVIEW_PERMITS} reviews in progress"));
     };
     let hook = webhook.clone();
+    // The permits live as long as the work, even if this request is dropped meanwhile.
     let answer = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let _held = (permit, body_permit);
         hook.review(&body, namespace_enabled)
     })
     .await;
@@ -272,7 +319,7 @@ pub const BOUNDS: crate::net::HttpBounds = crate::net::HttpBounds {
 
 /// Serves the webhook on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, store: Arc<TlsStore>, webhook: Arc<Webhook>, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(REVIEW_PERMITS));
+    let permits = Permits::new();
     crate::net::serve_http(
         listener,
         BOUNDS,

@@ -207,3 +207,94 @@ async fn a_million_empty_containers_are_refused_fast_and_within_64_mib() {
     assert!(took < ANSWER_WITHIN);
     assert!(grew <= MAX_GROWTH_KIB, "peak memory grew by {grew} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_cannot_hold_more_than_the_body_budget() {
+    use wsgate::inject::webhook::BODY_BUDGET;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+    write_set(&vol, &pki.server(), &pki.ca);
+    let cert_dir = vol.path().to_str().unwrap().to_owned();
+    let proc = Proc::spawn(
+        &[
+            "inject",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--cert-dir",
+            &cert_dir,
+            "--sidecar-image",
+            "ghcr.io/wsgate/wsgate:0.1.0",
+            "--certificate-controller",
+            "false",
+            "--native-sidecar",
+            "off",
+        ],
+        &[],
+    );
+    let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
+    let listen: SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+    let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
+    let t0 = Instant::now();
+    while http(admin, "GET", "/readyz").await.0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Enough senders announcing 3 MiB bodies and sending none of it to take the whole budget.
+    let holders = BODY_BUDGET / MAX_BODY;
+    let rest = BODY_BUDGET - holders * MAX_BODY;
+    let sizes: Vec<usize> = std::iter::repeat_n(MAX_BODY, holders).chain([rest]).collect();
+    let mut slow = Vec::new();
+    for size in sizes {
+        let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n{{"
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        slow.push(tls);
+    }
+    // The slow senders' bodies are taken from the budget once their heads are read: wait for
+    // that by seeing a further review refused. It waits for its share, then gets 503 with
+    // Retry-After, not an OOM.
+    let ordinary = review(r#"[{"name":"web"}]"#, &[]);
+    let mut refused = None;
+    for _ in 0..50 {
+        let (status, body, took) = post(listen, &pki, "/mutate", &ordinary).await;
+        if status == 503 {
+            refused = Some((body, took));
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (body, took) = refused.expect("with the whole body budget held, a review is refused");
+    assert!(body.contains("body budget"), "{body}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "refused after {took:?}: it should wait first"
+    );
+    let (_, metrics) = http(admin, "GET", "/metrics").await;
+    assert!(
+        metrics.contains("wsgate_inject_reviews_total{result=\"busy\"}"),
+        "{metrics}"
+    );
+    // Once they are gone, reviews are answered again.
+    drop(slow);
+    let mut answered = false;
+    for _ in 0..100 {
+        let (status, _, _) = post(listen, &pki, "/mutate", &ordinary).await;
+        if status == 200 {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered, "reviews are answered again once the slow bodies are gone");
+}
