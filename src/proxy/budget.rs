@@ -148,7 +148,13 @@ impl Hold {
         true
     }
 
-    /// A frame came out whole: what was held is free again.
+    /// Counts `n` bytes queued for a peer (a message fed to its writer); `false` (and nothing
+    /// counted) when the budget cannot take them.
+    pub fn charge(&self, n: usize) -> bool {
+        self.add(n)
+    }
+
+    /// A frame came out whole, or what was queued was written: what was held is free again.
     pub fn release(&self) {
         let before = self.held.swap(0, Ordering::Relaxed);
         self.since_ms.store(0, Ordering::Relaxed);

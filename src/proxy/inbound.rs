@@ -405,6 +405,7 @@ impl Inbound {
             expires_at,
             keepalive: self.limits.keepalive,
             holds: Some((client_hold, app_hold, self.limits.message_timeout)),
+            queues: Some((Hold::new(self.budget.clone()), Hold::new(self.budget.clone()))),
             meter: metrics.as_ref(),
         };
         let relay = pump::relay(client, app, control);

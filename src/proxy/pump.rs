@@ -91,6 +91,8 @@ pub enum StopReason {
     Idle,
     /// A peer left a message unfinished past the message timeout.
     Unfinished,
+    /// Messages queued for a peer that does not read would exceed the memory budget.
+    Budget,
 }
 
 impl StopReason {
@@ -113,6 +115,11 @@ impl StopReason {
                 CloseCode::Policy,
                 "message not finished in time",
                 "message not finished within the message timeout",
+            ),
+            StopReason::Budget => (
+                CloseCode::Again,
+                "memory budget exceeded, try again later",
+                "memory budget exceeded by messages queued for a peer that does not read",
             ),
         }
     }
@@ -175,6 +182,8 @@ pub struct Control<'m> {
     /// What each direction holds of unfinished messages (client's, app's), and how long a
     /// message may stay unfinished.
     pub holds: Option<(Arc<Hold>, Arc<Hold>, Duration)>,
+    /// What is queued for each peer and not yet written (to the client, to the app).
+    pub queues: Option<(Arc<Hold>, Arc<Hold>)>,
     /// Counts relayed messages.
     pub meter: &'m dyn RelayMeter,
 }
@@ -279,6 +288,8 @@ struct Leg<'a, S, D> {
     origin: tokio::time::Instant,
     /// What `src`'s stream holds of an unfinished message.
     hold: Option<&'a Hold>,
+    /// What is queued for `dst` and not yet written.
+    queue: Option<&'a Hold>,
 }
 
 impl<S, D> Leg<'_, S, D>
@@ -330,8 +341,14 @@ where
 
     /// Flushes what the batch fed, then waits for the next thing to do.
     async fn wait(&mut self) -> Next {
-        if self.batch.msgs > 0 && self.state == LegState::Open && !guarded_write(self.stop, self.dst.flush()).await {
-            self.state = LegState::DstClosed;
+        if self.batch.msgs > 0 && self.state == LegState::Open {
+            if guarded_write(self.stop, self.dst.flush()).await {
+                if let Some(queue) = self.queue {
+                    queue.release();
+                }
+            } else {
+                self.state = LegState::DstClosed;
+            }
         }
         self.account();
         self.batch.len = 0;
@@ -375,6 +392,14 @@ where
             Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
                 if self.state == LegState::Open {
                     let len = msg.len() as u64;
+                    if let Some(queue) = self.queue
+                        && !queue.charge(msg.len())
+                    {
+                        // `dst` does not read and the budget is spent: end the connection
+                        // (1013 both ways); the message is not relayed.
+                        self.stopper.stop(StopReason::Budget);
+                        return Next::Wait;
+                    }
                     if guarded_write(self.stop, self.dst.feed(msg)).await {
                         self.batch.msgs += 1;
                         self.batch.bytes += len;
@@ -498,6 +523,7 @@ where
         expires_at,
         keepalive,
         holds,
+        queues,
         meter,
     } = control;
     let stop = stopper.token.clone();
@@ -522,6 +548,7 @@ where
             seen: &client_seen,
             origin,
             hold: holds.as_ref().map(|h| h.0.as_ref()),
+            queue: queues.as_ref().map(|q| q.1.as_ref()),
         }
         .run();
         let outbound = Leg {
@@ -540,6 +567,7 @@ where
             seen: &app_seen,
             origin,
             hold: holds.as_ref().map(|h| h.1.as_ref()),
+            queue: queues.as_ref().map(|q| q.0.as_ref()),
         }
         .run();
         let legs = async {
@@ -737,6 +765,7 @@ mod tests {
             expires_at,
             keepalive: None,
             holds: None,
+            queues: None,
             meter,
         };
         let task = tokio::spawn(relay(proxy_client, proxy_app, control));
@@ -967,5 +996,45 @@ mod tests {
         assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
         assert_eq!(s.reason, "going away (drain)");
         drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_queued_for_a_client_that_does_not_read_are_bounded_by_the_budget() {
+        use crate::proxy::budget::{ALLOWANCE, Hold, MemoryBudget};
+        // The client's pipe holds almost nothing and the client never reads.
+        let (proxy_client_io, _client_io) = tokio::io::duplex(1024);
+        let proxy_client = WebSocketStream::from_raw_socket(proxy_client_io, Role::Server, None).await;
+        let (proxy_app_io, app_io) = tokio::io::duplex(1 << 20);
+        let proxy_app = WebSocketStream::from_raw_socket(proxy_app_io, Role::Client, None).await;
+        let mut app = WebSocketStream::from_raw_socket(app_io, Role::Server, None).await;
+        // A burst from the app, already there when the relay starts: one batch.
+        let size = ALLOWANCE / 2 + 8 * 1024;
+        for _ in 0..3 {
+            app.send(Message::binary(vec![1u8; size])).await.unwrap();
+        }
+        let budget = MemoryBudget::new(8 * 1024);
+        let drain = CancellationToken::new();
+        let meter: &'static Counter = Box::leak(Box::default());
+        let control = Control {
+            stopper: Stopper::new(&drain),
+            expires_at: None,
+            keepalive: None,
+            holds: None,
+            queues: Some((Hold::new(budget.clone()), Hold::new(budget.clone()))),
+            meter,
+        };
+        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let (code, reason) = recv_close(&mut app).await;
+        assert_eq!(
+            (code, reason.as_str()),
+            (1013, "memory budget exceeded, try again later")
+        );
+        let summary = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(5), task)
+            .await
+            .expect("the relay ends although the client never reads")
+            .unwrap();
+        assert_eq!(summary.initiator, Initiator::Proxy);
+        assert_eq!(summary.code, Some(1013));
+        assert!(budget.used() <= 8 * 1024, "charged {} of 8 KiB", budget.used());
     }
 }

@@ -271,3 +271,44 @@ async fn the_admin_port_drops_a_header_that_never_ends() {
     let (status, _) = crate::support::raw::http(env.proxy.admin_addr, "GET", "/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_big_messages_but_never_reads_is_closed_with_1013_within_the_budget() {
+    use futures_util::SinkExt;
+    const BUDGET: usize = 512 * 1024;
+    let env = Env::start_with(&[&spiffe("frontend")], |cfg| {
+        cfg.limits.memory_budget = BUDGET;
+    })
+    .await;
+    let mut good = env.connect_as("frontend", "/good").await.unwrap();
+    // The app echoes; this client sends 1 MiB messages and never reads the echoes. Whichever
+    // the budget refuses first (the next message read from it, or the echoes queued for it;
+    // proxy::pump's unit tests prove the queued case alone), the connection ends with 1013.
+    let deaf = env.connect_as("frontend", "/deaf").await.unwrap();
+    let sender = tokio::spawn(async move {
+        let mut deaf = deaf;
+        for _ in 0..64 {
+            let sent =
+                tokio::time::timeout(Duration::from_secs(2), deaf.send(Message::binary(vec![7u8; 1 << 20]))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                break;
+            }
+        }
+        deaf
+    });
+    metric_becomes(
+        "the deaf client's connection closed with 1013",
+        || env.metrics(),
+        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\"}",
+        1.0,
+    )
+    .await;
+    let _ = sender.await;
+    for i in 0..20 {
+        let m = roundtrip(&mut good, Message::text(format!("still {i}"))).await;
+        assert_eq!(m.into_text().unwrap().as_str(), format!("still {i}"));
+    }
+    let (_, text) = crate::support::raw::http(env.proxy.admin_addr, "GET", "/metrics").await;
+    let used = metric(&text, "wsgate_memory_budget_used_bytes").expect("the budget gauge");
+    assert!(used <= BUDGET as f64, "{used} bytes charged to a {BUDGET}-byte budget");
+}
