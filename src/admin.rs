@@ -19,9 +19,11 @@ use crate::tls::{NotServing, ServingNow};
 
 /// The admin port's bounds: scraped by Prometheus and probed by the kubelet, never by many at
 /// once, so a few connections with small heads suffice; 64 × 8 KiB of unfinished headers is
-/// the most a peer can make it hold, for 10 s each.
+/// the most all peers together can make it hold, for 10 s each, and one address holds at most
+/// 8 of the 64, so a flood from one peer cannot shut out the kubelet's probes.
 pub const BOUNDS: HttpBounds = HttpBounds {
     max_connections: 64,
+    max_per_ip: 8,
     max_head: 8 * 1024,
     header_timeout: Duration::from_secs(10),
     max_lifetime: Duration::from_secs(120),

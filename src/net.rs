@@ -70,12 +70,53 @@ pub async fn accept_loop<H, F>(
     }
 }
 
+/// Connections per source address of one server.
+#[derive(Debug, Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One address's connection slot; freed on drop.
+struct IpSlot {
+    owner: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(this: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let ip = ip.to_canonical();
+        let mut counts = this.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            owner: this.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.owner.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The bounds of an HTTP/1.1 server (admin port, webhook): a peer can hold at most
 /// `max_connections × max_head` bytes of unfinished requests, for at most `header_timeout` each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpBounds {
     /// Most connections at once; more are closed at accept.
     pub max_connections: usize,
+    /// Most connections at once from one address, so one peer cannot take every slot (and
+    /// shut out the kubelet's probes or the API server).
+    pub max_per_ip: usize,
     /// Largest request head (hyper's read buffer; at least 8 KiB).
     pub max_head: usize,
     /// Longest wait for a request's head, also between requests on a kept-alive connection.
@@ -107,6 +148,7 @@ pub async fn serve_http<W, WF, IO, H, HF, B>(
 {
     let tracker = TaskTracker::new();
     let conn_stop = stop.clone();
+    let per_ip = Arc::new(PerIp::default());
     accept_loop(
         listener,
         bounds.max_connections,
@@ -116,8 +158,9 @@ pub async fn serve_http<W, WF, IO, H, HF, B>(
             let io = wrap(tcp, peer);
             let handle = handle.clone();
             let stop = conn_stop.clone();
+            let share = permit.and_then(|p| PerIp::take(&per_ip, peer.ip(), bounds.max_per_ip).map(|s| (p, s)));
             async move {
-                let Some(_permit) = permit else { return };
+                let Some(_held) = share else { return };
                 let work = async move {
                     let Some(io) = io.await else { return };
                     let service = hyper::service::service_fn(move |req| {

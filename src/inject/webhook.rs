@@ -311,6 +311,7 @@ async fn handle(webhook: Arc<Webhook>, permits: Permits, req: Request<Incoming>)
 /// with 16 KiB heads are far more than it uses, and bound what an unauthenticated peer can hold.
 pub const BOUNDS: crate::net::HttpBounds = crate::net::HttpBounds {
     max_connections: 256,
+    max_per_ip: 64,
     max_head: 16 * 1024,
     header_timeout: HEADER_TIMEOUT,
     max_lifetime: Duration::from_secs(600),

@@ -312,3 +312,44 @@ async fn a_client_that_sends_big_messages_but_never_reads_is_closed_with_1013_wi
     let used = metric(&text, "wsgate_memory_budget_used_bytes").expect("the budget gauge");
     assert!(used <= BUDGET as f64, "{used} bytes charged to a {BUDGET}-byte budget");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_from_one_address_cannot_shut_the_kubelets_probes_out_of_the_admin_port() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::start(&[&spiffe("frontend")]).await;
+    // Every admin slot asked for by one address, each with a header that never ends.
+    let mut slow = Vec::new();
+    for _ in 0..wsgate::admin::BOUNDS.max_connections {
+        let mut tcp = tcp_from("127.0.0.1", env.proxy.admin_addr).await;
+        let _ = tcp.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: aaaa").await;
+        slow.push(tcp);
+    }
+    // The probe from another address is answered at once.
+    let mut probe = tcp_from("127.0.0.2", env.proxy.admin_addr).await;
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), probe.read_to_end(&mut answer))
+        .await
+        .expect("the probe answered within 2 s while one address floods")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The flooding address was held to its share: the rest of its connections were closed.
+    let mut closed = 0;
+    for tcp in &mut slow {
+        let mut buf = [0u8; 1];
+        // Closed at accept with the request unread: a FIN, or a reset.
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    let share = wsgate::admin::BOUNDS.max_per_ip;
+    assert_eq!(
+        closed,
+        slow.len() - share,
+        "one address keeps {share} admin connections"
+    );
+}
