@@ -5,6 +5,7 @@ mod admin;
 mod certs;
 mod chart;
 mod cli;
+mod conformance;
 mod data_path;
 mod design;
 mod docs;
