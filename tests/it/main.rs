@@ -11,6 +11,7 @@ mod design;
 mod docs;
 mod drain;
 mod e2e;
+mod hostile;
 mod inject;
 mod inject_limits;
 mod limits;

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod hostile;
 pub mod k8s_tools;
 pub mod openmetrics;
 pub mod otlp;
