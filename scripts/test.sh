@@ -5,7 +5,8 @@
 #
 # 1. installs what the tests need when it is missing: cargo-nextest (cargo install --locked),
 #    rustfmt and clippy (rustup), the chart tools (scripts/k8s-tools.sh .tools/k8s), and the Python
-#    package prometheus_client (pip; its strict OpenMetrics parser reads /metrics in the tests);
+#    package prometheus_client (pip; its strict OpenMetrics parser reads /metrics in the tests),
+#    and kosoku + sslyze in a venv (scripts/conformance-tools.sh .tools/conformance);
 # 2. cargo fmt --all -- --check, then cargo clippy --all-targets -- -D warnings;
 # 3. builds a real kube-apiserver 1.20.2 + etcd once (scripts/kube-apiserver.sh build: 4-13 minutes
 #    on 2 cores the first time, cached in ~/.cache/wsgate after that), starts it on 127.0.0.1 in a
@@ -81,6 +82,10 @@ install_tools() {
     "${pip[@]}" || "${pip[@]}" --break-system-packages
   fi
   echo "prometheus_client $("$PY" -c 'import importlib.metadata as m; print(m.version("prometheus_client"))') for $(command -v "$PY")"
+
+  # The conformance tests: Autobahn's cases (kosoku) and sslyze's Mozilla profile check.
+  bash scripts/conformance-tools.sh .tools/conformance >/dev/null
+  echo "conformance tools in .tools/conformance"
 }
 step "install tools" install_tools
 
