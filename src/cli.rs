@@ -263,6 +263,9 @@ pub struct InjectArgs {
     pub certificate_controller: bool,
 }
 
+/// Checks the shape of a Kubernetes quantity (`50m`, `128Mi`). Hand-written because k8s-openapi's
+/// `Quantity` is an unchecked string and no crate parses the format; the API server has the
+/// last word anyway.
 fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, CliError> {
     let v = value.trim();
     if v.is_empty() {
@@ -427,9 +430,10 @@ pub struct ProxyArgs {
     /// Largest WebSocket frame accepted from either side.
     #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_frame_size: usize,
-    /// Most connections open at once; more are refused at accept.
-    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_name = "N")]
-    pub max_connections: usize,
+    /// Most connections open at once; more are refused at accept (default: 10000, or in a
+    /// container with a memory limit as many as half of it holds at 32 KiB each: 2048 in 128Mi).
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// Most connections still in their TLS handshake or upgrade, in all (default: half of
     /// --max-connections, at most 512); must be below --max-connections.
     #[arg(long, env = "WSGATE_MAX_PENDING", value_name = "N")]
@@ -438,9 +442,10 @@ pub struct ProxyArgs {
     /// --max-pending, at most 64); must be below --max-pending.
     #[arg(long, env = "WSGATE_MAX_PENDING_PER_IP", value_name = "N")]
     pub max_pending_per_ip: Option<usize>,
-    /// Most open connections of one client identity; the next is refused with 429.
-    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = crate::proxy::settings::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY, value_name = "N")]
-    pub max_connections_per_identity: usize,
+    /// Most open connections of one client identity; the next is refused with 429 (default: a
+    /// tenth of --max-connections, so one client never takes the room of all the others).
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IDENTITY", value_name = "N")]
+    pub max_connections_per_identity: Option<usize>,
     /// Close a connection after this long without any frame from one of its peers (each is
     /// pinged every --ping-interval, and a Pong counts); 0 turns pings and this off.
     #[arg(long, env = "WSGATE_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration, value_name = "DURATION")]
@@ -476,17 +481,19 @@ impl ProxyArgs {
                 ),
             ));
         }
-        if !(1..=1_000_000).contains(&self.max_connections) {
+        let max_connections = self.max_connections.unwrap_or_else(|| {
+            crate::proxy::settings::max_connections_for(crate::proxy::budget::cgroup_memory_limit())
+        });
+        if !(1..=1_000_000).contains(&max_connections) {
             return Err(CliError::invalid("--max-connections", "must be between 1 and 1000000"));
         }
         let max_pending = match self.max_pending {
-            None => crate::proxy::settings::default_max_pending(self.max_connections),
-            Some(n) if n == 0 || n >= self.max_connections => {
+            None => crate::proxy::settings::default_max_pending(max_connections),
+            Some(n) if n == 0 || n >= max_connections => {
                 return Err(CliError::invalid(
                     "--max-pending",
                     format!(
-                        "{n} must be between 1 and --max-connections {} - 1, so that handshakes cannot take every slot",
-                        self.max_connections
+                        "{n} must be between 1 and --max-connections {max_connections} - 1, so that handshakes cannot take every slot"
                     ),
                 ));
             }
@@ -504,12 +511,16 @@ impl ProxyArgs {
             }
             Some(n) => n,
         };
-        if self.max_connections_per_identity == 0 {
-            return Err(CliError::invalid(
-                "--max-connections-per-identity",
-                "must be at least 1",
-            ));
-        }
+        let max_connections_per_identity = match self.max_connections_per_identity {
+            None => crate::proxy::settings::default_max_connections_per_identity(max_connections),
+            Some(0) => {
+                return Err(CliError::invalid(
+                    "--max-connections-per-identity",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n,
+        };
         let keepalive = if self.idle_timeout.is_zero() {
             None
         } else if self.ping_interval.is_zero() || self.ping_interval >= self.idle_timeout {
@@ -549,10 +560,10 @@ impl ProxyArgs {
             limits: Limits {
                 max_message_size: self.max_message_size,
                 max_frame_size: self.max_frame_size,
-                max_connections: self.max_connections,
+                max_connections,
                 max_pending,
                 max_pending_per_ip,
-                max_connections_per_identity: self.max_connections_per_identity,
+                max_connections_per_identity,
                 keepalive,
                 message_timeout: self.message_timeout,
                 memory_budget: self.memory_budget.unwrap_or_else(crate::proxy::budget::default_budget),

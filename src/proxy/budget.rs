@@ -30,12 +30,21 @@ pub const DEFAULT_BUDGET: usize = 32 << 20;
 /// grow to twice what they hold, and the rest of the process needs room too).
 pub const LIMIT_SHARE: usize = 4;
 
+/// The container's memory limit: the cgroup v2 `memory.max`, when it is a number.
+pub fn cgroup_memory_limit() -> Option<usize> {
+    std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+}
+
 /// The default budget: a quarter of the cgroup's `memory.max` when there is one, else
 /// [`DEFAULT_BUDGET`].
 pub fn default_budget() -> usize {
-    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| s.trim().parse::<usize>().ok());
+    budget_for(cgroup_memory_limit())
+}
+
+/// The budget for a memory limit (`None`: no limit).
+pub fn budget_for(limit: Option<usize>) -> usize {
     match limit {
         Some(bytes) => (bytes / LIMIT_SHARE).max(ALLOWANCE),
         None => DEFAULT_BUDGET,

@@ -151,9 +151,28 @@ pub struct Limits {
 pub const DEFAULT_MAX_PENDING: usize = 512;
 /// `max_pending_per_ip` when not given: half of `max_pending`, at most this.
 pub const DEFAULT_MAX_PENDING_PER_IP: usize = 64;
-/// Default `max_connections_per_identity`: one identity may not take more than a tenth of the
-/// default connection limit, so at least ten clients always find room.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 1000;
+/// `max_connections` without a memory limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// What one open connection is reckoned to cost when the default `max_connections` is fitted to
+/// a memory limit: about 20 KiB idle (both legs, measured), with room for buffers in use.
+pub const CONNECTION_COST: usize = 32 * 1024;
+
+/// The default `max_connections` for a memory limit (`None`: no limit): as many connections
+/// as half of the limit holds at [`CONNECTION_COST`] each (2048 in a 128 MiB sidecar), at most
+/// [`DEFAULT_MAX_CONNECTIONS`]; the other half is for the memory budget and the rest of the
+/// process. Without a limit, [`DEFAULT_MAX_CONNECTIONS`].
+pub fn max_connections_for(limit: Option<usize>) -> usize {
+    match limit {
+        Some(bytes) => (bytes / 2 / CONNECTION_COST).clamp(64, DEFAULT_MAX_CONNECTIONS),
+        None => DEFAULT_MAX_CONNECTIONS,
+    }
+}
+
+/// The default `max_connections_per_identity`: a tenth of `max_connections`, so one allowed
+/// client can never take the room of all the others (1000 of the default 10 000).
+pub fn default_max_connections_per_identity(max_connections: usize) -> usize {
+    (max_connections / 10).max(1)
+}
 /// Default keep-alive: a ping every 30 s, closed after 90 s of silence (three missed pongs).
 pub const DEFAULT_KEEPALIVE: super::pump::Keepalive = super::pump::Keepalive {
     ping_interval: Duration::from_secs(30),
@@ -178,10 +197,10 @@ impl Default for Limits {
         Self {
             max_message_size: 1 << 20,
             max_frame_size: 1 << 20,
-            max_connections: 10_000,
-            max_pending: default_max_pending(10_000),
-            max_pending_per_ip: default_max_pending_per_ip(default_max_pending(10_000)),
-            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending: default_max_pending(DEFAULT_MAX_CONNECTIONS),
+            max_pending_per_ip: default_max_pending_per_ip(default_max_pending(DEFAULT_MAX_CONNECTIONS)),
+            max_connections_per_identity: default_max_connections_per_identity(DEFAULT_MAX_CONNECTIONS),
             keepalive: Some(DEFAULT_KEEPALIVE),
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             memory_budget: super::budget::default_budget(),
@@ -221,6 +240,21 @@ pub struct ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_connection_limits_fit_the_containers_memory() {
+        assert_eq!(max_connections_for(None), 10_000);
+        assert_eq!(max_connections_for(Some(128 << 20)), 2048);
+        assert_eq!(max_connections_for(Some(64 << 30)), 10_000);
+        assert_eq!(max_connections_for(Some(1 << 20)), 64);
+        assert_eq!(default_max_connections_per_identity(10_000), 1000);
+        assert_eq!(default_max_connections_per_identity(2048), 204);
+        assert_eq!(default_max_connections_per_identity(5), 1);
+        // In a 128 MiB sidecar, the connections at their idle cost and the budget fit.
+        let limit = 128 << 20;
+        let worst = max_connections_for(Some(limit)) * 20 * 1024 + crate::proxy::budget::budget_for(Some(limit));
+        assert!(worst < limit, "{worst} bytes in a {limit}-byte container");
+    }
 
     #[test]
     fn loopback_upstreams_are_accepted() {
