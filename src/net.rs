@@ -189,3 +189,23 @@ pub async fn serve_http<W, WF, IO, H, HF, B>(
     tracker.close();
     let _ = tokio::time::timeout(bounds.stop_grace, tracker.wait()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tuned_sockets_have_nodelay_keepalive_and_a_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        // Both ends a proxy tunes: the accepted client socket and the socket dialled to the app.
+        for stream in [dialed.unwrap(), accepted.unwrap().0] {
+            tune(&stream);
+            assert!(stream.nodelay().unwrap());
+            let sock = SockRef::from(&stream);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        }
+    }
+}
