@@ -80,42 +80,70 @@ fn response(body: &str) -> Value {
     v["response"].clone()
 }
 
+/// The real `wsgate inject`, ready, with its serving certificate in a kubelet-style volume.
+struct Injector {
+    _tmp: tempfile::TempDir,
+    proc: Proc,
+    pki: Pki,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Injector {
+    async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+        write_set(&vol, &pki.server(), &pki.ca);
+        let cert_dir = vol.path().to_str().unwrap().to_owned();
+        let proc = Proc::spawn(
+            &[
+                "inject",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--cert-dir",
+                &cert_dir,
+                "--sidecar-image",
+                "ghcr.io/wsgate/wsgate:0.1.0",
+                "--certificate-controller",
+                "false",
+                "--native-sidecar",
+                "off",
+            ],
+            &[],
+        );
+        let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
+        let listen: SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+        let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
+        let t0 = Instant::now();
+        while http(admin, "GET", "/readyz").await.0 != 200 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the injector never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            _tmp: tmp,
+            proc,
+            pki,
+            listen,
+            admin,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_empty_containers_are_refused_fast_and_within_64_mib() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
-    write_set(&vol, &pki.server(), &pki.ca);
-    let cert_dir = vol.path().to_str().unwrap().to_owned();
-    let proc = Proc::spawn(
-        &[
-            "inject",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--cert-dir",
-            &cert_dir,
-            "--sidecar-image",
-            "ghcr.io/wsgate/wsgate:0.1.0",
-            "--certificate-controller",
-            "false",
-            "--native-sidecar",
-            "off",
-        ],
-        &[],
-    );
-    let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
-    let listen: SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
-    let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
-    let t0 = Instant::now();
-    while http(admin, "GET", "/readyz").await.0 != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the injector never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let Injector {
+        proc,
+        pki,
+        listen,
+        admin,
+        ..
+    } = Injector::start().await;
 
     // Warm up (TLS, hyper, a blocking thread) with an ordinary review, then take the baseline.
     let ordinary = review(
@@ -211,37 +239,13 @@ async fn a_million_empty_containers_are_refused_fast_and_within_64_mib() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_bodies_cannot_hold_more_than_the_body_budget() {
     use wsgate::inject::webhook::BODY_BUDGET;
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
-    write_set(&vol, &pki.server(), &pki.ca);
-    let cert_dir = vol.path().to_str().unwrap().to_owned();
-    let proc = Proc::spawn(
-        &[
-            "inject",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--cert-dir",
-            &cert_dir,
-            "--sidecar-image",
-            "ghcr.io/wsgate/wsgate:0.1.0",
-            "--certificate-controller",
-            "false",
-            "--native-sidecar",
-            "off",
-        ],
-        &[],
-    );
-    let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
-    let listen: SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
-    let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
-    let t0 = Instant::now();
-    while http(admin, "GET", "/readyz").await.0 != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let Injector {
+        proc: _proc,
+        pki,
+        listen,
+        admin,
+        ..
+    } = Injector::start().await;
     // Enough senders announcing 3 MiB bodies and sending none of it to take the whole budget.
     let holders = BODY_BUDGET / MAX_BODY;
     let rest = BODY_BUDGET - holders * MAX_BODY;
