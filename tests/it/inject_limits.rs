@@ -137,13 +137,7 @@ impl Injector {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_empty_containers_are_refused_fast_and_within_64_mib() {
-    let Injector {
-        proc,
-        pki,
-        listen,
-        admin,
-        ..
-    } = Injector::start().await;
+    let Injector { proc, pki, listen, .. } = Injector::start().await;
 
     // Warm up (TLS, hyper, a blocking thread) with an ordinary review, then take the baseline.
     let ordinary = review(
