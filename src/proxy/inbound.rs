@@ -126,8 +126,8 @@ pub struct Inbound {
     pub trust: Arc<TrustRegistry>,
 }
 
-/// A connection that passed the handshake: both upgraded legs and its identity's slot.
-struct Upgraded2 {
+/// A connection past its handshake: both upgraded legs, and its identity's slot held for its life.
+struct Established {
     client: Upgraded,
     app: Upgraded,
     _slot: IdentitySlot,
@@ -226,7 +226,7 @@ impl Inbound {
         self: &Arc<Self>,
         tcp: TcpStream,
         rec: &mut HandshakeRecord,
-    ) -> Result<Upgraded2, HandshakeError> {
+    ) -> Result<Established, HandshakeError> {
         // Stage 1: accept. The config is taken once: a swap never touches this handshake.
         let serving = self.store.current().ok_or(HandshakeError::NotReady)?;
         rec.serving_serial = Some(serving.leaf.serial.clone());
@@ -322,7 +322,7 @@ impl Inbound {
         // The client's 101.
         rec.status = Some(101);
         let client = pending.switch(answer).await?;
-        Ok(Upgraded2 {
+        Ok(Established {
             client,
             app: app.io,
             _slot: slot,
@@ -365,8 +365,8 @@ impl Inbound {
     }
 
     /// Relays between the two upgraded legs until both close.
-    async fn relay(&self, legs: Upgraded2, client_expiry: Option<SystemTime>, peer: SocketAddr) {
-        let Upgraded2 {
+    async fn relay(&self, legs: Established, client_expiry: Option<SystemTime>, peer: SocketAddr) {
+        let Established {
             client,
             app,
             _slot,
