@@ -85,8 +85,13 @@ fn is_injected(pod: &Pod) -> bool {
 
 /// The Certificate needed for `pod`'s Secret, given all known pods (the pod itself included).
 /// `Ok(None)` for a pod that is not injected. The pods' annotations are checked again here:
-/// the injected label can be set by anyone who creates pods, bypassing the webhook.
-pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> Result<Option<Desired>, Conflict> {
+/// the injected label can be set by anyone who creates pods, bypassing the webhook; a DNS name
+/// is kept only when it is `NAME.NAMESPACE.svc` or `NAME.NAMESPACE.svc.<cluster_domain>`.
+pub fn desired_for<'a>(
+    pod: &'a Pod,
+    all: impl IntoIterator<Item = &'a Pod>,
+    cluster_domain: &str,
+) -> Result<Option<Desired>, Conflict> {
     if !is_injected(pod) {
         return Ok(None);
     }
@@ -104,7 +109,7 @@ pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> 
         accounts.insert(service_account(p));
         if let Some(names) = p.metadata.annotations.as_ref().and_then(|a| a.get(DNS_NAMES)) {
             for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if dns_name_allowed(name, &namespace) {
+                if dns_name_allowed(name, &namespace, cluster_domain) {
                     dns.insert(name.to_owned());
                 } else {
                     refused.insert(name.to_owned());
@@ -253,7 +258,7 @@ const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Ensures the Certificate for `pod`'s Secret exists and is up to date.
 pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let all = ctx.pods.state();
-    let desired = match desired_for(&pod, all.iter().map(|p| p.as_ref())) {
+    let desired = match desired_for(&pod, all.iter().map(|p| p.as_ref()), &ctx.settings.cluster_domain) {
         Ok(Some(d)) => d,
         Ok(None) => return Ok(Action::await_change()),
         Err(Conflict::SharedSecret { service_accounts }) => {

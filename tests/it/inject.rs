@@ -420,6 +420,16 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
             "wsgate.dev/dns-names",
             "not a Service name of namespace demo",
         ),
+        (
+            &[("wsgate.dev/dns-names", "x.demo.svc.b.svc.cluster.local")],
+            "wsgate.dev/dns-names",
+            "'x.demo.svc.b.svc.cluster.local', which is not a Service name of namespace demo",
+        ),
+        (
+            &[("wsgate.dev/dns-names", "api.demo.svc.attacker.example")],
+            "wsgate.dev/dns-names",
+            "'api.demo.svc.attacker.example', which is not a Service name of namespace demo",
+        ),
     ];
     for (annotations, name, fragment) in cases {
         let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -1203,12 +1213,12 @@ mod controller {
             &[("wsgate.dev/dns-names", "a.shop.svc,checkout.shop.svc")],
         );
         let other = injected_pod("c", "billing", &[("wsgate.dev/dns-names", "billing.shop.svc")]);
-        let d = desired_for(&a, [&a, &b, &other]).unwrap().unwrap();
+        let d = desired_for(&a, [&a, &b, &other], "cluster.local").unwrap().unwrap();
         assert_eq!(d.secret, "wsgate-checkout");
         assert_eq!(d.dns_names, vec!["a.shop.svc", "b.shop.svc", "checkout.shop.svc"]);
         let plain: Pod = serde_json::from_value(json!({"metadata": {"name": "x", "namespace": "shop"}})).unwrap();
         assert!(
-            desired_for(&plain, [&plain]).unwrap().is_none(),
+            desired_for(&plain, [&plain], "cluster.local").unwrap().is_none(),
             "pods without the injected label are ignored"
         );
     }
@@ -1268,7 +1278,7 @@ mod controller {
     async fn an_up_to_date_certificate_is_not_written() {
         let pod = injected_pod("checkout-1", "checkout", &[]);
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        let desired = desired_for(&pod, [&pod]).unwrap().unwrap();
+        let desired = desired_for(&pod, [&pod], "cluster.local").unwrap().unwrap();
         // As the API server returns it: our fields plus status, defaults and metadata of its own.
         let mut existing = manifest(&desired, "uid-1", &InjectSettings::example());
         existing["metadata"]["uid"] = json!("cert-uid");
@@ -1297,7 +1307,7 @@ mod controller {
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         let stale_pod = injected_pod("checkout-1", "checkout", &[]);
         let stale = manifest(
-            &desired_for(&stale_pod, [&stale_pod]).unwrap().unwrap(),
+            &desired_for(&stale_pod, [&stale_pod], "cluster.local").unwrap().unwrap(),
             "uid-1",
             &InjectSettings::example(),
         );
@@ -1346,13 +1356,30 @@ mod controller {
             "checkout",
             &[("wsgate.dev/dns-names", "api.prod.svc,checkout.shop.svc,*.example.com")],
         );
-        let d = desired_for(&greedy, [&greedy]).unwrap().unwrap();
+        let d = desired_for(&greedy, [&greedy], "cluster.local").unwrap().unwrap();
         assert_eq!(d.dns_names, vec!["checkout.shop.svc"]);
         assert_eq!(d.refused_dns_names, vec!["*.example.com", "api.prod.svc"]);
+        // Names that merely contain `NS.svc` somewhere, followed by something else.
+        let sneaky = injected_pod(
+            "a",
+            "checkout",
+            &[(
+                "wsgate.dev/dns-names",
+                "x.shop.svc.b.svc.cluster.local,api.shop.svc.attacker.example,api.shop.svc,api.shop.svc.cluster.local",
+            )],
+        );
+        let d = desired_for(&sneaky, [&sneaky], "cluster.local").unwrap().unwrap();
+        assert_eq!(d.dns_names, vec!["api.shop.svc", "api.shop.svc.cluster.local"]);
+        assert_eq!(
+            d.refused_dns_names,
+            vec!["api.shop.svc.attacker.example", "x.shop.svc.b.svc.cluster.local"]
+        );
+        let other_domain = desired_for(&sneaky, [&sneaky], "k8s.corp").unwrap().unwrap();
+        assert_eq!(other_domain.dns_names, vec!["api.shop.svc"]);
         let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "shared")]);
         let b = injected_pod("b", "billing", &[("wsgate.dev/secret", "shared")]);
         assert!(
-            desired_for(&a, [&a, &b]).is_err(),
+            desired_for(&a, [&a, &b], "cluster.local").is_err(),
             "one Secret cannot carry two identities"
         );
     }
