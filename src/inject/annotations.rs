@@ -202,6 +202,15 @@ pub fn default_secret(service_account: &str) -> String {
     format!("wsgate-{service_account}")
 }
 
+/// The sidecar's mTLS port as the pod asks for it (the default when the annotation is absent
+/// or not a port), for messages about a pod that is not injected.
+pub fn requested_port(pod: &Pod) -> u16 {
+    annotations(pod)
+        .get(PORT)
+        .and_then(|v| port(PORT, v).ok())
+        .unwrap_or(DEFAULT_PORT)
+}
+
 /// Reads and validates the options of a pod that is to be injected.
 pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<PodOptions, AnnotationError> {
     let a = annotations(pod);

@@ -48,6 +48,9 @@ pub enum Mutation {
     },
     /// Deny it: an annotation is wrong.
     Deny(AnnotationError),
+    /// Admit it unchanged although it asked for the sidecar, with this warning for the user
+    /// saying why it was not injected.
+    Decline(String),
 }
 
 fn has_sidecar(pod: &Pod) -> bool {
@@ -267,6 +270,14 @@ pub fn mutate(
     let Some(spec) = pod.spec.as_ref() else {
         return Mutation::Skip("no pod spec");
     };
+    if spec.host_network == Some(true) {
+        // The sidecar's ports would be the node's: the API server defaults hostPort to
+        // containerPort, so 8443 and 9901 would be taken on the node (and clash between pods).
+        return Mutation::Decline(format!(
+            "wsgate: sidecar not injected: the pod uses hostNetwork, where the sidecar's ports ({} and admin {ADMIN_PORT}) would be the node's ports",
+            annotations::requested_port(pod)
+        ));
+    }
     let options = match annotations::options(pod, namespace, settings) {
         Ok(o) => o,
         Err(e) => return Mutation::Deny(e),

@@ -245,6 +245,10 @@ struct SpecView {
     volumes: Option<IgnoredAny>,
     #[serde(default)]
     service_account_name: Option<String>,
+    #[serde(default)]
+    host_network: Option<bool>,
+    #[serde(default)]
+    restart_policy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,8 +443,8 @@ impl PodView {
 
     /// The pod as k8s-openapi's type, with only the fields the mutation reads: name,
     /// generateName, namespace, whether there are labels, the annotations wsgate reads, the
-    /// containers' names and ports, the init containers' names, whether there are volumes, and
-    /// the service account. A pod past a cap ([`PodView::over_limit`]) gets its metadata only.
+    /// containers' names and ports, the init containers' names, whether there are volumes, the
+    /// service account, `hostNetwork` and `restartPolicy`. A pod past a cap ([`PodView::over_limit`]) gets its metadata only.
     pub fn to_pod(&self) -> Pod {
         let m = &self.metadata;
         let metadata = ObjectMeta {
@@ -481,6 +485,8 @@ impl PodView {
                     .map(|l| l.items().iter().map(|c| container(c, false)).collect()),
                 volumes: s.volumes.map(|_| Vec::new()),
                 service_account_name: s.service_account_name.clone(),
+                host_network: s.host_network,
+                restart_policy: s.restart_policy.clone(),
                 ..PodSpec::default()
             }
         });

@@ -468,6 +468,41 @@ fn the_reserved_outbound_annotation_is_reported_as_a_warning() {
     assert!(warnings[0].as_str().unwrap().contains("wsgate.dev/outbound"));
 }
 
+/// The pod is admitted as it came, without a patch, with one warning containing `fragment`.
+fn assert_declined(out: &Outcome, fragment: &str) {
+    let resp = &out.response["response"];
+    assert_eq!(resp["allowed"], true, "{resp}");
+    assert!(out.patch.is_none(), "no patch: {resp}");
+    let warnings = resp["warnings"].as_array().expect("a warning says why");
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].as_str().unwrap().contains(fragment), "{warnings:?}");
+}
+
+#[test]
+fn a_host_network_pod_is_admitted_unchanged_with_a_warning() {
+    for native in [false, true] {
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(
+            &mut review,
+            &[("wsgate.dev/inject", "true"), ("wsgate.dev/port", "9443")],
+        );
+        review["request"]["object"]["spec"]["hostNetwork"] = json!(true);
+        let out = run(&review, false, native);
+        assert_declined(&out, "hostNetwork");
+        assert_declined(&out, "9443 and admin 9901");
+        // Also in an enabled namespace, and whatever its other annotations say.
+        annotate(&mut review, &[("wsgate.dev/port", "70000")]);
+        assert_declined(&run(&review, true, native), "hostNetwork");
+    }
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    review["request"]["object"]["spec"]["hostNetwork"] = json!(false);
+    assert!(
+        run(&review, false, false).patch.is_some(),
+        "hostNetwork: false is injected"
+    );
+}
+
 #[test]
 fn a_malformed_review_is_an_error_not_a_panic() {
     let hook = webhook(true);
