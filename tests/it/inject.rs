@@ -468,6 +468,81 @@ fn the_reserved_outbound_annotation_is_reported_as_a_warning() {
     assert!(warnings[0].as_str().unwrap().contains("wsgate.dev/outbound"));
 }
 
+#[test]
+fn a_sidecar_port_declared_by_any_container_denies_the_pod_naming_port_and_container() {
+    let init = |ports: Value| json!([{"name": "setup", "image": "busybox", "ports": ports}]);
+    let cases: [(&str, Value, Value, &str); 5] = [
+        (
+            "8443",
+            init(json!([{"containerPort": 8443}])),
+            json!([]),
+            "the sidecar's mTLS port 8443 is already declared by init container setup; choose another with wsgate.dev/port",
+        ),
+        (
+            "8443",
+            init(json!([{"containerPort": 9901, "protocol": "TCP"}])),
+            json!([]),
+            "the sidecar's admin port 9901 is already declared by init container setup",
+        ),
+        (
+            "8443",
+            json!([]),
+            json!([{"containerPort": 9901}]),
+            "the sidecar's admin port 9901 is already declared by container web",
+        ),
+        (
+            "7443",
+            json!([]),
+            json!([{"containerPort": 7443, "protocol": "TCP"}]),
+            "'7443' is already used by container web",
+        ),
+        (
+            "8443",
+            init(json!([{"containerPort": 8443}, {"containerPort": 9901}])),
+            json!([{"containerPort": 9901}]),
+            "mTLS port 8443 is already declared by init container setup",
+        ),
+    ];
+    for (port, init_containers, extra_app_ports, fragment) in cases {
+        for native in [false, true] {
+            let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+            annotate(
+                &mut review,
+                &[
+                    ("wsgate.dev/inject", "true"),
+                    ("wsgate.dev/upstream-port", "8080"),
+                    ("wsgate.dev/port", port),
+                ],
+            );
+            let spec = &mut review["request"]["object"]["spec"];
+            if init_containers != json!([]) {
+                spec["initContainers"] = init_containers.clone();
+            }
+            let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
+            ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
+            let out = run(&review, false, native);
+            let resp = &out.response["response"];
+            assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
+            assert!(out.patch.is_none());
+            let msg = resp["status"]["message"].as_str().unwrap();
+            assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
+        }
+    }
+    // The same numbers over UDP (or SCTP) do not collide with the sidecar's TCP listeners.
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[("wsgate.dev/inject", "true"), ("wsgate.dev/upstream-port", "8080")],
+    );
+    let spec = &mut review["request"]["object"]["spec"];
+    spec["initContainers"] = init(json!([{"containerPort": 8443, "protocol": "UDP"}]));
+    spec["containers"][0]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"containerPort": 9901, "protocol": "SCTP"}));
+    assert!(run(&review, false, true).patch.is_some());
+}
+
 /// The pod is admitted as it came, without a patch, with one warning containing `fragment`.
 fn assert_declined(out: &Outcome, fragment: &str) {
     let resp = &out.response["response"];
