@@ -5,7 +5,9 @@
 //! directories, never with `subPath`, so rotations reach the sidecar), and the sidecar — first
 //! among the init containers with `restartPolicy: Always` on clusters with native sidecars, last
 //! among the containers on older ones. A pod that already has the sidecar is left as it is, so
-//! the API server's reinvocation (`reinvocationPolicy: IfNeeded`) changes nothing.
+//! the API server's reinvocation (`reinvocationPolicy: IfNeeded`) changes nothing. Pods on the
+//! host's network, and pods that must complete (`restartPolicy: Never` or `OnFailure`) when
+//! native sidecars are off, are admitted unchanged with a warning.
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -337,6 +339,18 @@ pub fn mutate(
         return Mutation::Decline(format!(
             "wsgate: sidecar not injected: the pod uses hostNetwork, where the sidecar's ports ({} and admin {ADMIN_PORT}) would be the node's ports",
             annotations::requested_port(pod)
+        ));
+    }
+    if let Some(policy) = spec
+        .restart_policy
+        .as_deref()
+        .filter(|p| matches!(*p, "Never" | "OnFailure"))
+        && !native
+    {
+        // Only a native sidecar is stopped when the app's containers have completed; an
+        // ordinary one never exits, so a Job's pod would run for ever.
+        return Mutation::Decline(format!(
+            "wsgate: sidecar not injected: the pod has restartPolicy {policy} and must complete, but native sidecars are off on this cluster; an ordinary sidecar container would never exit and keep the pod running for ever"
         ));
     }
     let options = match annotations::options(pod, namespace, settings) {

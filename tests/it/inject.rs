@@ -579,6 +579,39 @@ fn a_host_network_pod_is_admitted_unchanged_with_a_warning() {
 }
 
 #[test]
+fn a_pod_that_must_complete_gets_only_a_native_sidecar() {
+    for policy in ["Never", "OnFailure"] {
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+        review["request"]["object"]["spec"]["restartPolicy"] = json!(policy);
+        let out = run(&review, false, true);
+        let c = sidecar_of(&out.pod, true);
+        assert_eq!(
+            c.restart_policy.as_deref(),
+            Some("Always"),
+            "{policy}: a native sidecar"
+        );
+        let spec = out.pod.spec.as_ref().unwrap();
+        assert!(
+            spec.containers.iter().all(|c| c.name != SIDECAR),
+            "{policy}: not among the containers"
+        );
+        let out = run(&review, true, false);
+        assert_declined(&out, &format!("restartPolicy {policy} and must complete"));
+        assert_declined(&out, "native sidecars are off");
+    }
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    review["request"]["object"]["spec"]["restartPolicy"] = json!("Always");
+    let out = run(&review, false, false);
+    assert_eq!(
+        sidecar_of(&out.pod, false).restart_policy,
+        None,
+        "Always: an ordinary sidecar is fine"
+    );
+}
+
+#[test]
 fn a_malformed_review_is_an_error_not_a_panic() {
     let hook = webhook(true);
     for body in [
