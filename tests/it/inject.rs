@@ -926,6 +926,28 @@ mod sidecar_command_line {
         println!("{PASSED} {label}");
     }
 
+    /// `--cluster-domain` is the only suffix a DNS name may carry after `NAME.NAMESPACE.svc`.
+    #[test]
+    fn the_cluster_domain_flag_decides_which_long_service_names_are_allowed() {
+        assert_eq!(injector_settings(&[]).cluster_domain, "cluster.local");
+        let corp = injector_settings(&["--cluster-domain", "K8s.Corp."]);
+        assert_eq!(corp.cluster_domain, "k8s.corp");
+        for (name, settings, allowed) in [
+            ("api.demo.svc.cluster.local", injector_settings(&[]), true),
+            ("api.demo.svc.k8s.corp", corp.clone(), true),
+            ("api.demo.svc", corp.clone(), true),
+            ("api.demo.svc.cluster.local", corp, false),
+        ] {
+            let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+            annotate(
+                &mut review,
+                &[("wsgate.dev/inject", "true"), ("wsgate.dev/dns-names", name)],
+            );
+            let out = run_with(&review, false, false, settings);
+            assert_eq!(out.response["response"]["allowed"], allowed, "{name}");
+        }
+    }
+
     /// Every sidecar the injector writes (default options, every annotation set, the injector's
     /// own flags varied, native and ordinary containers) runs a command line and an environment
     /// that the proxy's own parser accepts and turns into the config the pod asked for.
