@@ -152,6 +152,15 @@ pub struct InjectArgs {
         value_name = "DOMAIN"
     )]
     pub trust_domain: String,
+    /// The cluster's DNS domain: wsgate.dev/dns-names may only name NAME.NAMESPACE.svc or
+    /// NAME.NAMESPACE.svc.DOMAIN (the pod's own namespace).
+    #[arg(
+        long,
+        env = "WSGATE_CLUSTER_DOMAIN",
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
+    pub cluster_domain: String,
     /// The sidecar image.
     #[arg(long, env = "WSGATE_SIDECAR_IMAGE", value_name = "IMAGE")]
     pub sidecar_image: String,
@@ -314,6 +323,21 @@ impl InjectArgs {
                 format!("'{}' is not a trust domain", self.trust_domain),
             ));
         }
+        let cluster_domain = self.cluster_domain.trim().trim_matches('.').to_ascii_lowercase();
+        let domain_ok = !cluster_domain.is_empty()
+            && cluster_domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !domain_ok {
+            return Err(CliError::invalid(
+                "--cluster-domain",
+                format!("'{}' is not a DNS domain", self.cluster_domain),
+            ));
+        }
         for p in &self.default_allow {
             let filled = p
                 .replace("{namespace}", "ns")
@@ -348,6 +372,7 @@ impl InjectArgs {
         };
         let settings = InjectSettings {
             trust_domain: self.trust_domain,
+            cluster_domain,
             image: self.sidecar_image,
             pull_policy: self.sidecar_image_pull_policy,
             resources: Resources {

@@ -147,19 +147,22 @@ fn is_dns_name(s: &str) -> bool {
         })
 }
 
-/// Whether `name` is a name of the pod's own namespace's Services: `NAME.NAMESPACE.svc`, with or
-/// without the cluster domain after it (or a `*.` wildcard of those). Any other name would let a
-/// pod author have the workload CA sign a name that belongs to someone else.
-pub fn dns_name_allowed(name: &str, namespace: &str) -> bool {
+/// Whether `name` is a name of the pod's own namespace's Services: exactly `NAME.NAMESPACE.svc`
+/// or `NAME.NAMESPACE.svc.CLUSTER_DOMAIN` (NAME one label, or a `*` wildcard standing for one).
+/// Any other name would let a pod author have the workload CA sign a name that belongs to
+/// someone else (`x.a.svc.b.svc.cluster.local`, `api.a.svc.attacker.example`).
+pub fn dns_name_allowed(name: &str, namespace: &str, cluster_domain: &str) -> bool {
     if !is_dns_name(name) {
         return false;
     }
-    let labels: Vec<&str> = name.trim_end_matches('.').split('.').collect();
-    labels.len() >= 3
-        && labels
-            .windows(2)
-            .position(|w| w[0].eq_ignore_ascii_case(namespace) && w[1].eq_ignore_ascii_case("svc"))
-            .is_some_and(|i| i == 1)
+    let labels: Vec<&str> = name.split('.').collect();
+    let domain: Vec<&str> = cluster_domain.trim_matches('.').split('.').collect();
+    let [_, ns, svc, rest @ ..] = labels.as_slice() else {
+        return false;
+    };
+    let rest_ok = rest.is_empty()
+        || (rest.len() == domain.len() && rest.iter().zip(&domain).all(|(a, b)| a.eq_ignore_ascii_case(b)));
+    ns.eq_ignore_ascii_case(namespace) && svc.eq_ignore_ascii_case("svc") && rest_ok
 }
 
 fn list(value: &str) -> Vec<String> {
@@ -197,6 +200,15 @@ pub fn service_account(pod: &Pod) -> String {
 /// The Secret a pod mounts when `wsgate.dev/secret` does not name one.
 pub fn default_secret(service_account: &str) -> String {
     format!("wsgate-{service_account}")
+}
+
+/// The sidecar's mTLS port as the pod asks for it (the default when the annotation is absent
+/// or not a port), for messages about a pod that is not injected.
+pub fn requested_port(pod: &Pod) -> u16 {
+    annotations(pod)
+        .get(PORT)
+        .and_then(|v| port(PORT, v).ok())
+        .unwrap_or(DEFAULT_PORT)
 }
 
 /// Reads and validates the options of a pod that is to be injected.
@@ -292,12 +304,13 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
             if let Some(bad) = names.iter().find(|n| !is_dns_name(n)) {
                 return Err(err(DNS_NAMES, v, format!("holds '{bad}', which is not a DNS name")));
             }
-            if let Some(bad) = names.iter().find(|n| !dns_name_allowed(n, namespace)) {
+            let domain = &settings.cluster_domain;
+            if let Some(bad) = names.iter().find(|n| !dns_name_allowed(n, namespace, domain)) {
                 return Err(err(
                     DNS_NAMES,
                     v,
                     format!(
-                        "holds '{bad}', which is not a Service name of namespace {namespace} (NAME.{namespace}.svc[.cluster domain])"
+                        "holds '{bad}', which is not a Service name of namespace {namespace} (NAME.{namespace}.svc or NAME.{namespace}.svc.{domain})"
                     ),
                 ));
             }
@@ -321,4 +334,83 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         service_account,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn pod(annotations: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    ports: Some(vec![ContainerPort {
+                        container_port: 8080,
+                        ..ContainerPort::default()
+                    }]),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    #[test]
+    fn only_the_namespaces_own_service_names_are_allowed() {
+        for good in [
+            "api.a.svc",
+            "api.a.svc.cluster.local",
+            "API.A.SVC.Cluster.Local",
+            "*.a.svc",
+        ] {
+            assert!(dns_name_allowed(good, "a", "cluster.local"), "{good}");
+        }
+        for bad in [
+            "x.a.svc.b.svc.cluster.local",
+            "api.a.svc.attacker.example",
+            "api.a.svc.cluster",
+            "api.a.svc.cluster.local.evil",
+            "x.y.a.svc",
+            "a.svc",
+            "api.b.svc",
+            "api.b.svc.cluster.local",
+            "api.a.svc.cluster.local.",
+            "api.example.com",
+        ] {
+            assert!(!dns_name_allowed(bad, "a", "cluster.local"), "{bad}");
+        }
+        assert!(dns_name_allowed("api.a.svc.k8s.corp", "a", "k8s.corp"));
+        assert!(!dns_name_allowed("api.a.svc.cluster.local", "a", "k8s.corp"));
+    }
+
+    #[test]
+    fn the_webhook_denies_names_outside_the_namespace_and_admits_both_good_forms() {
+        let settings = InjectSettings::example();
+        for bad in ["x.a.svc.b.svc.cluster.local", "api.a.svc.attacker.example"] {
+            let e = options(&pod(&[(DNS_NAMES, bad)]), "a", &settings).unwrap_err();
+            assert_eq!(e.annotation, DNS_NAMES);
+            assert!(e.reason.contains(bad), "{e}");
+        }
+        let o = options(
+            &pod(&[(DNS_NAMES, "api.a.svc, api.a.svc.cluster.local")]),
+            "a",
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(o.dns_names, ["api.a.svc", "api.a.svc.cluster.local"]);
+    }
 }

@@ -85,8 +85,13 @@ fn is_injected(pod: &Pod) -> bool {
 
 /// The Certificate needed for `pod`'s Secret, given all known pods (the pod itself included).
 /// `Ok(None)` for a pod that is not injected. The pods' annotations are checked again here:
-/// the injected label can be set by anyone who creates pods, bypassing the webhook.
-pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> Result<Option<Desired>, Conflict> {
+/// the injected label can be set by anyone who creates pods, bypassing the webhook; a DNS name
+/// is kept only when it is `NAME.NAMESPACE.svc` or `NAME.NAMESPACE.svc.<cluster_domain>`.
+pub fn desired_for<'a>(
+    pod: &'a Pod,
+    all: impl IntoIterator<Item = &'a Pod>,
+    cluster_domain: &str,
+) -> Result<Option<Desired>, Conflict> {
     if !is_injected(pod) {
         return Ok(None);
     }
@@ -104,7 +109,7 @@ pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> 
         accounts.insert(service_account(p));
         if let Some(names) = p.metadata.annotations.as_ref().and_then(|a| a.get(DNS_NAMES)) {
             for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                if dns_name_allowed(name, &namespace) {
+                if dns_name_allowed(name, &namespace, cluster_domain) {
                     dns.insert(name.to_owned());
                 } else {
                     refused.insert(name.to_owned());
@@ -124,6 +129,43 @@ pub fn desired_for<'a>(pod: &'a Pod, all: impl IntoIterator<Item = &'a Pod>) -> 
         dns_names: dns.into_iter().collect(),
         refused_dns_names: refused.into_iter().collect(),
     }))
+}
+
+/// Longest label value Kubernetes accepts.
+pub const MAX_LABEL_VALUE: usize = 63;
+/// Hex digits of SHA-256 kept when a label value is shortened.
+const LABEL_HASH_LEN: usize = 10;
+
+/// `value` as a label value: as it is when it fits in [`MAX_LABEL_VALUE`] characters, otherwise
+/// a readable prefix, `-`, and the first [`LABEL_HASH_LEN`] hex digits of its SHA-256 (so two
+/// long names with one prefix still differ). Service-account names may be 253 characters long;
+/// a Certificate with a longer label value would be refused by the API server.
+pub fn label_value(value: &str) -> String {
+    if value.len() <= MAX_LABEL_VALUE {
+        return value.to_owned();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    let hash: String = digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .chars()
+        .take(LABEL_HASH_LEN)
+        .collect();
+    let keep = MAX_LABEL_VALUE - 1 - LABEL_HASH_LEN;
+    let prefix: String = value
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(keep)
+        .collect();
+    // A label value starts and ends with an alphanumeric character.
+    let prefix = prefix.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if prefix.is_empty() {
+        hash
+    } else {
+        format!("{prefix}-{hash}")
+    }
 }
 
 /// The Certificate manifest, owned by the service account with `owner_uid`.
@@ -148,7 +190,7 @@ pub fn manifest(desired: &Desired, owner_uid: &str, settings: &InjectSettings) -
             "namespace": desired.namespace,
             "labels": {
                 "app.kubernetes.io/managed-by": FIELD_MANAGER,
-                "wsgate.dev/service-account": desired.service_account,
+                "wsgate.dev/service-account": label_value(&desired.service_account),
             },
             "ownerReferences": [{
                 "apiVersion": "v1",
@@ -253,7 +295,7 @@ const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Ensures the Certificate for `pod`'s Secret exists and is up to date.
 pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let all = ctx.pods.state();
-    let desired = match desired_for(&pod, all.iter().map(|p| p.as_ref())) {
+    let desired = match desired_for(&pod, all.iter().map(|p| p.as_ref()), &ctx.settings.cluster_domain) {
         Ok(Some(d)) => d,
         Ok(None) => return Ok(Action::await_change()),
         Err(Conflict::SharedSecret { service_accounts }) => {
@@ -388,4 +430,63 @@ pub async fn run(client: kube::Client, settings: InjectSettings, metrics: Arc<In
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid_label_value(v: &str) -> bool {
+        v.len() <= MAX_LABEL_VALUE
+            && (v.is_empty()
+                || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))))
+    }
+
+    #[test]
+    fn short_label_values_are_kept_and_long_ones_hashed_with_a_readable_prefix() {
+        assert_eq!(label_value("checkout"), "checkout");
+        let at_cap = "a".repeat(MAX_LABEL_VALUE);
+        assert_eq!(label_value(&at_cap), at_cap);
+        let long = format!("{}-reporting-batch-exporter", "payments-settlement".repeat(3));
+        assert!(long.len() > MAX_LABEL_VALUE);
+        let v = label_value(&long);
+        assert!(valid_label_value(&v), "{v}");
+        assert_eq!(v.len(), MAX_LABEL_VALUE);
+        assert!(v.starts_with(&long[..50]), "{v}");
+        assert_eq!(v, label_value(&long), "stable");
+        let other = format!("{long}-2");
+        assert_ne!(label_value(&other), v, "a different name, a different value");
+        // The prefix is cut where it leaves a '-' or '.' last: still valid.
+        let dotted = format!("{}.{}", "a".repeat(51), "b".repeat(30));
+        assert!(valid_label_value(&label_value(&dotted)), "{}", label_value(&dotted));
+    }
+
+    #[test]
+    fn a_seventy_character_service_account_gets_a_valid_certificate_label() {
+        let sa = "s".repeat(70);
+        let desired = Desired {
+            namespace: "shop".into(),
+            secret: "wsgate-long".into(),
+            service_account: sa.clone(),
+            dns_names: Vec::new(),
+            refused_dns_names: Vec::new(),
+        };
+        let m = manifest(&desired, "uid-1", &InjectSettings::example());
+        let labels = m["metadata"]["labels"].as_object().unwrap();
+        for (k, v) in labels {
+            assert!(valid_label_value(v.as_str().unwrap()), "{k}: {v}");
+        }
+        let label = labels["wsgate.dev/service-account"].as_str().unwrap();
+        assert!(
+            label.starts_with(&sa[..52]) && label.len() == MAX_LABEL_VALUE,
+            "{label}"
+        );
+        // The identity and the owner keep the full name.
+        assert_eq!(m["metadata"]["ownerReferences"][0]["name"], sa.as_str());
+        assert!(m["spec"]["uris"][0].as_str().unwrap().ends_with(&sa));
+        assert!(up_to_date(&m, &m));
+    }
 }

@@ -5,13 +5,15 @@
 //! directories, never with `subPath`, so rotations reach the sidecar), and the sidecar — first
 //! among the init containers with `restartPolicy: Always` on clusters with native sidecars, last
 //! among the containers on older ones. A pod that already has the sidecar is left as it is, so
-//! the API server's reinvocation (`reinvocationPolicy: IfNeeded`) changes nothing.
+//! the API server's reinvocation (`reinvocationPolicy: IfNeeded`) changes nothing. Pods on the
+//! host's network, and pods that must complete (`restartPolicy: Never` or `OnFailure`) when
+//! native sidecars are off, are admitted unchanged with a warning.
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-    Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
+    Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, SeccompProfile,
     SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -34,6 +36,29 @@ pub const TRUST_MOUNT: &str = "/var/run/wsgate/trust";
 /// The non-root user and group the sidecar runs as (distroless "nonroot").
 pub const SIDECAR_UID: i64 = 65532;
 
+/// Why a pod that asked for the sidecar is denied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// An annotation is wrong.
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+    /// One of the sidecar's ports is declared by another container (or init container) of the
+    /// pod: they share one network namespace, so one of the two could not listen.
+    #[error("the sidecar's {which} port {port} is already declared by {kind} {container}; {fix}")]
+    PortTaken {
+        /// `mTLS` or `admin`.
+        which: &'static str,
+        /// The port.
+        port: u16,
+        /// `container` or `init container`.
+        kind: &'static str,
+        /// The container's name.
+        container: String,
+        /// What the user can do about it.
+        fix: &'static str,
+    },
+}
+
 /// What to do with a pod.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mutation {
@@ -46,8 +71,11 @@ pub enum Mutation {
         /// What the annotations asked for.
         options: PodOptions,
     },
-    /// Deny it: an annotation is wrong.
-    Deny(AnnotationError),
+    /// Deny it: an annotation is wrong, or the sidecar's ports are taken.
+    Deny(Refusal),
+    /// Admit it unchanged although it asked for the sidecar, with this warning for the user
+    /// saying why it was not injected.
+    Decline(String),
 }
 
 fn has_sidecar(pod: &Pod) -> bool {
@@ -247,6 +275,44 @@ fn volumes(opts: &PodOptions) -> Vec<Volume> {
     v
 }
 
+/// The first of the sidecar's ports (mTLS, then admin) that a container or init container of
+/// the pod declares for TCP (a UDP or SCTP port of the same number does not collide).
+fn port_taken(spec: &PodSpec, options: &PodOptions) -> Option<Refusal> {
+    let declared = spec
+        .containers
+        .iter()
+        .map(|c| ("container", c))
+        .chain(spec.init_containers.iter().flatten().map(|c| ("init container", c)))
+        .flat_map(|(kind, c)| {
+            c.ports
+                .iter()
+                .flatten()
+                .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+                .map(move |p| (kind, c.name.as_str(), p.container_port))
+        })
+        .collect::<Vec<_>>();
+    let wanted = [
+        ("mTLS", options.port, "choose another with wsgate.dev/port"),
+        (
+            "admin",
+            ADMIN_PORT,
+            "the sidecar's admin port is fixed (probes and preStop use it): move that container's port",
+        ),
+    ];
+    wanted.into_iter().find_map(|(which, port, fix)| {
+        declared
+            .iter()
+            .find(|(_, _, p)| *p == i32::from(port))
+            .map(|(kind, container, _)| Refusal::PortTaken {
+                which,
+                port,
+                kind,
+                container: (*container).to_owned(),
+                fix,
+            })
+    })
+}
+
 /// Decides what to do with `pod`, created in `namespace` (`namespace_enabled` when the namespace
 /// carries `wsgate.dev/injection: enabled`), on a cluster with or without native sidecars.
 pub fn mutate(
@@ -257,7 +323,7 @@ pub fn mutate(
     native: bool,
 ) -> Mutation {
     match annotations::wanted(pod, namespace_enabled) {
-        Err(e) => return Mutation::Deny(e),
+        Err(e) => return Mutation::Deny(e.into()),
         Ok(Wanted::No) => return Mutation::Skip("not opted in"),
         Ok(Wanted::Yes) => {}
     }
@@ -267,10 +333,33 @@ pub fn mutate(
     let Some(spec) = pod.spec.as_ref() else {
         return Mutation::Skip("no pod spec");
     };
+    if spec.host_network == Some(true) {
+        // The sidecar's ports would be the node's: the API server defaults hostPort to
+        // containerPort, so 8443 and 9901 would be taken on the node (and clash between pods).
+        return Mutation::Decline(format!(
+            "wsgate: sidecar not injected: the pod uses hostNetwork, where the sidecar's ports ({} and admin {ADMIN_PORT}) would be the node's ports",
+            annotations::requested_port(pod)
+        ));
+    }
+    if let Some(policy) = spec
+        .restart_policy
+        .as_deref()
+        .filter(|p| matches!(*p, "Never" | "OnFailure"))
+        && !native
+    {
+        // Only a native sidecar is stopped when the app's containers have completed; an
+        // ordinary one never exits, so a Job's pod would run for ever.
+        return Mutation::Decline(format!(
+            "wsgate: sidecar not injected: the pod has restartPolicy {policy} and must complete, but native sidecars are off on this cluster; an ordinary sidecar container would never exit and keep the pod running for ever"
+        ));
+    }
     let options = match annotations::options(pod, namespace, settings) {
         Ok(o) => o,
-        Err(e) => return Mutation::Deny(e),
+        Err(e) => return Mutation::Deny(e.into()),
     };
+    if let Some(taken) = port_taken(spec, &options) {
+        return Mutation::Deny(taken);
+    }
     let mut ops = Vec::new();
     match &pod.metadata.labels {
         None => ops.push(add(

@@ -245,6 +245,10 @@ struct SpecView {
     volumes: Option<IgnoredAny>,
     #[serde(default)]
     service_account_name: Option<String>,
+    #[serde(default)]
+    host_network: Option<bool>,
+    #[serde(default)]
+    restart_policy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,8 +443,8 @@ impl PodView {
 
     /// The pod as k8s-openapi's type, with only the fields the mutation reads: name,
     /// generateName, namespace, whether there are labels, the annotations wsgate reads, the
-    /// containers' names and ports, the init containers' names, whether there are volumes, and
-    /// the service account. A pod past a cap ([`PodView::over_limit`]) gets its metadata only.
+    /// containers' and init containers' names and ports, whether there are volumes, the
+    /// service account, `hostNetwork` and `restartPolicy`. A pod past a cap ([`PodView::over_limit`]) gets its metadata only.
     pub fn to_pod(&self) -> Pod {
         let m = &self.metadata;
         let metadata = ObjectMeta {
@@ -453,9 +457,9 @@ impl PodView {
         };
         let within = self.over_limit().is_none();
         let spec = self.spec.as_ref().filter(|_| within).map(|s| {
-            let container = |c: &ContainerView, with_ports: bool| Container {
+            let container = |c: &ContainerView| Container {
                 name: c.name().to_owned(),
-                ports: c.ports.as_ref().filter(|_| with_ports).map(|ports| {
+                ports: c.ports.as_ref().map(|ports| {
                     ports
                         .items()
                         .iter()
@@ -469,18 +473,15 @@ impl PodView {
                 ..Container::default()
             };
             PodSpec {
-                containers: s
-                    .containers
-                    .iter()
-                    .flat_map(|l| l.items())
-                    .map(|c| container(c, true))
-                    .collect(),
+                containers: s.containers.iter().flat_map(|l| l.items()).map(container).collect(),
                 init_containers: s
                     .init_containers
                     .as_ref()
-                    .map(|l| l.items().iter().map(|c| container(c, false)).collect()),
+                    .map(|l| l.items().iter().map(container).collect()),
                 volumes: s.volumes.map(|_| Vec::new()),
                 service_account_name: s.service_account_name.clone(),
+                host_network: s.host_network,
+                restart_policy: s.restart_policy.clone(),
                 ..PodSpec::default()
             }
         });

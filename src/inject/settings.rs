@@ -82,6 +82,9 @@ pub struct IssuerRef {
 pub struct InjectSettings {
     /// SPIFFE trust domain, e.g. `cluster.local`.
     pub trust_domain: String,
+    /// The cluster's DNS domain (`cluster.local`): the only suffix allowed after
+    /// `NAME.NAMESPACE.svc` in `wsgate.dev/dns-names`.
+    pub cluster_domain: String,
     /// The sidecar image.
     pub image: String,
     /// Its pull policy.
@@ -110,6 +113,7 @@ impl InjectSettings {
     pub fn example() -> Self {
         Self {
             trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
             image: "ghcr.io/wsgate/wsgate:0.1.0".into(),
             pull_policy: PullPolicy::IfNotPresent,
             resources: Resources {

@@ -121,6 +121,13 @@ impl Webhook {
                 tracing::debug!(target: "wsgate::inject", %namespace, pod = %name, why, "not injected");
                 allowed
             }
+            Mutation::Decline(why) => {
+                self.count("skipped");
+                tracing::info!(target: "wsgate::inject", %namespace, pod = %name, why = %why, "not injected");
+                let mut resp = allowed;
+                resp.warnings = Some(vec![why]);
+                resp
+            }
             Mutation::Deny(e) => {
                 self.count("denied");
                 tracing::info!(target: "wsgate::inject", %namespace, pod = %name, reason = %e, "pod denied");

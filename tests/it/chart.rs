@@ -810,11 +810,12 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
 }
 
 /// The environment twins of `wsgate inject`'s flags (and RUST_LOG): all the chart may set.
-const INJECTOR_ENV: [&str; 23] = [
+const INJECTOR_ENV: [&str; 24] = [
     "WSGATE_LISTEN",
     "WSGATE_ADMIN",
     "WSGATE_CERT_DIR",
     "WSGATE_TRUST_DOMAIN",
+    "WSGATE_CLUSTER_DOMAIN",
     "WSGATE_SIDECAR_IMAGE",
     "WSGATE_SIDECAR_IMAGE_PULL_POLICY",
     "WSGATE_SIDECAR_CPU_REQUEST",

@@ -230,6 +230,11 @@ fn inject_usage_errors_exit_64_naming_the_flag() {
         ),
         (&["--sidecar-image", "img", "--native-sidecar", "maybe"], "maybe"),
         (
+            &["--sidecar-image", "img", "--cluster-domain", "cluster local"],
+            "--cluster-domain",
+        ),
+        (&["--sidecar-image", "img", "--cluster-domain", "."], "--cluster-domain"),
+        (
             &["--sidecar-image", "img", "--otlp-endpoint", "https://collector:4318"],
             "--otlp-endpoint",
         ),

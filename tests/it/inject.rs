@@ -420,6 +420,16 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
             "wsgate.dev/dns-names",
             "not a Service name of namespace demo",
         ),
+        (
+            &[("wsgate.dev/dns-names", "x.demo.svc.b.svc.cluster.local")],
+            "wsgate.dev/dns-names",
+            "'x.demo.svc.b.svc.cluster.local', which is not a Service name of namespace demo",
+        ),
+        (
+            &[("wsgate.dev/dns-names", "api.demo.svc.attacker.example")],
+            "wsgate.dev/dns-names",
+            "'api.demo.svc.attacker.example', which is not a Service name of namespace demo",
+        ),
     ];
     for (annotations, name, fragment) in cases {
         let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -456,6 +466,149 @@ fn the_reserved_outbound_annotation_is_reported_as_a_warning() {
     assert!(out.patch.is_some());
     let warnings = out.response["response"]["warnings"].as_array().unwrap();
     assert!(warnings[0].as_str().unwrap().contains("wsgate.dev/outbound"));
+}
+
+#[test]
+fn a_sidecar_port_declared_by_any_container_denies_the_pod_naming_port_and_container() {
+    let init = |ports: Value| json!([{"name": "setup", "image": "busybox", "ports": ports}]);
+    let cases: [(&str, Value, Value, &str); 5] = [
+        (
+            "8443",
+            init(json!([{"containerPort": 8443}])),
+            json!([]),
+            "the sidecar's mTLS port 8443 is already declared by init container setup; choose another with wsgate.dev/port",
+        ),
+        (
+            "8443",
+            init(json!([{"containerPort": 9901, "protocol": "TCP"}])),
+            json!([]),
+            "the sidecar's admin port 9901 is already declared by init container setup",
+        ),
+        (
+            "8443",
+            json!([]),
+            json!([{"containerPort": 9901}]),
+            "the sidecar's admin port 9901 is already declared by container web",
+        ),
+        (
+            "7443",
+            json!([]),
+            json!([{"containerPort": 7443, "protocol": "TCP"}]),
+            "'7443' is already used by container web",
+        ),
+        (
+            "8443",
+            init(json!([{"containerPort": 8443}, {"containerPort": 9901}])),
+            json!([{"containerPort": 9901}]),
+            "mTLS port 8443 is already declared by init container setup",
+        ),
+    ];
+    for (port, init_containers, extra_app_ports, fragment) in cases {
+        for native in [false, true] {
+            let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+            annotate(
+                &mut review,
+                &[
+                    ("wsgate.dev/inject", "true"),
+                    ("wsgate.dev/upstream-port", "8080"),
+                    ("wsgate.dev/port", port),
+                ],
+            );
+            let spec = &mut review["request"]["object"]["spec"];
+            if init_containers != json!([]) {
+                spec["initContainers"] = init_containers.clone();
+            }
+            let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
+            ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
+            let out = run(&review, false, native);
+            let resp = &out.response["response"];
+            assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
+            assert!(out.patch.is_none());
+            let msg = resp["status"]["message"].as_str().unwrap();
+            assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
+        }
+    }
+    // The same numbers over UDP (or SCTP) do not collide with the sidecar's TCP listeners.
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[("wsgate.dev/inject", "true"), ("wsgate.dev/upstream-port", "8080")],
+    );
+    let spec = &mut review["request"]["object"]["spec"];
+    spec["initContainers"] = init(json!([{"containerPort": 8443, "protocol": "UDP"}]));
+    spec["containers"][0]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"containerPort": 9901, "protocol": "SCTP"}));
+    assert!(run(&review, false, true).patch.is_some());
+}
+
+/// The pod is admitted as it came, without a patch, with one warning containing `fragment`.
+fn assert_declined(out: &Outcome, fragment: &str) {
+    let resp = &out.response["response"];
+    assert_eq!(resp["allowed"], true, "{resp}");
+    assert!(out.patch.is_none(), "no patch: {resp}");
+    let warnings = resp["warnings"].as_array().expect("a warning says why");
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].as_str().unwrap().contains(fragment), "{warnings:?}");
+}
+
+#[test]
+fn a_host_network_pod_is_admitted_unchanged_with_a_warning() {
+    for native in [false, true] {
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(
+            &mut review,
+            &[("wsgate.dev/inject", "true"), ("wsgate.dev/port", "9443")],
+        );
+        review["request"]["object"]["spec"]["hostNetwork"] = json!(true);
+        let out = run(&review, false, native);
+        assert_declined(&out, "hostNetwork");
+        assert_declined(&out, "9443 and admin 9901");
+        // Also in an enabled namespace, and whatever its other annotations say.
+        annotate(&mut review, &[("wsgate.dev/port", "70000")]);
+        assert_declined(&run(&review, true, native), "hostNetwork");
+    }
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    review["request"]["object"]["spec"]["hostNetwork"] = json!(false);
+    assert!(
+        run(&review, false, false).patch.is_some(),
+        "hostNetwork: false is injected"
+    );
+}
+
+#[test]
+fn a_pod_that_must_complete_gets_only_a_native_sidecar() {
+    for policy in ["Never", "OnFailure"] {
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+        review["request"]["object"]["spec"]["restartPolicy"] = json!(policy);
+        let out = run(&review, false, true);
+        let c = sidecar_of(&out.pod, true);
+        assert_eq!(
+            c.restart_policy.as_deref(),
+            Some("Always"),
+            "{policy}: a native sidecar"
+        );
+        let spec = out.pod.spec.as_ref().unwrap();
+        assert!(
+            spec.containers.iter().all(|c| c.name != SIDECAR),
+            "{policy}: not among the containers"
+        );
+        let out = run(&review, true, false);
+        assert_declined(&out, &format!("restartPolicy {policy} and must complete"));
+        assert_declined(&out, "native sidecars are off");
+    }
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+    review["request"]["object"]["spec"]["restartPolicy"] = json!("Always");
+    let out = run(&review, false, false);
+    assert_eq!(
+        sidecar_of(&out.pod, false).restart_policy,
+        None,
+        "Always: an ordinary sidecar is fine"
+    );
 }
 
 #[test]
@@ -771,6 +924,28 @@ mod sidecar_command_line {
             "{label}"
         );
         println!("{PASSED} {label}");
+    }
+
+    /// `--cluster-domain` is the only suffix a DNS name may carry after `NAME.NAMESPACE.svc`.
+    #[test]
+    fn the_cluster_domain_flag_decides_which_long_service_names_are_allowed() {
+        assert_eq!(injector_settings(&[]).cluster_domain, "cluster.local");
+        let corp = injector_settings(&["--cluster-domain", "K8s.Corp."]);
+        assert_eq!(corp.cluster_domain, "k8s.corp");
+        for (name, settings, allowed) in [
+            ("api.demo.svc.cluster.local", injector_settings(&[]), true),
+            ("api.demo.svc.k8s.corp", corp.clone(), true),
+            ("api.demo.svc", corp.clone(), true),
+            ("api.demo.svc.cluster.local", corp, false),
+        ] {
+            let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+            annotate(
+                &mut review,
+                &[("wsgate.dev/inject", "true"), ("wsgate.dev/dns-names", name)],
+            );
+            let out = run_with(&review, false, false, settings);
+            assert_eq!(out.response["response"]["allowed"], allowed, "{name}");
+        }
     }
 
     /// Every sidecar the injector writes (default options, every annotation set, the injector's
@@ -1203,12 +1378,12 @@ mod controller {
             &[("wsgate.dev/dns-names", "a.shop.svc,checkout.shop.svc")],
         );
         let other = injected_pod("c", "billing", &[("wsgate.dev/dns-names", "billing.shop.svc")]);
-        let d = desired_for(&a, [&a, &b, &other]).unwrap().unwrap();
+        let d = desired_for(&a, [&a, &b, &other], "cluster.local").unwrap().unwrap();
         assert_eq!(d.secret, "wsgate-checkout");
         assert_eq!(d.dns_names, vec!["a.shop.svc", "b.shop.svc", "checkout.shop.svc"]);
         let plain: Pod = serde_json::from_value(json!({"metadata": {"name": "x", "namespace": "shop"}})).unwrap();
         assert!(
-            desired_for(&plain, [&plain]).unwrap().is_none(),
+            desired_for(&plain, [&plain], "cluster.local").unwrap().is_none(),
             "pods without the injected label are ignored"
         );
     }
@@ -1268,7 +1443,7 @@ mod controller {
     async fn an_up_to_date_certificate_is_not_written() {
         let pod = injected_pod("checkout-1", "checkout", &[]);
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        let desired = desired_for(&pod, [&pod]).unwrap().unwrap();
+        let desired = desired_for(&pod, [&pod], "cluster.local").unwrap().unwrap();
         // As the API server returns it: our fields plus status, defaults and metadata of its own.
         let mut existing = manifest(&desired, "uid-1", &InjectSettings::example());
         existing["metadata"]["uid"] = json!("cert-uid");
@@ -1297,7 +1472,7 @@ mod controller {
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         let stale_pod = injected_pod("checkout-1", "checkout", &[]);
         let stale = manifest(
-            &desired_for(&stale_pod, [&stale_pod]).unwrap().unwrap(),
+            &desired_for(&stale_pod, [&stale_pod], "cluster.local").unwrap().unwrap(),
             "uid-1",
             &InjectSettings::example(),
         );
@@ -1346,13 +1521,30 @@ mod controller {
             "checkout",
             &[("wsgate.dev/dns-names", "api.prod.svc,checkout.shop.svc,*.example.com")],
         );
-        let d = desired_for(&greedy, [&greedy]).unwrap().unwrap();
+        let d = desired_for(&greedy, [&greedy], "cluster.local").unwrap().unwrap();
         assert_eq!(d.dns_names, vec!["checkout.shop.svc"]);
         assert_eq!(d.refused_dns_names, vec!["*.example.com", "api.prod.svc"]);
+        // Names that merely contain `NS.svc` somewhere, followed by something else.
+        let sneaky = injected_pod(
+            "a",
+            "checkout",
+            &[(
+                "wsgate.dev/dns-names",
+                "x.shop.svc.b.svc.cluster.local,api.shop.svc.attacker.example,api.shop.svc,api.shop.svc.cluster.local",
+            )],
+        );
+        let d = desired_for(&sneaky, [&sneaky], "cluster.local").unwrap().unwrap();
+        assert_eq!(d.dns_names, vec!["api.shop.svc", "api.shop.svc.cluster.local"]);
+        assert_eq!(
+            d.refused_dns_names,
+            vec!["api.shop.svc.attacker.example", "x.shop.svc.b.svc.cluster.local"]
+        );
+        let other_domain = desired_for(&sneaky, [&sneaky], "k8s.corp").unwrap().unwrap();
+        assert_eq!(other_domain.dns_names, vec!["api.shop.svc"]);
         let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "shared")]);
         let b = injected_pod("b", "billing", &[("wsgate.dev/secret", "shared")]);
         assert!(
-            desired_for(&a, [&a, &b]).is_err(),
+            desired_for(&a, [&a, &b], "cluster.local").is_err(),
             "one Secret cannot carry two identities"
         );
     }
