@@ -757,12 +757,6 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
     assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     assert!(selects(&deploy["spec"]["selector"], &pod_labels));
 
-    let pdb = one(&docs, "PodDisruptionBudget");
-    assert_eq!(pdb["spec"]["minAvailable"], 1);
-    assert!(
-        selects(&pdb["spec"]["selector"], &pod_labels),
-        "the PDB covers the injector pods"
-    );
 
     let spec = &deploy["spec"]["template"]["spec"];
     let spread = spec["topologySpreadConstraints"].as_array().unwrap();
@@ -796,17 +790,55 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
     assert_eq!(spec["securityContext"]["runAsUser"], 65532);
     assert_eq!(c["securityContext"]["runAsUser"], 65532);
 
-    let no_pdb = render(&[
+    let no_zones = render(&[
         "--set",
-        "injector.podDisruptionBudget.enabled=false,injector.spread.zones=Ignore",
+        "injector.spread.zones=Ignore",
     ]);
-    assert!(of_kind(&no_pdb, "PodDisruptionBudget").is_empty());
-    let spread = &named(&no_pdb, "Deployment", RELEASE)["spec"]["template"]["spec"]["topologySpreadConstraints"];
+    let spread = &named(&no_zones, "Deployment", RELEASE)["spec"]["template"]["spec"]["topologySpreadConstraints"];
     assert_eq!(
         spread.as_array().unwrap().len(),
         1,
         "no zone constraint with zones=Ignore"
     );
+}
+
+#[test]
+fn injector_disruption_budget_exists_only_when_it_cannot_block_a_drain() {
+    let docs = render(&[]);
+    let deploy = named(&docs, "Deployment", RELEASE);
+    let pod_labels = labels(&deploy["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pdb = one(&docs, "PodDisruptionBudget");
+    // maxUnavailable, never minAvailable: a drain may always take one replica down.
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert!(pdb["spec"].get("minAvailable").is_none(), "{}", pdb["spec"]);
+    assert!(
+        selects(&pdb["spec"]["selector"], &pod_labels),
+        "the PDB covers the injector pods"
+    );
+    // More replicas: still one at a time, or the percentage asked for.
+    let three = render(&["--set", "injector.replicas=3"]);
+    assert_eq!(one(&three, "PodDisruptionBudget")["spec"]["maxUnavailable"], 1);
+    let pct = render(&["--set", "injector.replicas=4,injector.podDisruptionBudget.maxUnavailable=50%"]);
+    assert_eq!(one(&pct, "PodDisruptionBudget")["spec"]["maxUnavailable"], "50%");
+    // A single replica: any budget would block every drain (or protect nothing), so none.
+    let single = render(&["--set", "injector.replicas=1"]);
+    assert_eq!(named(&single, "Deployment", RELEASE)["spec"]["replicas"], 1);
+    assert!(of_kind(&single, "PodDisruptionBudget").is_empty());
+    // Switched off, none either.
+    let off = render(&["--set", "injector.podDisruptionBudget.enabled=false"]);
+    assert!(of_kind(&off, "PodDisruptionBudget").is_empty());
+    // A budget of 0 would block drains: the schema refuses it.
+    for set in [
+        "injector.podDisruptionBudget.maxUnavailable=0",
+        "injector.podDisruptionBudget.maxUnavailable=0%",
+    ] {
+        let err = try_render(&["--set", set]).expect_err(set);
+        assert!(
+            err.contains("schema") && err.contains("/injector/podDisruptionBudget/maxUnavailable"),
+            "--set {set}:\n{err}"
+        );
+    }
 }
 
 /// The environment twins of `wsgate inject`'s flags (and RUST_LOG): all the chart may set.
