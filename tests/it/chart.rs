@@ -757,16 +757,7 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
     assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     assert!(selects(&deploy["spec"]["selector"], &pod_labels));
 
-
     let spec = &deploy["spec"]["template"]["spec"];
-    let spread = spec["topologySpreadConstraints"].as_array().unwrap();
-    let nodes = spread
-        .iter()
-        .find(|s| s["topologyKey"] == "kubernetes.io/hostname")
-        .expect("spread across nodes");
-    assert_eq!(nodes["whenUnsatisfiable"], "DoNotSchedule");
-    assert_eq!(nodes["maxSkew"], 1);
-    assert!(selects(&nodes["labelSelector"], &pod_labels));
 
     let c = injector_container(&docs);
     let env = env_of(c);
@@ -789,15 +780,46 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
     assert_eq!(c["args"], json!(["inject"]));
     assert_eq!(spec["securityContext"]["runAsUser"], 65532);
     assert_eq!(c["securityContext"]["runAsUser"], 65532);
+}
 
-    let no_zones = render(&[
+fn spread_of<'a>(docs: &'a [Value], key: &str) -> Option<&'a Value> {
+    named(docs, "Deployment", RELEASE)["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["topologyKey"] == key)
+}
+
+#[test]
+fn topology_spread_honours_taints_and_is_soft_unless_asked_to_be_hard() {
+    const NODES: &str = "kubernetes.io/hostname";
+    const ZONES: &str = "topology.kubernetes.io/zone";
+    let docs = render(&[]);
+    let deploy = named(&docs, "Deployment", RELEASE);
+    let pod_labels = labels(&deploy["spec"]["template"]["metadata"]["labels"]);
+    for key in [NODES, ZONES] {
+        let c = spread_of(&docs, key).unwrap_or_else(|| panic!("no spread over {key}"));
+        assert_eq!(c["maxSkew"], 1, "{key}");
+        // Nodes whose taints the injector does not tolerate are not domains of the spread.
+        assert_eq!(c["nodeTaintsPolicy"], "Honor", "{key}");
+        // Soft by default: a replica still starts when no other node or zone fits.
+        assert_eq!(c["whenUnsatisfiable"], "ScheduleAnyway", "{key}");
+        assert!(selects(&c["labelSelector"], &pod_labels), "{key}");
+    }
+    // Hard spreading only when the values ask for it; taints are honoured then too.
+    let hard = render(&[
         "--set",
-        "injector.spread.zones=Ignore",
+        "injector.spread.nodes=DoNotSchedule,injector.spread.zones=DoNotSchedule",
     ]);
-    let spread = &named(&no_zones, "Deployment", RELEASE)["spec"]["template"]["spec"]["topologySpreadConstraints"];
-    assert_eq!(
-        spread.as_array().unwrap().len(),
-        1,
+    for key in [NODES, ZONES] {
+        let c = spread_of(&hard, key).unwrap();
+        assert_eq!(c["whenUnsatisfiable"], "DoNotSchedule", "{key}");
+        assert_eq!(c["nodeTaintsPolicy"], "Honor", "{key}");
+    }
+    let no_zones = render(&["--set", "injector.spread.zones=Ignore"]);
+    assert!(spread_of(&no_zones, NODES).is_some());
+    assert!(
+        spread_of(&no_zones, ZONES).is_none(),
         "no zone constraint with zones=Ignore"
     );
 }
@@ -819,7 +841,10 @@ fn injector_disruption_budget_exists_only_when_it_cannot_block_a_drain() {
     // More replicas: still one at a time, or the percentage asked for.
     let three = render(&["--set", "injector.replicas=3"]);
     assert_eq!(one(&three, "PodDisruptionBudget")["spec"]["maxUnavailable"], 1);
-    let pct = render(&["--set", "injector.replicas=4,injector.podDisruptionBudget.maxUnavailable=50%"]);
+    let pct = render(&[
+        "--set",
+        "injector.replicas=4,injector.podDisruptionBudget.maxUnavailable=50%",
+    ]);
     assert_eq!(one(&pct, "PodDisruptionBudget")["spec"]["maxUnavailable"], "50%");
     // A single replica: any budget would block every drain (or protect nothing), so none.
     let single = render(&["--set", "injector.replicas=1"]);
