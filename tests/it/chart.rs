@@ -606,6 +606,33 @@ fn ca_certificates_are_never_rekeyed() {
 }
 
 #[test]
+fn workload_ca_survives_helm_uninstall() {
+    let docs = render(&[]);
+    let secret = &one(&docs, "ClusterIssuer")["spec"]["ca"]["secretName"];
+    let kept = |d: &Value| d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep";
+    // The root every sidecar trusts: an uninstall must not delete it (nor, through cert-manager's
+    // owner references, its Secret), or a reinstall starts a CA no running sidecar trusts.
+    let ca = of_kind(&docs, "Certificate")
+        .into_iter()
+        .find(|c| c["spec"]["isCA"] == true && &c["spec"]["secretName"] == secret)
+        .expect("the workload CA Certificate");
+    assert!(kept(ca), "{}", ca["metadata"]);
+    // cert-manager writes the CA Secret; should the chart ever render it, it must be kept too.
+    for s in of_kind(&docs, "Secret") {
+        if &s["metadata"]["name"] == secret {
+            assert!(kept(s), "the CA Secret {}", s["metadata"]);
+        }
+    }
+    // The webhook CA belongs to this release's webhook configuration, which the uninstall
+    // deletes anyway: nothing outside the release trusts it, so it goes with the release.
+    let webhook_ca = named(&docs, "Certificate", &format!("{RELEASE}-webhook-ca"));
+    assert!(!kept(webhook_ca), "{}", webhook_ca["metadata"]);
+    // No workload CA of the chart's, nothing to keep.
+    let own = render_ci("own-issuer");
+    assert!(!own.iter().any(kept), "own issuer: the chart keeps nothing");
+}
+
+#[test]
 fn workload_issuer_is_the_one_the_injector_names() {
     // Defaults: the chart's CA ClusterIssuer.
     let docs = render(&[]);
