@@ -460,6 +460,58 @@ fn webhooks_never_see_kube_system_the_release_namespace_or_the_injector() {
 }
 
 #[test]
+fn webhooks_never_see_cert_managers_namespace() {
+    let enabled = [("wsgate.dev/injection", "enabled")];
+    // cert-manager issues the injector's serving certificate: its pods must never wait for the
+    // injector, whatever their namespace's labels say.
+    for (args, cm) in [
+        (&[][..], "cert-manager"),
+        (&["--set", "certManager.namespace=security"][..], "security"),
+        // Already excluded another way: listed once.
+        (&["--set", "certManager.namespace=kube-system"][..], "kube-system"),
+    ] {
+        let docs = render(args);
+        for hook in one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+            .as_array()
+            .unwrap()
+        {
+            let sel = &hook["namespaceSelector"];
+            for extra in [&enabled[..], &[]] {
+                assert!(
+                    !selects(sel, &namespace_labels(cm, extra)),
+                    "{} sees {cm} {extra:?}",
+                    hook["name"]
+                );
+            }
+            let names = sel["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["key"] == "kubernetes.io/metadata.name")
+                .unwrap()["values"]
+                .as_array()
+                .unwrap();
+            let unique: BTreeSet<&str> = names.iter().map(str_of).collect();
+            assert_eq!(unique.len(), names.len(), "duplicates in {names:?}");
+            for always in ["kube-system", NAMESPACE, cm] {
+                assert!(unique.contains(always), "{always} not excluded: {names:?}");
+            }
+        }
+    }
+    // Even without cert-manager objects in the chart: cert-manager may still run there.
+    let docs = render_ci("no-cert-manager");
+    for hook in one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(!selects(
+            &hook["namespaceSelector"],
+            &namespace_labels("cert-manager", &enabled)
+        ));
+    }
+}
+
+#[test]
 fn webhook_configuration_follows_the_admission_contract() {
     let docs = render(&[]);
     let mwc = one(&docs, "MutatingWebhookConfiguration");
@@ -1195,7 +1247,7 @@ fn notes_say_how_to_opt_a_namespace_or_a_pod_in() {
         "wsgate.dev/inject: \"true\"",
         "wsgate.dev/upstream-port",
         "wsgate.dev/allow",
-        "Never injected: kube-system, wsgate-system, kube-public, kube-node-lease.",
+        "Never injected: kube-system, wsgate-system, cert-manager, kube-public, kube-node-lease.",
         "issued by ClusterIssuer wsgate-ca.",
     ] {
         assert!(notes.contains(needle), "NOTES lack {needle:?}:\n{notes}");

@@ -118,3 +118,10 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The namespaces the webhooks never see, as a JSON list: kube-system, the release namespace
+     (the injector's own), cert-manager's (it issues the injector's serving certificate, so it
+     must never wait for the injector) and webhook.excludeNamespaces. */}}
+{{- define "wsgate.excludedNamespaces" -}}
+{{- concat (list "kube-system" .Release.Namespace .Values.certManager.namespace) .Values.webhook.excludeNamespaces | uniq | toJson -}}
+{{- end -}}
