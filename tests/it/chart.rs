@@ -218,6 +218,7 @@ fn defaults_render_objects_valid_for_kubernetes_1_25_1_29_and_1_34() {
         "MutatingWebhookConfiguration",
         "ClusterRole",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(report.contains(&format!(" {kind}/")), "{kind} missing:\n{report}");
     }
@@ -252,9 +253,9 @@ fn trust_manager_renders_a_valid_bundle() {
 }
 
 #[test]
-fn monitoring_renders_valid_prometheus_operator_objects() {
+fn monitoring_renders_valid_prometheus_operator_objects_and_network_policy() {
     let report = assert_matrix_entry_valid("monitoring");
-    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy"] {
         assert!(
             report
                 .lines()
@@ -943,6 +944,96 @@ fn injector_disruption_budget_exists_only_when_it_cannot_block_a_drain() {
             "--set {set}:\n{err}"
         );
     }
+}
+
+/// The ingress rule of a NetworkPolicy that opens exactly this TCP port.
+fn ingress_to(policy: &Value, port: u64) -> &Value {
+    let rules: Vec<&Value> = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ports"].as_array().unwrap().iter().any(|p| p["port"] == port))
+        .collect();
+    assert_eq!(rules.len(), 1, "one rule for port {port}: {}", policy["spec"]);
+    assert_eq!(
+        rules[0]["ports"],
+        json!([{"port": port, "protocol": "TCP"}]),
+        "the rule opens port {port} only"
+    );
+    rules[0]
+}
+
+#[test]
+fn network_policy_opens_only_the_webhook_port_to_all_and_metrics_to_the_namespace() {
+    let docs = render(&[]);
+    let policy = one(&docs, "NetworkPolicy");
+    assert_eq!(policy["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(policy["metadata"]["namespace"], NAMESPACE);
+    let deploy = named(&docs, "Deployment", RELEASE);
+    let pod_labels = labels(&deploy["spec"]["template"]["metadata"]["labels"]);
+    assert!(
+        selects(&policy["spec"]["podSelector"], &pod_labels),
+        "it covers the injector"
+    );
+    // Ingress only: the injector calls the API server, and that stays open.
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    // Two rules, two ports: nothing else reaches the injector.
+    assert_eq!(policy["spec"]["ingress"].as_array().unwrap().len(), 2);
+    let c = injector_container(&docs);
+    let port_of = |name: &str| {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    // The webhook from every source (the API server's addresses differ per cluster).
+    let webhook = ingress_to(policy, port_of("webhook"));
+    assert!(webhook.get("from").is_none(), "any source by default: {webhook}");
+    // The admin port (/metrics) from the release namespace only.
+    let admin = ingress_to(policy, port_of("admin"));
+    assert_eq!(
+        admin["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}}])
+    );
+
+    // Narrowed and widened by the values: the API server's CIDR, Prometheus's namespace.
+    let docs = render_ci("monitoring");
+    let policy = one(&docs, "NetworkPolicy");
+    let webhook = ingress_to(policy, 9443);
+    let from = webhook["from"].as_array().unwrap();
+    assert_eq!(
+        from[0],
+        json!({"ipBlock": {"cidr": "10.0.0.0/28", "except": ["10.0.0.8/30"]}})
+    );
+    // ... and the chart's `helm test` pod, which sends the webhook one review.
+    assert_eq!(from.len(), 2, "{from:?}");
+    assert_eq!(
+        from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "helm-test"
+    );
+    assert!(from[1].get("namespaceSelector").is_none(), "the release namespace only");
+    let admin = ingress_to(policy, 9901);
+    let from = admin["from"].as_array().unwrap();
+    assert_eq!(from.len(), 2);
+    assert_eq!(
+        from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert!(
+        from[1]["podSelector"].is_object(),
+        "namespace and pod selector in one peer"
+    );
+
+    // Off: none.
+    let off = render(&["--set", "networkPolicy.enabled=false"]);
+    assert!(of_kind(&off, "NetworkPolicy").is_empty());
+    // A peer that is not one: the schema refuses it.
+    let err = try_render(&["--set", "networkPolicy.webhookFrom[0].cidr=10.0.0.1/32"]).expect_err("no ipBlock");
+    assert!(err.contains("/networkPolicy/webhookFrom/0"), "{err}");
 }
 
 /// The environment twins of `wsgate inject`'s flags (and RUST_LOG): all the chart may set.

@@ -125,3 +125,10 @@ seccompProfile:
 {{- define "wsgate.excludedNamespaces" -}}
 {{- concat (list "kube-system" .Release.Namespace .Values.certManager.namespace) .Values.webhook.excludeNamespaces | uniq | toJson -}}
 {{- end -}}
+
+{{/* What selects the chart's `helm test` pod (the NetworkPolicy lets it reach the webhook). */}}
+{{- define "wsgate.helmTest.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wsgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+{{- end -}}
