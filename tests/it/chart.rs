@@ -1145,6 +1145,121 @@ fn native_sidecar_on_is_refused_below_kubernetes_1_29() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// helm test
+
+const HELM_TEST: &str = "templates/tests/webhook-test.yaml";
+
+fn is_test_hook(d: &Value) -> bool {
+    d["metadata"]["annotations"]["helm.sh/hook"] == "test"
+}
+
+#[test]
+fn helm_test_pod_sends_the_webhook_a_review_and_expects_200() {
+    let t = tools();
+    let docs = render(&["--show-only", HELM_TEST]);
+    assert!(
+        docs.iter().all(is_test_hook),
+        "every object of {HELM_TEST} is a test hook"
+    );
+    let pod = one(&docs, "Pod");
+    let config = one(&docs, "ConfigMap");
+    assert_eq!(pod["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    // The ConfigMap is created before the Pod.
+    let weight = |d: &Value| {
+        str_of(&d["metadata"]["annotations"]["helm.sh/hook-weight"])
+            .parse::<i32>()
+            .unwrap()
+    };
+    assert!(weight(config) < weight(pod));
+
+    // The review: an AdmissionReview v1 for creating a pod that does not opt in (a dry run).
+    let review: Value = serde_json::from_str(str_of(&config["data"]["review.json"])).unwrap();
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(review["kind"], "AdmissionReview");
+    let request = &review["request"];
+    assert_eq!(request["kind"], json!({"group": "", "version": "v1", "kind": "Pod"}));
+    assert_eq!(request["operation"], "CREATE");
+    assert_eq!(request["dryRun"], true);
+    assert!(request["object"]["metadata"]["annotations"].is_null(), "no opt-in");
+    let uid = str_of(&request["uid"]);
+
+    // Sent through the chart's Service, on the port and path of the opt-in webhook, with the CA
+    // the API server trusts; HTTP 200 and an answer to this review that allows the pod.
+    let all = render(&[]);
+    let service = one(&all, "Service");
+    let https = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "https")
+        .unwrap();
+    let mwc = one(&all, "MutatingWebhookConfiguration");
+    let hook = mwc["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["clientConfig"]["service"]["path"] == "/mutate")
+        .unwrap();
+    assert_eq!(hook["clientConfig"]["service"]["port"], https["port"]);
+    let url = format!(
+        "https://{}.{NAMESPACE}.svc:{}/mutate",
+        str_of(&service["metadata"]["name"]),
+        https["port"]
+    );
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["command"], json!(["/bin/sh", "-c"]));
+    let script = str_of(&c["args"][0]);
+    for needle in [
+        format!("url={url}\n"),
+        "curl ".to_owned(),
+        "-X POST".to_owned(),
+        "--data-binary @/etc/wsgate-test/review.json".to_owned(),
+        "--cacert /etc/wsgate-test/ca.crt".to_owned(),
+        "[ \"$code\" = 200 ]".to_owned(),
+        format!("'\"uid\":\"{uid}\"'"),
+        "'\"allowed\":true'".to_owned(),
+    ] {
+        assert!(script.contains(&needle), "the script lacks {needle:?}:\n{script}");
+    }
+    assert!(
+        !script.contains(" -k") && !script.contains("--insecure"),
+        "TLS is verified"
+    );
+    let sh = t.run(Path::new("sh"), &["-n", "-c", script], "", &[]);
+    assert!(sh.ok, "the script is not valid sh:\n{}", sh.stderr);
+
+    // The CA: ca.crt of the serving certificate's Secret, never its key.
+    let volume = &pod["spec"]["volumes"][0]["projected"]["sources"];
+    let secret = volume
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s.get("secret").is_some())
+        .expect("the CA from the Secret");
+    let cert = named(&all, "Certificate", &format!("{RELEASE}-webhook-tls"));
+    assert_eq!(secret["secret"]["name"], cert["spec"]["secretName"]);
+    assert_eq!(secret["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]));
+    // Without cert-manager: the caBundle of the webhook configuration.
+    let no_cm = render(&["-f", &ci_values("no-cert-manager"), "--show-only", HELM_TEST]);
+    let sources = &one(&no_cm, "Pod")["spec"]["volumes"][0]["projected"]["sources"];
+    assert!(sources.as_array().unwrap().iter().all(|s| s.get("secret").is_none()));
+    let ca = str_of(&one(&no_cm, "ConfigMap")["data"]["ca.crt"]);
+    let no_cm_all = render_ci("no-cert-manager");
+    let bundle = str_of(&one(&no_cm_all, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]);
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(bundle).unwrap();
+    assert_eq!(ca.trim(), String::from_utf8(decoded).unwrap().trim());
+
+    // kubectl users never get the test pod.
+    let installed = t.yaml_docs(&read("manifests/install/10-wsgate.yaml"));
+    assert!(
+        !installed.iter().any(is_test_hook),
+        "manifests/install holds a helm test hook"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
 // values.yaml and values.schema.json
 
 #[test]
