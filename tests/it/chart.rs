@@ -1259,6 +1259,108 @@ fn helm_test_pod_sends_the_webhook_a_review_and_expects_200() {
     );
 }
 
+/// The test pod's script, run here with the local curl against the real `wsgate inject`: its
+/// files come from a folder instead of the pod's volume, and curl (through a .curlrc in HOME)
+/// connects to the injector's loopback port for the Service's name.
+fn run_helm_test_script(script: &str, review: &str, ca_pem: &str, port: u16) -> crate::support::k8s_tools::Ran {
+    let t = tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("review.json"), review).unwrap();
+    std::fs::write(files.join("ca.crt"), ca_pem).unwrap();
+    std::fs::write(
+        tmp.path().join(".curlrc"),
+        format!("connect-to = {RELEASE}.{NAMESPACE}.svc:443:127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let script = script.replace("/etc/wsgate-test", files.to_str().unwrap());
+    t.run(Path::new("sh"), &["-c", &script], "", &[("HOME", tmp.path())])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_test_script_passes_against_the_real_webhook_and_fails_on_a_wrong_answer() {
+    let docs = render(&["--show-only", HELM_TEST]);
+    let script = str_of(&one(&docs, "Pod")["spec"]["containers"][0]["args"][0]).to_owned();
+    let review = str_of(&one(&docs, "ConfigMap")["data"]["review.json"]).to_owned();
+
+    // The injector, serving a certificate for the Service's name from the webhook CA.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+    let leaf = pki
+        .ca
+        .leaf(&LeafSpec::new("webhook").dns(&format!("{RELEASE}.{NAMESPACE}.svc")))
+        .unwrap();
+    write_set(&vol, &leaf, &pki.ca);
+    let cert_dir = vol.path().to_str().unwrap().to_owned();
+    let proc = Proc::spawn(
+        &[
+            "inject",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--cert-dir",
+            &cert_dir,
+            "--sidecar-image",
+            "ghcr.io/wsgate/wsgate:0.1.0",
+            "--certificate-controller",
+            "false",
+            "--native-sidecar",
+            "off",
+        ],
+        &[],
+    );
+    let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
+    let listen: std::net::SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+
+    let ran = tokio::task::spawn_blocking({
+        let (script, review, ca) = (script.clone(), review.clone(), pki.ca.cert_pem.clone());
+        move || run_helm_test_script(&script, &review, &ca, listen.port())
+    })
+    .await
+    .unwrap();
+    assert!(ran.ok, "the helm test script failed:\n{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stdout.contains("OK: the webhook answered the review"),
+        "{}",
+        ran.stdout
+    );
+
+    // It fails when the answer is not HTTP 200 (a path the webhook does not serve) ...
+    let ran = tokio::task::spawn_blocking({
+        let (script, review, ca) = (
+            script.replace(".svc:443/mutate", ".svc:443/nothing"),
+            review.clone(),
+            pki.ca.cert_pem.clone(),
+        );
+        move || run_helm_test_script(&script, &review, &ca, listen.port())
+    })
+    .await
+    .unwrap();
+    assert!(!ran.ok, "a 404 passed:\n{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("FAIL: expected HTTP 200, got 404"),
+        "{}",
+        ran.stdout
+    );
+    // ... and when the answer is for another review.
+    let ran = tokio::task::spawn_blocking({
+        let other = review.replace("-helm-test\"", "-other\"");
+        let (script, ca) = (script.clone(), pki.ca.cert_pem.clone());
+        move || run_helm_test_script(&script, &other, &ca, listen.port())
+    })
+    .await
+    .unwrap();
+    assert!(!ran.ok, "an answer to another review passed:\n{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("FAIL: the answer is not for this review"),
+        "{}",
+        ran.stdout
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // values.yaml and values.schema.json
 
