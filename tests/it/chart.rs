@@ -1548,7 +1548,7 @@ fn render_notes(args: &[&str]) -> String {
 }
 
 #[test]
-fn notes_say_how_to_opt_a_namespace_or_a_pod_in() {
+fn notes_say_how_to_check_the_install_and_opt_a_namespace_or_a_pod_in() {
     let notes = render_notes(&[]);
     for needle in [
         "kubectl label namespace NAMESPACE wsgate.dev/injection=enabled",
@@ -1557,6 +1557,7 @@ fn notes_say_how_to_opt_a_namespace_or_a_pod_in() {
         "wsgate.dev/allow",
         "Never injected: kube-system, wsgate-system, cert-manager, kube-public, kube-node-lease.",
         "issued by ClusterIssuer wsgate-ca.",
+        "helm test wsgate --namespace wsgate-system --logs",
     ] {
         assert!(notes.contains(needle), "NOTES lack {needle:?}:\n{notes}");
     }
