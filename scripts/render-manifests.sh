@@ -34,6 +34,7 @@ YAML
   echo "# Needs cert-manager (its CA for workload certificates goes to the cert-manager namespace)."
   # --kube-version pins the one Capabilities value the chart reads, so the output never depends
   # on the helm version's built-in default.
-  "$HELM" template "$RELEASE" "$ROOT/charts/wsgate" --namespace "$NAMESPACE" --kube-version 1.29.0
+  # --skip-tests: the `helm test` pod is for Helm users; kubectl apply would run it once, unasked.
+  "$HELM" template "$RELEASE" "$ROOT/charts/wsgate" --namespace "$NAMESPACE" --kube-version 1.29.0 --skip-tests
 } > "$OUT/10-wsgate.yaml"
 echo "rendered $(grep -c '^kind:' "$OUT/10-wsgate.yaml") objects into $OUT" >&2

@@ -218,6 +218,7 @@ fn defaults_render_objects_valid_for_kubernetes_1_25_1_29_and_1_34() {
         "MutatingWebhookConfiguration",
         "ClusterRole",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(report.contains(&format!(" {kind}/")), "{kind} missing:\n{report}");
     }
@@ -252,9 +253,9 @@ fn trust_manager_renders_a_valid_bundle() {
 }
 
 #[test]
-fn monitoring_renders_valid_prometheus_operator_objects() {
+fn monitoring_renders_valid_prometheus_operator_objects_and_network_policy() {
     let report = assert_matrix_entry_valid("monitoring");
-    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule"] {
+    for kind in ["ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy"] {
         assert!(
             report
                 .lines()
@@ -460,6 +461,58 @@ fn webhooks_never_see_kube_system_the_release_namespace_or_the_injector() {
 }
 
 #[test]
+fn webhooks_never_see_cert_managers_namespace() {
+    let enabled = [("wsgate.dev/injection", "enabled")];
+    // cert-manager issues the injector's serving certificate: its pods must never wait for the
+    // injector, whatever their namespace's labels say.
+    for (args, cm) in [
+        (&[][..], "cert-manager"),
+        (&["--set", "certManager.namespace=security"][..], "security"),
+        // Already excluded another way: listed once.
+        (&["--set", "certManager.namespace=kube-system"][..], "kube-system"),
+    ] {
+        let docs = render(args);
+        for hook in one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+            .as_array()
+            .unwrap()
+        {
+            let sel = &hook["namespaceSelector"];
+            for extra in [&enabled[..], &[]] {
+                assert!(
+                    !selects(sel, &namespace_labels(cm, extra)),
+                    "{} sees {cm} {extra:?}",
+                    hook["name"]
+                );
+            }
+            let names = sel["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["key"] == "kubernetes.io/metadata.name")
+                .unwrap()["values"]
+                .as_array()
+                .unwrap();
+            let unique: BTreeSet<&str> = names.iter().map(str_of).collect();
+            assert_eq!(unique.len(), names.len(), "duplicates in {names:?}");
+            for always in ["kube-system", NAMESPACE, cm] {
+                assert!(unique.contains(always), "{always} not excluded: {names:?}");
+            }
+        }
+    }
+    // Even without cert-manager objects in the chart: cert-manager may still run there.
+    let docs = render_ci("no-cert-manager");
+    for hook in one(&docs, "MutatingWebhookConfiguration")["webhooks"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(!selects(
+            &hook["namespaceSelector"],
+            &namespace_labels("cert-manager", &enabled)
+        ));
+    }
+}
+
+#[test]
 fn webhook_configuration_follows_the_admission_contract() {
     let docs = render(&[]);
     let mwc = one(&docs, "MutatingWebhookConfiguration");
@@ -603,6 +656,33 @@ fn ca_certificates_are_never_rekeyed() {
         .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == *secret)
         .unwrap();
     assert_eq!(ca["metadata"]["namespace"], "security");
+}
+
+#[test]
+fn workload_ca_survives_helm_uninstall() {
+    let docs = render(&[]);
+    let secret = &one(&docs, "ClusterIssuer")["spec"]["ca"]["secretName"];
+    let kept = |d: &Value| d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep";
+    // The root every sidecar trusts: an uninstall must not delete it (nor, through cert-manager's
+    // owner references, its Secret), or a reinstall starts a CA no running sidecar trusts.
+    let ca = of_kind(&docs, "Certificate")
+        .into_iter()
+        .find(|c| c["spec"]["isCA"] == true && &c["spec"]["secretName"] == secret)
+        .expect("the workload CA Certificate");
+    assert!(kept(ca), "{}", ca["metadata"]);
+    // cert-manager writes the CA Secret; should the chart ever render it, it must be kept too.
+    for s in of_kind(&docs, "Secret") {
+        if &s["metadata"]["name"] == secret {
+            assert!(kept(s), "the CA Secret {}", s["metadata"]);
+        }
+    }
+    // The webhook CA belongs to this release's webhook configuration, which the uninstall
+    // deletes anyway: nothing outside the release trusts it, so it goes with the release.
+    let webhook_ca = named(&docs, "Certificate", &format!("{RELEASE}-webhook-ca"));
+    assert!(!kept(webhook_ca), "{}", webhook_ca["metadata"]);
+    // No workload CA of the chart's, nothing to keep.
+    let own = render_ci("own-issuer");
+    assert!(!own.iter().any(kept), "own issuer: the chart keeps nothing");
 }
 
 #[test]
@@ -757,22 +837,7 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
     assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
     assert!(selects(&deploy["spec"]["selector"], &pod_labels));
 
-    let pdb = one(&docs, "PodDisruptionBudget");
-    assert_eq!(pdb["spec"]["minAvailable"], 1);
-    assert!(
-        selects(&pdb["spec"]["selector"], &pod_labels),
-        "the PDB covers the injector pods"
-    );
-
     let spec = &deploy["spec"]["template"]["spec"];
-    let spread = spec["topologySpreadConstraints"].as_array().unwrap();
-    let nodes = spread
-        .iter()
-        .find(|s| s["topologyKey"] == "kubernetes.io/hostname")
-        .expect("spread across nodes");
-    assert_eq!(nodes["whenUnsatisfiable"], "DoNotSchedule");
-    assert_eq!(nodes["maxSkew"], 1);
-    assert!(selects(&nodes["labelSelector"], &pod_labels));
 
     let c = injector_container(&docs);
     let env = env_of(c);
@@ -795,18 +860,180 @@ fn injector_is_highly_available_and_probed_on_its_admin_port() {
     assert_eq!(c["args"], json!(["inject"]));
     assert_eq!(spec["securityContext"]["runAsUser"], 65532);
     assert_eq!(c["securityContext"]["runAsUser"], 65532);
+}
 
-    let no_pdb = render(&[
+fn spread_of<'a>(docs: &'a [Value], key: &str) -> Option<&'a Value> {
+    named(docs, "Deployment", RELEASE)["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["topologyKey"] == key)
+}
+
+#[test]
+fn topology_spread_honours_taints_and_is_soft_unless_asked_to_be_hard() {
+    const NODES: &str = "kubernetes.io/hostname";
+    const ZONES: &str = "topology.kubernetes.io/zone";
+    let docs = render(&[]);
+    let deploy = named(&docs, "Deployment", RELEASE);
+    let pod_labels = labels(&deploy["spec"]["template"]["metadata"]["labels"]);
+    for key in [NODES, ZONES] {
+        let c = spread_of(&docs, key).unwrap_or_else(|| panic!("no spread over {key}"));
+        assert_eq!(c["maxSkew"], 1, "{key}");
+        // Nodes whose taints the injector does not tolerate are not domains of the spread.
+        assert_eq!(c["nodeTaintsPolicy"], "Honor", "{key}");
+        // Soft by default: a replica still starts when no other node or zone fits.
+        assert_eq!(c["whenUnsatisfiable"], "ScheduleAnyway", "{key}");
+        assert!(selects(&c["labelSelector"], &pod_labels), "{key}");
+    }
+    // Hard spreading only when the values ask for it; taints are honoured then too.
+    let hard = render(&[
         "--set",
-        "injector.podDisruptionBudget.enabled=false,injector.spread.zones=Ignore",
+        "injector.spread.nodes=DoNotSchedule,injector.spread.zones=DoNotSchedule",
     ]);
-    assert!(of_kind(&no_pdb, "PodDisruptionBudget").is_empty());
-    let spread = &named(&no_pdb, "Deployment", RELEASE)["spec"]["template"]["spec"]["topologySpreadConstraints"];
-    assert_eq!(
-        spread.as_array().unwrap().len(),
-        1,
+    for key in [NODES, ZONES] {
+        let c = spread_of(&hard, key).unwrap();
+        assert_eq!(c["whenUnsatisfiable"], "DoNotSchedule", "{key}");
+        assert_eq!(c["nodeTaintsPolicy"], "Honor", "{key}");
+    }
+    let no_zones = render(&["--set", "injector.spread.zones=Ignore"]);
+    assert!(spread_of(&no_zones, NODES).is_some());
+    assert!(
+        spread_of(&no_zones, ZONES).is_none(),
         "no zone constraint with zones=Ignore"
     );
+}
+
+#[test]
+fn injector_disruption_budget_exists_only_when_it_cannot_block_a_drain() {
+    let docs = render(&[]);
+    let deploy = named(&docs, "Deployment", RELEASE);
+    let pod_labels = labels(&deploy["spec"]["template"]["metadata"]["labels"]);
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pdb = one(&docs, "PodDisruptionBudget");
+    // maxUnavailable, never minAvailable: a drain may always take one replica down.
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert!(pdb["spec"].get("minAvailable").is_none(), "{}", pdb["spec"]);
+    assert!(
+        selects(&pdb["spec"]["selector"], &pod_labels),
+        "the PDB covers the injector pods"
+    );
+    // More replicas: still one at a time, or the percentage asked for.
+    let three = render(&["--set", "injector.replicas=3"]);
+    assert_eq!(one(&three, "PodDisruptionBudget")["spec"]["maxUnavailable"], 1);
+    let pct = render(&[
+        "--set",
+        "injector.replicas=4,injector.podDisruptionBudget.maxUnavailable=50%",
+    ]);
+    assert_eq!(one(&pct, "PodDisruptionBudget")["spec"]["maxUnavailable"], "50%");
+    // A single replica: any budget would block every drain (or protect nothing), so none.
+    let single = render(&["--set", "injector.replicas=1"]);
+    assert_eq!(named(&single, "Deployment", RELEASE)["spec"]["replicas"], 1);
+    assert!(of_kind(&single, "PodDisruptionBudget").is_empty());
+    // Switched off, none either.
+    let off = render(&["--set", "injector.podDisruptionBudget.enabled=false"]);
+    assert!(of_kind(&off, "PodDisruptionBudget").is_empty());
+    // A budget of 0 would block drains: the schema refuses it.
+    for set in [
+        "injector.podDisruptionBudget.maxUnavailable=0",
+        "injector.podDisruptionBudget.maxUnavailable=0%",
+    ] {
+        let err = try_render(&["--set", set]).expect_err(set);
+        assert!(
+            err.contains("schema") && err.contains("/injector/podDisruptionBudget/maxUnavailable"),
+            "--set {set}:\n{err}"
+        );
+    }
+}
+
+/// The ingress rule of a NetworkPolicy that opens exactly this TCP port.
+fn ingress_to(policy: &Value, port: u64) -> &Value {
+    let rules: Vec<&Value> = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ports"].as_array().unwrap().iter().any(|p| p["port"] == port))
+        .collect();
+    assert_eq!(rules.len(), 1, "one rule for port {port}: {}", policy["spec"]);
+    assert_eq!(
+        rules[0]["ports"],
+        json!([{"port": port, "protocol": "TCP"}]),
+        "the rule opens port {port} only"
+    );
+    rules[0]
+}
+
+#[test]
+fn network_policy_opens_only_the_webhook_port_to_all_and_metrics_to_the_namespace() {
+    let docs = render(&[]);
+    let policy = one(&docs, "NetworkPolicy");
+    assert_eq!(policy["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(policy["metadata"]["namespace"], NAMESPACE);
+    let deploy = named(&docs, "Deployment", RELEASE);
+    let pod_labels = labels(&deploy["spec"]["template"]["metadata"]["labels"]);
+    assert!(
+        selects(&policy["spec"]["podSelector"], &pod_labels),
+        "it covers the injector"
+    );
+    // Ingress only: the injector calls the API server, and that stays open.
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    // Two rules, two ports: nothing else reaches the injector.
+    assert_eq!(policy["spec"]["ingress"].as_array().unwrap().len(), 2);
+    let c = injector_container(&docs);
+    let port_of = |name: &str| {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    // The webhook from every source (the API server's addresses differ per cluster).
+    let webhook = ingress_to(policy, port_of("webhook"));
+    assert!(webhook.get("from").is_none(), "any source by default: {webhook}");
+    // The admin port (/metrics) from the release namespace only.
+    let admin = ingress_to(policy, port_of("admin"));
+    assert_eq!(
+        admin["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}}])
+    );
+
+    // Narrowed and widened by the values: the API server's CIDR, Prometheus's namespace.
+    let docs = render_ci("monitoring");
+    let policy = one(&docs, "NetworkPolicy");
+    let webhook = ingress_to(policy, 9443);
+    let from = webhook["from"].as_array().unwrap();
+    assert_eq!(
+        from[0],
+        json!({"ipBlock": {"cidr": "10.0.0.0/28", "except": ["10.0.0.8/30"]}})
+    );
+    // ... and the chart's `helm test` pod, which sends the webhook one review.
+    assert_eq!(from.len(), 2, "{from:?}");
+    assert_eq!(
+        from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "helm-test"
+    );
+    assert!(from[1].get("namespaceSelector").is_none(), "the release namespace only");
+    let admin = ingress_to(policy, 9901);
+    let from = admin["from"].as_array().unwrap();
+    assert_eq!(from.len(), 2);
+    assert_eq!(
+        from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert!(
+        from[1]["podSelector"].is_object(),
+        "namespace and pod selector in one peer"
+    );
+
+    // Off: none.
+    let off = render(&["--set", "networkPolicy.enabled=false"]);
+    assert!(of_kind(&off, "NetworkPolicy").is_empty());
+    // A peer that is not one: the schema refuses it.
+    let err = try_render(&["--set", "networkPolicy.webhookFrom[0].cidr=10.0.0.1/32"]).expect_err("no ipBlock");
+    assert!(err.contains("/networkPolicy/webhookFrom/0"), "{err}");
 }
 
 /// The environment twins of `wsgate inject`'s flags (and RUST_LOG): all the chart may set.
@@ -916,6 +1143,223 @@ fn native_sidecar_on_is_refused_below_kubernetes_1_29() {
     render(&["--set", "sidecar.nativeSidecar=auto", "--kube-version", "1.25.0"]);
     let err = try_render(&["--kube-version", "1.24.17"]).unwrap_err();
     assert!(err.contains("kubeVersion"), "{err}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// helm test
+
+const HELM_TEST: &str = "templates/tests/webhook-test.yaml";
+
+fn is_test_hook(d: &Value) -> bool {
+    d["metadata"]["annotations"]["helm.sh/hook"] == "test"
+}
+
+#[test]
+fn helm_test_pod_sends_the_webhook_a_review_and_expects_200() {
+    let t = tools();
+    let docs = render(&["--show-only", HELM_TEST]);
+    assert!(
+        docs.iter().all(is_test_hook),
+        "every object of {HELM_TEST} is a test hook"
+    );
+    let pod = one(&docs, "Pod");
+    let config = one(&docs, "ConfigMap");
+    assert_eq!(pod["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    // The ConfigMap is created before the Pod.
+    let weight = |d: &Value| {
+        str_of(&d["metadata"]["annotations"]["helm.sh/hook-weight"])
+            .parse::<i32>()
+            .unwrap()
+    };
+    assert!(weight(config) < weight(pod));
+
+    // The review: an AdmissionReview v1 for creating a pod that does not opt in (a dry run).
+    let review: Value = serde_json::from_str(str_of(&config["data"]["review.json"])).unwrap();
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(review["kind"], "AdmissionReview");
+    let request = &review["request"];
+    assert_eq!(request["kind"], json!({"group": "", "version": "v1", "kind": "Pod"}));
+    assert_eq!(request["operation"], "CREATE");
+    assert_eq!(request["dryRun"], true);
+    assert!(request["object"]["metadata"]["annotations"].is_null(), "no opt-in");
+    let uid = str_of(&request["uid"]);
+
+    // Sent through the chart's Service, on the port and path of the opt-in webhook, with the CA
+    // the API server trusts; HTTP 200 and an answer to this review that allows the pod.
+    let all = render(&[]);
+    let service = one(&all, "Service");
+    let https = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "https")
+        .unwrap();
+    let mwc = one(&all, "MutatingWebhookConfiguration");
+    let hook = mwc["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["clientConfig"]["service"]["path"] == "/mutate")
+        .unwrap();
+    assert_eq!(hook["clientConfig"]["service"]["port"], https["port"]);
+    let url = format!(
+        "https://{}.{NAMESPACE}.svc:{}/mutate",
+        str_of(&service["metadata"]["name"]),
+        https["port"]
+    );
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["command"], json!(["/bin/sh", "-c"]));
+    let script = str_of(&c["args"][0]);
+    for needle in [
+        format!("url={url}\n"),
+        "curl ".to_owned(),
+        "-X POST".to_owned(),
+        "--data-binary @/etc/wsgate-test/review.json".to_owned(),
+        "--cacert /etc/wsgate-test/ca.crt".to_owned(),
+        "[ \"$code\" = 200 ]".to_owned(),
+        format!("'\"uid\":\"{uid}\"'"),
+        "'\"allowed\":true'".to_owned(),
+    ] {
+        assert!(script.contains(&needle), "the script lacks {needle:?}:\n{script}");
+    }
+    assert!(
+        !script.contains(" -k") && !script.contains("--insecure"),
+        "TLS is verified"
+    );
+    let sh = t.run(Path::new("sh"), &["-n", "-c", script], "", &[]);
+    assert!(sh.ok, "the script is not valid sh:\n{}", sh.stderr);
+
+    // The CA: ca.crt of the serving certificate's Secret, never its key.
+    let volume = &pod["spec"]["volumes"][0]["projected"]["sources"];
+    let secret = volume
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s.get("secret").is_some())
+        .expect("the CA from the Secret");
+    let cert = named(&all, "Certificate", &format!("{RELEASE}-webhook-tls"));
+    assert_eq!(secret["secret"]["name"], cert["spec"]["secretName"]);
+    assert_eq!(secret["secret"]["items"], json!([{"key": "ca.crt", "path": "ca.crt"}]));
+    // Without cert-manager: the caBundle of the webhook configuration.
+    let no_cm = render(&["-f", &ci_values("no-cert-manager"), "--show-only", HELM_TEST]);
+    let sources = &one(&no_cm, "Pod")["spec"]["volumes"][0]["projected"]["sources"];
+    assert!(sources.as_array().unwrap().iter().all(|s| s.get("secret").is_none()));
+    let ca = str_of(&one(&no_cm, "ConfigMap")["data"]["ca.crt"]);
+    let no_cm_all = render_ci("no-cert-manager");
+    let bundle = str_of(&one(&no_cm_all, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]);
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(bundle).unwrap();
+    assert_eq!(ca.trim(), String::from_utf8(decoded).unwrap().trim());
+
+    // kubectl users never get the test pod.
+    let installed = t.yaml_docs(&read("manifests/install/10-wsgate.yaml"));
+    assert!(
+        !installed.iter().any(is_test_hook),
+        "manifests/install holds a helm test hook"
+    );
+}
+
+/// The test pod's script, run here with the local curl against the real `wsgate inject`: its
+/// files come from a folder instead of the pod's volume, and curl (through a .curlrc in HOME)
+/// connects to the injector's loopback port for the Service's name.
+fn run_helm_test_script(script: &str, review: &str, ca_pem: &str, port: u16) -> crate::support::k8s_tools::Ran {
+    let t = tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("review.json"), review).unwrap();
+    std::fs::write(files.join("ca.crt"), ca_pem).unwrap();
+    std::fs::write(
+        tmp.path().join(".curlrc"),
+        format!("connect-to = {RELEASE}.{NAMESPACE}.svc:443:127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let script = script.replace("/etc/wsgate-test", files.to_str().unwrap());
+    t.run(Path::new("sh"), &["-c", &script], "", &[("HOME", tmp.path())])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_test_script_passes_against_the_real_webhook_and_fails_on_a_wrong_answer() {
+    let docs = render(&["--show-only", HELM_TEST]);
+    let script = str_of(&one(&docs, "Pod")["spec"]["containers"][0]["args"][0]).to_owned();
+    let review = str_of(&one(&docs, "ConfigMap")["data"]["review.json"]).to_owned();
+
+    // The injector, serving a certificate for the Service's name from the webhook CA.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+    let leaf = pki
+        .ca
+        .leaf(&LeafSpec::new("webhook").dns(&format!("{RELEASE}.{NAMESPACE}.svc")))
+        .unwrap();
+    write_set(&vol, &leaf, &pki.ca);
+    let cert_dir = vol.path().to_str().unwrap().to_owned();
+    let proc = Proc::spawn(
+        &[
+            "inject",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--cert-dir",
+            &cert_dir,
+            "--sidecar-image",
+            "ghcr.io/wsgate/wsgate:0.1.0",
+            "--certificate-controller",
+            "false",
+            "--native-sidecar",
+            "off",
+        ],
+        &[],
+    );
+    let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
+    let listen: std::net::SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+
+    let ran = tokio::task::spawn_blocking({
+        let (script, review, ca) = (script.clone(), review.clone(), pki.ca.cert_pem.clone());
+        move || run_helm_test_script(&script, &review, &ca, listen.port())
+    })
+    .await
+    .unwrap();
+    assert!(ran.ok, "the helm test script failed:\n{}{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stdout.contains("OK: the webhook answered the review"),
+        "{}",
+        ran.stdout
+    );
+
+    // It fails when the answer is not HTTP 200 (a path the webhook does not serve) ...
+    let ran = tokio::task::spawn_blocking({
+        let (script, review, ca) = (
+            script.replace(".svc:443/mutate", ".svc:443/nothing"),
+            review.clone(),
+            pki.ca.cert_pem.clone(),
+        );
+        move || run_helm_test_script(&script, &review, &ca, listen.port())
+    })
+    .await
+    .unwrap();
+    assert!(!ran.ok, "a 404 passed:\n{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("FAIL: expected HTTP 200, got 404"),
+        "{}",
+        ran.stdout
+    );
+    // ... and when the answer is for another review.
+    let ran = tokio::task::spawn_blocking({
+        let other = review.replace("-helm-test\"", "-other\"");
+        let (script, ca) = (script.clone(), pki.ca.cert_pem.clone());
+        move || run_helm_test_script(&script, &other, &ca, listen.port())
+    })
+    .await
+    .unwrap();
+    assert!(!ran.ok, "an answer to another review passed:\n{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("FAIL: the answer is not for this review"),
+        "{}",
+        ran.stdout
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1105,15 +1549,16 @@ fn render_notes(args: &[&str]) -> String {
 }
 
 #[test]
-fn notes_say_how_to_opt_a_namespace_or_a_pod_in() {
+fn notes_say_how_to_check_the_install_and_opt_a_namespace_or_a_pod_in() {
     let notes = render_notes(&[]);
     for needle in [
         "kubectl label namespace NAMESPACE wsgate.dev/injection=enabled",
         "wsgate.dev/inject: \"true\"",
         "wsgate.dev/upstream-port",
         "wsgate.dev/allow",
-        "Never injected: kube-system, wsgate-system, kube-public, kube-node-lease.",
+        "Never injected: kube-system, wsgate-system, cert-manager, kube-public, kube-node-lease.",
         "issued by ClusterIssuer wsgate-ca.",
+        "helm test wsgate --namespace wsgate-system --logs",
     ] {
         assert!(notes.contains(needle), "NOTES lack {needle:?}:\n{notes}");
     }

@@ -118,3 +118,17 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The namespaces the webhooks never see, as a JSON list: kube-system, the release namespace
+     (the injector's own), cert-manager's (it issues the injector's serving certificate, so it
+     must never wait for the injector) and webhook.excludeNamespaces. */}}
+{{- define "wsgate.excludedNamespaces" -}}
+{{- concat (list "kube-system" .Release.Namespace .Values.certManager.namespace) .Values.webhook.excludeNamespaces | uniq | toJson -}}
+{{- end -}}
+
+{{/* What selects the chart's `helm test` pod (the NetworkPolicy lets it reach the webhook). */}}
+{{- define "wsgate.helmTest.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wsgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+{{- end -}}
