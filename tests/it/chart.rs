@@ -40,8 +40,20 @@ fn ci_values(name: &str) -> String {
     format!("{CHART}/ci/{name}-values.yaml")
 }
 
-/// `helm template` with extra arguments; Err(stderr) when helm refuses.
+/// approver-policy's API: the default values need it (the workload issuer's approval policy), so
+/// every render passes `--api-versions` with it unless it tests the render without it.
+const POLICY_API: &str = "policy.cert-manager.io/v1alpha1";
+
+/// `helm template` with extra arguments (on a cluster serving approver-policy's API); Err(stderr)
+/// when helm refuses.
 fn try_render(args: &[&str]) -> Result<Vec<Value>, String> {
+    let mut all = vec!["--api-versions", POLICY_API];
+    all.extend_from_slice(args);
+    try_render_bare(&all)
+}
+
+/// `helm template` with extra arguments only (no approver-policy API).
+fn try_render_bare(args: &[&str]) -> Result<Vec<Value>, String> {
     let t = tools();
     let mut all = vec!["template", RELEASE, CHART];
     if !args.contains(&"--namespace") {
@@ -171,7 +183,9 @@ fn chart_passes_helm_lint_strict_with_every_ci_values_file() {
         assert!(files.contains(&ci_values(name)), "the matrix needs {}", ci_values(name));
     }
     for f in &files {
-        let ran = t.helm(&["lint", "--strict", CHART, "-f", f]);
+        // helm lint has no --api-versions: without approver-policy's API the default values fail
+        // on purpose (approval_policy_* tests), so lint renders with approval=open.
+        let ran = t.helm(&["lint", "--strict", CHART, "-f", f, "--set", "certManager.approval=open"]);
         assert!(
             ran.ok,
             "helm lint --strict -f {f} failed:\n{}{}",
@@ -191,6 +205,8 @@ fn assert_matrix_entry_valid(name: &str) -> String {
         CHART,
         "--namespace",
         NAMESPACE,
+        "--api-versions",
+        POLICY_API,
         "-f",
         &ci_values(name),
     ]);
@@ -223,7 +239,7 @@ fn defaults_render_objects_valid_for_kubernetes_1_25_1_29_and_1_34() {
         assert!(report.contains(&format!(" {kind}/")), "{kind} missing:\n{report}");
     }
     // cert-manager objects are checked against cert-manager's CRDs, not skipped.
-    for kind in ["Certificate", "Issuer", "ClusterIssuer"] {
+    for kind in ["Certificate", "Issuer", "ClusterIssuer", "CertificateRequestPolicy"] {
         assert!(
             report
                 .lines()
@@ -343,7 +359,7 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
     // server-side apply of the Certificate (a patch that may create; a get first); with
     // nativeSidecar=auto (the default), a list of nodes for their kubelet versions. /version is
     // open to every client and needs no rule.
-    let role = one(&docs, "ClusterRole");
+    let role = named(&docs, "ClusterRole", RELEASE);
     assert_eq!(
         rules_of(role),
         rule_set(&[
@@ -356,7 +372,7 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
     // A fixed native-sidecar mode needs no node list.
     let fixed = render(&["--set", "sidecar.nativeSidecar=off"]);
     assert_eq!(
-        rules_of(one(&fixed, "ClusterRole")),
+        rules_of(named(&fixed, "ClusterRole", RELEASE)),
         rule_set(&[
             ("", "pods", &["list", "watch"]),
             ("", "serviceaccounts", &["get"]),
@@ -364,7 +380,7 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
         ])
     );
     // Bound to the ServiceAccount the injector runs as, and only to it.
-    let binding = one(&docs, "ClusterRoleBinding");
+    let binding = named(&docs, "ClusterRoleBinding", RELEASE);
     assert_eq!(
         binding["roleRef"],
         json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]})
@@ -388,7 +404,12 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
         "--set",
         "sidecar.nativeSidecar=off",
     ]);
-    assert!(of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty());
+    // (The only ClusterRole left is approver-policy's `use` of the issuer's policy, bound to
+    // cert-manager: approval_policy_guards_the_workload_issuer.)
+    for kind in ["ClusterRole", "ClusterRoleBinding"] {
+        let names: Vec<&str> = of_kind(&docs, kind).iter().map(|d| str_of(&d["metadata"]["name"])).collect();
+        assert_eq!(names, ["wsgate-ca-policy-use"], "{kind}");
+    }
     assert_eq!(
         env_of(injector_container(&docs))["WSGATE_CERTIFICATE_CONTROLLER"],
         "false"
@@ -1541,6 +1562,8 @@ fn render_notes(args: &[&str]) -> String {
         NAMESPACE,
         "--show-only",
         "templates/notes-under-test.yaml",
+        "--api-versions",
+        POLICY_API,
     ];
     all.extend_from_slice(args);
     let ran = t.helm(&all);
@@ -1990,4 +2013,144 @@ fn dockerfile_copies_the_binary_cargo_builds_for_the_target_it_names() {
             ".dockerignore keeps {needed} out"
         );
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Approval of the workload issuer's CertificateRequests (approver-policy)
+
+#[test]
+fn approval_policy_guards_the_workload_issuer() {
+    let docs = render(&[]);
+    let policy = one(&docs, "CertificateRequestPolicy");
+    assert_eq!(policy["apiVersion"], POLICY_API);
+    let spec = &policy["spec"];
+    // Bound to the ClusterIssuer the injector names, and only to it.
+    let issuer = one(&docs, "ClusterIssuer");
+    assert_eq!(
+        spec["selector"],
+        json!({"issuerRef": {"name": issuer["metadata"]["name"], "kind": "ClusterIssuer", "group": "cert-manager.io"}})
+    );
+    let env = env_of(injector_container(&docs));
+    assert_eq!(env["WSGATE_ISSUER_NAME"], str_of(&issuer["metadata"]["name"]));
+    let allowed = &spec["allowed"];
+    assert_eq!(allowed["isCA"], false);
+    // Only URI and DNS SANs, usages; no subject, common name, IP or email SANs.
+    let keys: BTreeSet<&str> = allowed.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, BTreeSet::from(["isCA", "uris", "dnsNames", "usages"]));
+    assert_eq!(allowed["uris"]["required"], true);
+    let rules: Vec<&str> = allowed["uris"]["validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(&v["rule"]))
+        .collect();
+    assert!(
+        rules.contains(&"self.startsWith('spiffe://cluster.local/ns/' + cr.namespace + '/sa/')"),
+        "{rules:?}"
+    );
+    assert!(
+        rules.contains(
+            &"self.matches('^spiffe://cluster[.]local/ns/' + cr.namespace + '/sa/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')"
+        ),
+        "{rules:?}"
+    );
+    assert_eq!(allowed["dnsNames"]["values"], json!(["*.svc", "*.svc.cluster.local"]));
+    assert_eq!(
+        allowed["dnsNames"]["validations"][0]["rule"],
+        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?[.]' + cr.namespace + '[.]svc([.]cluster[.]local)?$')"
+    );
+    assert_eq!(
+        allowed["usages"],
+        json!(["server auth", "client auth", "digital signature", "key encipherment"])
+    );
+    assert_eq!(
+        spec["constraints"],
+        json!({"maxDuration": "24h", "privateKey": {"algorithm": "ECDSA", "minSize": 256, "maxSize": 256}})
+    );
+    // approver-policy evaluates it for cert-manager's controller, which creates the requests.
+    let role = named(&docs, "ClusterRole", "wsgate-ca-policy-use");
+    assert_eq!(
+        role["rules"],
+        json!([{
+            "apiGroups": ["policy.cert-manager.io"],
+            "resources": ["certificaterequestpolicies"],
+            "verbs": ["use"],
+            "resourceNames": ["wsgate-ca"],
+        }])
+    );
+    let binding = named(&docs, "ClusterRoleBinding", "wsgate-ca-policy-use");
+    assert_eq!(binding["roleRef"]["name"], "wsgate-ca-policy-use");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "cert-manager", "namespace": "cert-manager"}])
+    );
+
+    // It follows the values.
+    let docs = render(&[
+        "--set",
+        "sidecar.trustDomain=prod.example.com",
+        "--set",
+        "sidecar.clusterDomain=k8s.internal",
+        "--set",
+        "sidecar.certificate.duration=48h",
+        "--set",
+        "certManager.workloadIssuer.name=mesh-ca",
+    ]);
+    let spec = &one(&docs, "CertificateRequestPolicy")["spec"];
+    assert_eq!(spec["selector"]["issuerRef"]["name"], "mesh-ca");
+    assert_eq!(spec["allowed"]["uris"]["values"], json!(["spiffe://prod.example.com/ns/*/sa/*"]));
+    assert_eq!(spec["allowed"]["dnsNames"]["values"], json!(["*.svc", "*.svc.k8s.internal"]));
+    assert_eq!(spec["constraints"]["maxDuration"], "48h");
+}
+
+#[test]
+fn approval_policy_is_valid_against_approver_policys_crd() {
+    // The defaults row of the matrix validates every object; the policy against the copied CRD.
+    let report = assert_matrix_entry_valid("defaults");
+    assert!(
+        report.lines().any(|l| l.starts_with("OK")
+            && l.contains(" CertificateRequestPolicy/")
+            && l.contains("CRD tests/data/crds/approver-policy/")),
+        "the policy was not validated against approver-policy's CRD:\n{report}"
+    );
+}
+
+#[test]
+fn approval_policy_missing_api_fails_the_install_with_how_to_fix_it() {
+    let err = try_render_bare(&[]).unwrap_err();
+    let line = err
+        .lines()
+        .find(|l| l.contains("approver-policy"))
+        .unwrap_or_else(|| panic!("no approver-policy message:\n{err}"));
+    for needle in [
+        "policy.cert-manager.io/v1alpha1 is not served",
+        "helm install cert-manager-approver-policy",
+        "approveSignerNames",
+        "disableAutoApproval",
+        "certManager.approval=open",
+    ] {
+        assert!(line.contains(needle), "{needle:?} missing from: {line}");
+    }
+    // Without the chart's workload issuer there is nothing of the chart's to guard.
+    try_render_bare(&["-f", &ci_values("own-issuer")]).unwrap();
+}
+
+#[test]
+fn approval_open_renders_no_policy_and_notes_warn() {
+    let err = try_render_bare(&["--set", "certManager.approval=open"]);
+    let docs = err.unwrap_or_else(|e| panic!("approval=open without the API failed:\n{e}"));
+    assert!(of_kind(&docs, "CertificateRequestPolicy").is_empty());
+    assert!(
+        !docs
+            .iter()
+            .any(|d| str_of(&d["metadata"]["name"]).ends_with("-policy-use")),
+        "RBAC for a policy that is not there"
+    );
+    assert!(!of_kind(&docs, "ClusterIssuer").is_empty());
+    let notes = render_notes(&["--set", "certManager.approval=open"]);
+    assert!(notes.contains("WARNING: certManager.approval=open"), "{notes}");
+    assert!(notes.contains("ClusterIssuer wsgate-ca has NO approval policy"), "{notes}");
+    assert!(!render_notes(&[]).contains("WARNING"));
+    // Anything else is refused by the schema.
+    assert!(try_render(&["--set", "certManager.approval=auto"]).is_err());
 }
