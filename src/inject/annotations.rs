@@ -24,6 +24,16 @@ pub const TRUST_BUNDLE: &str = "wsgate.dev/trust-bundle";
 pub const DNS_NAMES: &str = "wsgate.dev/dns-names";
 /// Reserved for the outbound direction.
 pub const OUTBOUND: &str = "wsgate.dev/outbound";
+/// The sidecar's CPU request, overriding `--sidecar-cpu-request` for this pod.
+pub const CPU_REQUEST: &str = "wsgate.dev/cpu-request";
+/// The sidecar's memory request, overriding `--sidecar-memory-request` for this pod.
+pub const MEMORY_REQUEST: &str = "wsgate.dev/memory-request";
+/// The sidecar's CPU limit, overriding `--sidecar-cpu-limit` for this pod.
+pub const CPU_LIMIT: &str = "wsgate.dev/cpu-limit";
+/// The sidecar's memory limit, overriding `--sidecar-memory-limit` for this pod.
+pub const MEMORY_LIMIT: &str = "wsgate.dev/memory-limit";
+/// Annotation the injector writes on injected pods: the sidecar's image and version, as JSON.
+pub const STATUS: &str = "wsgate.dev/status";
 /// Namespace label that turns injection on for every pod in it.
 pub const NAMESPACE_LABEL: &str = "wsgate.dev/injection";
 /// Label the injector puts on injected pods (the certificate controller watches it).
@@ -74,8 +84,24 @@ pub struct PodOptions {
     pub dns_names: Vec<String>,
     /// The pod's service account.
     pub service_account: String,
+    /// The sidecar's requests and limits this pod asks for, over the injector's defaults.
+    pub resources: ResourceOverrides,
     /// Warnings for the user (reserved annotations used, …).
     pub warnings: Vec<String>,
+}
+
+/// The sidecar's CPU and memory requests and limits a pod sets by annotation (Kubernetes
+/// quantities, checked); `None` keeps the injector's `--sidecar-*` value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceOverrides {
+    /// `wsgate.dev/cpu-request`.
+    pub cpu_request: Option<String>,
+    /// `wsgate.dev/memory-request`.
+    pub memory_request: Option<String>,
+    /// `wsgate.dev/cpu-limit`.
+    pub cpu_limit: Option<String>,
+    /// `wsgate.dev/memory-limit`.
+    pub memory_limit: Option<String>,
 }
 
 /// Whether the pod asks for injection.
@@ -163,6 +189,29 @@ pub fn dns_name_allowed(name: &str, namespace: &str, cluster_domain: &str) -> bo
     let rest_ok = rest.is_empty()
         || (rest.len() == domain.len() && rest.iter().zip(&domain).all(|(a, b)| a.eq_ignore_ascii_case(b)));
     ns.eq_ignore_ascii_case(namespace) && svc.eq_ignore_ascii_case("svc") && rest_ok
+}
+
+/// Whether `value` has the shape of a Kubernetes quantity (`50m`, `128Mi`, `0.5`): the same
+/// check as the `--sidecar-*` flags' (`cli::quantity`); the API server has the last word.
+pub fn is_quantity(value: &str) -> bool {
+    let (num, suffix) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(value.len()),
+    );
+    const SUFFIXES: [&str; 14] = [
+        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    ];
+    num.parse::<f64>().is_ok() && SUFFIXES.contains(&suffix)
+}
+
+/// A resource annotation's quantity, if the pod sets one.
+fn quantity(a: &BTreeMap<String, String>, annotation: &'static str) -> Result<Option<String>, AnnotationError> {
+    match a.get(annotation) {
+        None => Ok(None),
+        Some(v) if is_quantity(v.trim()) => Ok(Some(v.trim().to_owned())),
+        Some(v) => Err(err(annotation, v, "is not a Kubernetes quantity (e.g. 50m, 128Mi)")),
+    }
 }
 
 fn list(value: &str) -> Vec<String> {
@@ -318,6 +367,12 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         }
         None => Vec::new(),
     };
+    let resources = ResourceOverrides {
+        cpu_request: quantity(a, CPU_REQUEST)?,
+        memory_request: quantity(a, MEMORY_REQUEST)?,
+        cpu_limit: quantity(a, CPU_LIMIT)?,
+        memory_limit: quantity(a, MEMORY_LIMIT)?,
+    };
     let mut warnings = Vec::new();
     if a.contains_key(OUTBOUND) {
         warnings.push(format!(
@@ -332,6 +387,7 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         trust_bundle,
         dns_names,
         service_account,
+        resources,
         warnings,
     })
 }
@@ -412,5 +468,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.dns_names, ["api.a.svc", "api.a.svc.cluster.local"]);
+    }
+
+    #[test]
+    fn resource_annotations_override_and_bad_quantities_deny_naming_the_annotation() {
+        let settings = InjectSettings::example();
+        let o = options(
+            &pod(&[(CPU_REQUEST, " 250m "), (MEMORY_LIMIT, "1Gi"), (CPU_LIMIT, "0.5")]),
+            "a",
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(
+            o.resources,
+            ResourceOverrides {
+                cpu_request: Some("250m".into()),
+                memory_request: None,
+                cpu_limit: Some("0.5".into()),
+                memory_limit: Some("1Gi".into()),
+            }
+        );
+        for key in [CPU_REQUEST, MEMORY_REQUEST, CPU_LIMIT, MEMORY_LIMIT] {
+            for bad in ["", "lots", "1Gb", "-1", "1.2.3m"] {
+                let e = options(&pod(&[(key, bad)]), "a", &settings).unwrap_err();
+                assert_eq!(e.annotation, key);
+                assert!(e.to_string().contains(key) && e.reason.contains("quantity"), "{e}");
+            }
+        }
     }
 }

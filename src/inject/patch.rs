@@ -187,9 +187,17 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
             .collect();
         (!map.is_empty()).then_some(map)
     };
-    let r = &settings.resources;
-    let requests = quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]);
-    let limits = quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]);
+    // A pod's annotation wins over the injector's flag, one value at a time.
+    let (r, o) = (&settings.resources, &opts.resources);
+    let pick = |pod: &Option<String>, flag: &Option<String>| pod.clone().or_else(|| flag.clone());
+    let requests = quantities([
+        ("cpu", &pick(&o.cpu_request, &r.cpu_request)),
+        ("memory", &pick(&o.memory_request, &r.memory_request)),
+    ]);
+    let limits = quantities([
+        ("cpu", &pick(&o.cpu_limit, &r.cpu_limit)),
+        ("memory", &pick(&o.memory_limit, &r.memory_limit)),
+    ]);
     Container {
         name: SIDECAR.into(),
         image: Some(settings.image.clone()),

@@ -430,6 +430,22 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
             "wsgate.dev/dns-names",
             "'api.demo.svc.attacker.example', which is not a Service name of namespace demo",
         ),
+        (
+            &[("wsgate.dev/cpu-request", "lots")],
+            "wsgate.dev/cpu-request",
+            "'lots' is not a Kubernetes quantity",
+        ),
+        (
+            &[("wsgate.dev/memory-request", "1Gb")],
+            "wsgate.dev/memory-request",
+            "'1Gb' is not a Kubernetes quantity",
+        ),
+        (&[("wsgate.dev/cpu-limit", "-1")], "wsgate.dev/cpu-limit", "'-1'"),
+        (
+            &[("wsgate.dev/memory-limit", "")],
+            "wsgate.dev/memory-limit",
+            "is not a Kubernetes quantity",
+        ),
     ];
     for (annotations, name, fragment) in cases {
         let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -453,6 +469,31 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
         msg.contains("wsgate.dev/upstream-port") && msg.contains("0 TCP container ports"),
         "{msg}"
     );
+}
+
+/// `wsgate.dev/{cpu,memory}-{request,limit}` replace the injector's `--sidecar-*` values one by
+/// one; the others stay (through the webhook, so review.rs keeps these annotations).
+#[test]
+fn resource_annotations_override_the_injectors_defaults_one_by_one() {
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[
+            ("wsgate.dev/inject", "true"),
+            ("wsgate.dev/cpu-request", "250m"),
+            ("wsgate.dev/cpu-limit", "1"),
+            ("wsgate.dev/memory-limit", "256Mi"),
+        ],
+    );
+    let out = run(&review, false, false);
+    let c = sidecar_of(&out.pod, false);
+    let res = c.resources.as_ref().unwrap();
+    let requests = res.requests.as_ref().unwrap();
+    let limits = res.limits.as_ref().unwrap();
+    assert_eq!(requests["cpu"].0, "250m");
+    assert_eq!(requests["memory"].0, "32Mi", "the injector's default stays");
+    assert_eq!(limits["cpu"].0, "1", "a limit the injector does not set by default");
+    assert_eq!(limits["memory"].0, "256Mi");
 }
 
 #[test]
