@@ -84,6 +84,8 @@ pub struct PodOptions {
     pub dns_names: Vec<String>,
     /// The pod's service account.
     pub service_account: String,
+    /// The sidecar's `OTEL_SERVICE_NAME`: `<workload>-wsgate` ([`service_name`]).
+    pub service_name: String,
     /// The sidecar's requests and limits this pod asks for, over the injector's defaults.
     pub resources: ResourceOverrides,
     /// Warnings for the user (reserved annotations used, …).
@@ -251,6 +253,59 @@ pub fn default_secret(service_account: &str) -> String {
     format!("wsgate-{service_account}")
 }
 
+/// The label naming the application (the Kubernetes recommended label).
+pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
+/// The label a Deployment's ReplicaSet and pods carry: the suffix of the ReplicaSet's name.
+pub const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+
+/// The name of the workload a pod belongs to: its `app.kubernetes.io/name` label; else its
+/// controller's name (a Deployment's for a ReplicaSet whose name ends in `-<pod-template-hash>`,
+/// the Job's, StatefulSet's, DaemonSet's or other controller's otherwise); else its
+/// generateName without the trailing `-`, or its name. `None` when the pod has none of these.
+pub fn workload_name(pod: &Pod) -> Option<String> {
+    let m = &pod.metadata;
+    let label = |key: &str| {
+        m.labels
+            .as_ref()
+            .and_then(|l| l.get(key))
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(app) = label(APP_NAME_LABEL) {
+        return Some(app.to_owned());
+    }
+    let owners = m.owner_references.iter().flatten();
+    let controller = owners
+        .clone()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.clone().next())
+        .filter(|o| !o.name.is_empty());
+    if let Some(owner) = controller {
+        let hash = label(POD_TEMPLATE_HASH_LABEL);
+        let deployment = hash
+            .filter(|_| owner.kind == "ReplicaSet")
+            .and_then(|h| owner.name.strip_suffix(h))
+            .and_then(|n| n.strip_suffix('-'))
+            .filter(|n| !n.is_empty());
+        return Some(deployment.unwrap_or(&owner.name).to_owned());
+    }
+    m.generate_name
+        .as_deref()
+        .map(|g| g.trim_end_matches('-'))
+        .filter(|g| !g.is_empty())
+        .or(m.name.as_deref().filter(|n| !n.is_empty()))
+        .map(str::to_owned)
+}
+
+/// The sidecar's `OTEL_SERVICE_NAME`: `<workload>-wsgate`, or `wsgate` when the pod names no
+/// workload ([`workload_name`]). A `$` is doubled, so the kubelet does not expand it.
+pub fn service_name(pod: &Pod) -> String {
+    match workload_name(pod) {
+        Some(w) => format!("{}-wsgate", w.replace('$', "$$")),
+        None => "wsgate".to_owned(),
+    }
+}
+
 /// The sidecar's mTLS port as the pod asks for it (the default when the annotation is absent
 /// or not a port), for messages about a pod that is not injected.
 pub fn requested_port(pod: &Pod) -> u16 {
@@ -387,6 +442,7 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         trust_bundle,
         dns_names,
         service_account,
+        service_name: service_name(pod),
         resources,
         warnings,
     })
@@ -468,6 +524,66 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.dns_names, ["api.a.svc", "api.a.svc.cluster.local"]);
+    }
+
+    fn owned(labels: &[(&str, &str)], owner: Option<(&str, &str)>, generate_name: Option<&str>) -> Pod {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut p = pod(&[]);
+        p.metadata.name = Some("web-0".into());
+        p.metadata.generate_name = generate_name.map(str::to_owned);
+        p.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        p.metadata.owner_references = owner.map(|(kind, name)| {
+            vec![
+                OwnerReference {
+                    kind: "Other".into(),
+                    name: "not-the-controller".into(),
+                    ..OwnerReference::default()
+                },
+                OwnerReference {
+                    kind: kind.into(),
+                    name: name.into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                },
+            ]
+        });
+        p
+    }
+
+    #[test]
+    fn the_service_name_says_which_workload_and_that_it_is_wsgate() {
+        let hash = [(POD_TEMPLATE_HASH_LABEL, "5d4f8b")];
+        for (pod, expected) in [
+            (
+                owned(
+                    &[(APP_NAME_LABEL, "shop"), hash[0]],
+                    Some(("ReplicaSet", "checkout-5d4f8b")),
+                    None,
+                ),
+                "shop-wsgate",
+            ),
+            (
+                owned(&hash, Some(("ReplicaSet", "checkout-5d4f8b")), None),
+                "checkout-wsgate",
+            ),
+            (
+                owned(&[], Some(("ReplicaSet", "checkout-5d4f8b")), None),
+                "checkout-5d4f8b-wsgate",
+            ),
+            (owned(&hash, Some(("ReplicaSet", "5d4f8b")), None), "5d4f8b-wsgate"),
+            (owned(&[], Some(("Job", "migrate")), Some("migrate-")), "migrate-wsgate"),
+            (owned(&[], Some(("StatefulSet", "db")), None), "db-wsgate"),
+            (owned(&[], Some(("DaemonSet", "agent")), Some("agent-")), "agent-wsgate"),
+            (owned(&[(APP_NAME_LABEL, " ")], None, Some("batch-")), "batch-wsgate"),
+            (owned(&[], None, None), "web-0-wsgate"),
+            (pod(&[]), "wsgate"),
+        ] {
+            assert_eq!(service_name(&pod), expected, "{:?}", pod.metadata);
+        }
+        assert_eq!(
+            service_name(&owned(&[(APP_NAME_LABEL, "a$(POD_NAME)")], None, None)),
+            "a$$(POD_NAME)-wsgate"
+        );
     }
 
     #[test]
