@@ -24,6 +24,16 @@ pub const TRUST_BUNDLE: &str = "wsgate.dev/trust-bundle";
 pub const DNS_NAMES: &str = "wsgate.dev/dns-names";
 /// Reserved for the outbound direction.
 pub const OUTBOUND: &str = "wsgate.dev/outbound";
+/// The sidecar's CPU request, overriding `--sidecar-cpu-request` for this pod.
+pub const CPU_REQUEST: &str = "wsgate.dev/cpu-request";
+/// The sidecar's memory request, overriding `--sidecar-memory-request` for this pod.
+pub const MEMORY_REQUEST: &str = "wsgate.dev/memory-request";
+/// The sidecar's CPU limit, overriding `--sidecar-cpu-limit` for this pod.
+pub const CPU_LIMIT: &str = "wsgate.dev/cpu-limit";
+/// The sidecar's memory limit, overriding `--sidecar-memory-limit` for this pod.
+pub const MEMORY_LIMIT: &str = "wsgate.dev/memory-limit";
+/// Annotation the injector writes on injected pods: the sidecar's image and version, as JSON.
+pub const STATUS: &str = "wsgate.dev/status";
 /// Namespace label that turns injection on for every pod in it.
 pub const NAMESPACE_LABEL: &str = "wsgate.dev/injection";
 /// Label the injector puts on injected pods (the certificate controller watches it).
@@ -74,8 +84,26 @@ pub struct PodOptions {
     pub dns_names: Vec<String>,
     /// The pod's service account.
     pub service_account: String,
+    /// The sidecar's `OTEL_SERVICE_NAME`: `<workload>-wsgate` ([`service_name`]).
+    pub service_name: String,
+    /// The sidecar's requests and limits this pod asks for, over the injector's defaults.
+    pub resources: ResourceOverrides,
     /// Warnings for the user (reserved annotations used, …).
     pub warnings: Vec<String>,
+}
+
+/// The sidecar's CPU and memory requests and limits a pod sets by annotation (Kubernetes
+/// quantities, checked); `None` keeps the injector's `--sidecar-*` value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceOverrides {
+    /// `wsgate.dev/cpu-request`.
+    pub cpu_request: Option<String>,
+    /// `wsgate.dev/memory-request`.
+    pub memory_request: Option<String>,
+    /// `wsgate.dev/cpu-limit`.
+    pub cpu_limit: Option<String>,
+    /// `wsgate.dev/memory-limit`.
+    pub memory_limit: Option<String>,
 }
 
 /// Whether the pod asks for injection.
@@ -165,6 +193,29 @@ pub fn dns_name_allowed(name: &str, namespace: &str, cluster_domain: &str) -> bo
     ns.eq_ignore_ascii_case(namespace) && svc.eq_ignore_ascii_case("svc") && rest_ok
 }
 
+/// Whether `value` has the shape of a Kubernetes quantity (`50m`, `128Mi`, `0.5`): the same
+/// check as the `--sidecar-*` flags' (`cli::quantity`); the API server has the last word.
+pub fn is_quantity(value: &str) -> bool {
+    let (num, suffix) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(value.len()),
+    );
+    const SUFFIXES: [&str; 14] = [
+        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    ];
+    num.parse::<f64>().is_ok() && SUFFIXES.contains(&suffix)
+}
+
+/// A resource annotation's quantity, if the pod sets one.
+fn quantity(a: &BTreeMap<String, String>, annotation: &'static str) -> Result<Option<String>, AnnotationError> {
+    match a.get(annotation) {
+        None => Ok(None),
+        Some(v) if is_quantity(v.trim()) => Ok(Some(v.trim().to_owned())),
+        Some(v) => Err(err(annotation, v, "is not a Kubernetes quantity (e.g. 50m, 128Mi)")),
+    }
+}
+
 fn list(value: &str) -> Vec<String> {
     value
         .split(',')
@@ -200,6 +251,59 @@ pub fn service_account(pod: &Pod) -> String {
 /// The Secret a pod mounts when `wsgate.dev/secret` does not name one.
 pub fn default_secret(service_account: &str) -> String {
     format!("wsgate-{service_account}")
+}
+
+/// The label naming the application (the Kubernetes recommended label).
+pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
+/// The label a Deployment's ReplicaSet and pods carry: the suffix of the ReplicaSet's name.
+pub const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+
+/// The name of the workload a pod belongs to: its `app.kubernetes.io/name` label; else its
+/// controller's name (a Deployment's for a ReplicaSet whose name ends in `-<pod-template-hash>`,
+/// the Job's, StatefulSet's, DaemonSet's or other controller's otherwise); else its
+/// generateName without the trailing `-`, or its name. `None` when the pod has none of these.
+pub fn workload_name(pod: &Pod) -> Option<String> {
+    let m = &pod.metadata;
+    let label = |key: &str| {
+        m.labels
+            .as_ref()
+            .and_then(|l| l.get(key))
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(app) = label(APP_NAME_LABEL) {
+        return Some(app.to_owned());
+    }
+    let owners = m.owner_references.iter().flatten();
+    let controller = owners
+        .clone()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.clone().next())
+        .filter(|o| !o.name.is_empty());
+    if let Some(owner) = controller {
+        let hash = label(POD_TEMPLATE_HASH_LABEL);
+        let deployment = hash
+            .filter(|_| owner.kind == "ReplicaSet")
+            .and_then(|h| owner.name.strip_suffix(h))
+            .and_then(|n| n.strip_suffix('-'))
+            .filter(|n| !n.is_empty());
+        return Some(deployment.unwrap_or(&owner.name).to_owned());
+    }
+    m.generate_name
+        .as_deref()
+        .map(|g| g.trim_end_matches('-'))
+        .filter(|g| !g.is_empty())
+        .or(m.name.as_deref().filter(|n| !n.is_empty()))
+        .map(str::to_owned)
+}
+
+/// The sidecar's `OTEL_SERVICE_NAME`: `<workload>-wsgate`, or `wsgate` when the pod names no
+/// workload ([`workload_name`]). A `$` is doubled, so the kubelet does not expand it.
+pub fn service_name(pod: &Pod) -> String {
+    match workload_name(pod) {
+        Some(w) => format!("{}-wsgate", w.replace('$', "$$")),
+        None => "wsgate".to_owned(),
+    }
 }
 
 /// The sidecar's mTLS port as the pod asks for it (the default when the annotation is absent
@@ -318,6 +422,12 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         }
         None => Vec::new(),
     };
+    let resources = ResourceOverrides {
+        cpu_request: quantity(a, CPU_REQUEST)?,
+        memory_request: quantity(a, MEMORY_REQUEST)?,
+        cpu_limit: quantity(a, CPU_LIMIT)?,
+        memory_limit: quantity(a, MEMORY_LIMIT)?,
+    };
     let mut warnings = Vec::new();
     if a.contains_key(OUTBOUND) {
         warnings.push(format!(
@@ -332,6 +442,8 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         trust_bundle,
         dns_names,
         service_account,
+        service_name: service_name(pod),
+        resources,
         warnings,
     })
 }
@@ -412,5 +524,92 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.dns_names, ["api.a.svc", "api.a.svc.cluster.local"]);
+    }
+
+    fn owned(labels: &[(&str, &str)], owner: Option<(&str, &str)>, generate_name: Option<&str>) -> Pod {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut p = pod(&[]);
+        p.metadata.name = Some("web-0".into());
+        p.metadata.generate_name = generate_name.map(str::to_owned);
+        p.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        p.metadata.owner_references = owner.map(|(kind, name)| {
+            vec![
+                OwnerReference {
+                    kind: "Other".into(),
+                    name: "not-the-controller".into(),
+                    ..OwnerReference::default()
+                },
+                OwnerReference {
+                    kind: kind.into(),
+                    name: name.into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                },
+            ]
+        });
+        p
+    }
+
+    #[test]
+    fn the_service_name_says_which_workload_and_that_it_is_wsgate() {
+        let hash = [(POD_TEMPLATE_HASH_LABEL, "5d4f8b")];
+        for (pod, expected) in [
+            (
+                owned(
+                    &[(APP_NAME_LABEL, "shop"), hash[0]],
+                    Some(("ReplicaSet", "checkout-5d4f8b")),
+                    None,
+                ),
+                "shop-wsgate",
+            ),
+            (
+                owned(&hash, Some(("ReplicaSet", "checkout-5d4f8b")), None),
+                "checkout-wsgate",
+            ),
+            (
+                owned(&[], Some(("ReplicaSet", "checkout-5d4f8b")), None),
+                "checkout-5d4f8b-wsgate",
+            ),
+            (owned(&hash, Some(("ReplicaSet", "5d4f8b")), None), "5d4f8b-wsgate"),
+            (owned(&[], Some(("Job", "migrate")), Some("migrate-")), "migrate-wsgate"),
+            (owned(&[], Some(("StatefulSet", "db")), None), "db-wsgate"),
+            (owned(&[], Some(("DaemonSet", "agent")), Some("agent-")), "agent-wsgate"),
+            (owned(&[(APP_NAME_LABEL, " ")], None, Some("batch-")), "batch-wsgate"),
+            (owned(&[], None, None), "web-0-wsgate"),
+            (pod(&[]), "wsgate"),
+        ] {
+            assert_eq!(service_name(&pod), expected, "{:?}", pod.metadata);
+        }
+        assert_eq!(
+            service_name(&owned(&[(APP_NAME_LABEL, "a$(POD_NAME)")], None, None)),
+            "a$$(POD_NAME)-wsgate"
+        );
+    }
+
+    #[test]
+    fn resource_annotations_override_and_bad_quantities_deny_naming_the_annotation() {
+        let settings = InjectSettings::example();
+        let o = options(
+            &pod(&[(CPU_REQUEST, " 250m "), (MEMORY_LIMIT, "1Gi"), (CPU_LIMIT, "0.5")]),
+            "a",
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(
+            o.resources,
+            ResourceOverrides {
+                cpu_request: Some("250m".into()),
+                memory_request: None,
+                cpu_limit: Some("0.5".into()),
+                memory_limit: Some("1Gi".into()),
+            }
+        );
+        for key in [CPU_REQUEST, MEMORY_REQUEST, CPU_LIMIT, MEMORY_LIMIT] {
+            for bad in ["", "lots", "1Gb", "-1", "1.2.3m"] {
+                let e = options(&pod(&[(key, bad)]), "a", &settings).unwrap_err();
+                assert_eq!(e.annotation, key);
+                assert!(e.to_string().contains(key) && e.reason.contains("quantity"), "{e}");
+            }
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The injection itself, as a pure function: a Pod (and the injector's settings) in, a JSON
 //! patch out — or a reason to leave the pod alone, or to deny it.
 //!
-//! The patch only adds: the `wsgate.dev/injected` label, the certificate volumes (mounted as
+//! The patch only adds: the `wsgate.dev/injected` label, the `wsgate.dev/status` annotation
+//! (the sidecar's image and the injector's version), the certificate volumes (mounted as
 //! directories, never with `subPath`, so rotations reach the sidecar), and the sidecar — first
 //! among the init containers with `restartPolicy: Always` on clusters with native sidecars, last
 //! among the containers on older ones. A pod that already has the sidecar is left as it is, so
@@ -20,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
-use super::annotations::{self, ADMIN_PORT, AnnotationError, INJECTED_LABEL, PodOptions, Wanted};
+use super::annotations::{self, ADMIN_PORT, AnnotationError, INJECTED_LABEL, PodOptions, STATUS, Wanted};
 use super::settings::InjectSettings;
 
 /// The sidecar container's name.
@@ -35,6 +36,37 @@ pub const TLS_MOUNT: &str = "/var/run/wsgate/tls";
 pub const TRUST_MOUNT: &str = "/var/run/wsgate/trust";
 /// The non-root user and group the sidecar runs as (distroless "nonroot").
 pub const SIDECAR_UID: i64 = 65532;
+
+/// The annotation kubectl uses to pick the container of `exec` and `logs`.
+const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
+/// The value of `wsgate.dev/status` on an injected pod: which sidecar it got.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// The sidecar's image.
+    pub image: String,
+    /// The injector's version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// Whether the sidecar is a native sidecar (an init container).
+    pub native: bool,
+}
+
+impl Status {
+    /// The status of a sidecar this injector writes.
+    pub fn new(settings: &InjectSettings, native: bool) -> Self {
+        Self {
+            image: settings.image.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            native,
+        }
+    }
+
+    /// As the annotation's value (compact JSON).
+    pub fn to_annotation(&self) -> String {
+        // A struct of strings and a bool always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
 
 /// Why a pod that asked for the sidecar is denied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,8 +100,8 @@ pub enum Mutation {
     Inject {
         /// The JSON patch.
         patch: Patch,
-        /// What the annotations asked for.
-        options: PodOptions,
+        /// What the annotations asked for (boxed: the other variants are small).
+        options: Box<PodOptions>,
     },
     /// Deny it: an annotation is wrong, or the sidecar's ports are taken.
     Deny(Refusal),
@@ -160,7 +192,7 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
             "OTEL_RESOURCE_ATTRIBUTES",
             "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)",
         ),
-        env("OTEL_SERVICE_NAME", "wsgate"),
+        env("OTEL_SERVICE_NAME", &opts.service_name),
     ];
     if let Some((endpoint, protocol)) = &settings.otlp {
         env.push(self::env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
@@ -187,9 +219,17 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
             .collect();
         (!map.is_empty()).then_some(map)
     };
-    let r = &settings.resources;
-    let requests = quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]);
-    let limits = quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]);
+    // A pod's annotation wins over the injector's flag, one value at a time.
+    let (r, o) = (&settings.resources, &opts.resources);
+    let pick = |pod: &Option<String>, flag: &Option<String>| pod.clone().or_else(|| flag.clone());
+    let requests = quantities([
+        ("cpu", &pick(&o.cpu_request, &r.cpu_request)),
+        ("memory", &pick(&o.memory_request, &r.memory_request)),
+    ]);
+    let limits = quantities([
+        ("cpu", &pick(&o.cpu_limit, &r.cpu_limit)),
+        ("memory", &pick(&o.memory_limit, &r.memory_limit)),
+    ]);
     Container {
         name: SIDECAR.into(),
         image: Some(settings.image.clone()),
@@ -374,6 +414,7 @@ pub fn mutate(
         Some(_) => ops.extend(new_volumes.iter().map(|v| add(&["spec", "volumes", "-"], to_value(v)))),
     }
     let container = to_value(&sidecar(&options, settings, native));
+    let mut new_annotations = vec![(STATUS, Value::from(Status::new(settings, native).to_annotation()))];
     if native {
         // First init container: it starts (and passes its startup probe) before any other.
         match &spec.init_containers {
@@ -386,18 +427,26 @@ pub fn mutate(
             .metadata
             .annotations
             .as_ref()
-            .is_some_and(|a| a.contains_key("kubectl.kubernetes.io/default-container"));
+            .is_some_and(|a| a.contains_key(DEFAULT_CONTAINER));
         if !has_default && let Some(app) = spec.containers.first() {
             // kubectl exec/logs keep going to the app, not to the sidecar appended after it.
-            let key = "kubectl.kubernetes.io/default-container";
-            match &pod.metadata.annotations {
-                None => ops.push(add(&["metadata", "annotations"], serde_json::json!({ key: app.name }))),
-                Some(_) => ops.push(add(&["metadata", "annotations", key], Value::from(app.name.clone()))),
-            }
+            new_annotations.push((DEFAULT_CONTAINER, Value::from(app.name.clone())));
         }
+    }
+    match &pod.metadata.annotations {
+        None => {
+            let map: serde_json::Map<String, Value> =
+                new_annotations.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            ops.push(add(&["metadata", "annotations"], Value::Object(map)));
+        }
+        Some(_) => ops.extend(
+            new_annotations
+                .into_iter()
+                .map(|(k, v)| add(&["metadata", "annotations", k], v)),
+        ),
     }
     Mutation::Inject {
         patch: Patch(ops),
-        options,
+        options: Box::new(options),
     }
 }

@@ -13,7 +13,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::core::GroupVersionKind;
 use kube::core::admission::Operation;
 use serde::Deserialize;
@@ -30,7 +30,7 @@ pub const MAX_PORTS: usize = 1024;
 /// Most ports all the containers of a pod may declare together: the per-container cap alone
 /// would let one body of 3 MiB carry 150,000 ports, about 40 MiB once turned into a pod.
 pub const MAX_PORTS_IN_POD: usize = 4096;
-/// Most `wsgate.dev/*` annotations a pod may carry (wsgate reads 8 of them).
+/// Most `wsgate.dev/*` annotations a pod may carry (wsgate reads 12 of them).
 pub const MAX_WSGATE_ANNOTATIONS: usize = 64;
 /// Longest value of an annotation wsgate reads (`wsgate.dev/*`, and
 /// `kubectl.kubernetes.io/default-container`): allow lists and DNS names of a few hundred
@@ -44,6 +44,12 @@ pub const MAX_NAME: usize = 253;
 
 /// The annotation kubectl uses to pick the container of `exec` and `logs`.
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+/// Most owner references wsgate reads (a pod has one controller, rarely any other owner);
+/// past the cap none is read and the workload is named after the pod.
+pub const MAX_OWNERS: usize = 16;
+/// The labels wsgate reads (to name the workload in `OTEL_SERVICE_NAME`); the others are
+/// skipped unread.
+pub const LABELS_READ: [&str; 2] = ["app.kubernetes.io/name", "pod-template-hash"];
 /// The prefix of the annotations wsgate reads.
 const WSGATE_PREFIX: &str = "wsgate.dev/";
 
@@ -226,11 +232,89 @@ struct MetaView {
     generate_name: Option<String>,
     #[serde(default)]
     namespace: Option<String>,
-    /// Only whether there are labels matters (the patch adds one to the map or creates it).
+    /// Whether there are labels (the patch adds one to the map or creates it), and the
+    /// [`LABELS_READ`].
     #[serde(default)]
-    labels: Option<IgnoredAny>,
+    labels: Option<Labels>,
     #[serde(default)]
     annotations: Option<Annotations>,
+    /// The pod's owners (its controller names the workload).
+    #[serde(default)]
+    owner_references: Option<Bounded<OwnerView, MAX_OWNERS>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OwnerView {
+    #[serde(default)]
+    kind: Option<BoundedStr<MAX_NAME>>,
+    #[serde(default)]
+    name: Option<BoundedStr<MAX_NAME>>,
+    #[serde(default)]
+    controller: Option<bool>,
+}
+
+/// The [`LABELS_READ`] of a pod, values of at most [`MAX_NAME`] bytes (a longer one is
+/// dropped: Kubernetes allows 63). Present even when empty.
+#[derive(Debug, Default)]
+struct Labels {
+    kept: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Filter;
+
+        impl<'de> Visitor<'de> for Filter {
+            type Value = Labels;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a map of labels")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Labels::default();
+                while let Some(key) = map.next_key_seed(LabelKeySeed)? {
+                    match key {
+                        Some(key) => {
+                            if let BoundedStr(Ok(value)) = map.next_value::<BoundedStr<MAX_NAME>>()? {
+                                out.kept.insert(key.to_owned(), value);
+                            }
+                        }
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+
+        deserializer.deserialize_map(Filter)
+    }
+}
+
+/// A label key, kept only when it is one of [`LABELS_READ`].
+struct LabelKeySeed;
+
+impl<'de> DeserializeSeed<'de> for LabelKeySeed {
+    type Value = Option<&'static str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for LabelKeySeed {
+    type Value = Option<&'static str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a label name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(LABELS_READ.into_iter().find(|k| *k == key))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -442,7 +526,8 @@ impl PodView {
     }
 
     /// The pod as k8s-openapi's type, with only the fields the mutation reads: name,
-    /// generateName, namespace, whether there are labels, the annotations wsgate reads, the
+    /// generateName, namespace, the labels wsgate reads (or an empty map: whether there are
+    /// labels matters), the owners' kind, name and `controller`, the annotations wsgate reads, the
     /// containers' and init containers' names and ports, whether there are volumes, the
     /// service account, `hostNetwork` and `restartPolicy`. A pod past a cap ([`PodView::over_limit`]) gets its metadata only.
     pub fn to_pod(&self) -> Pod {
@@ -451,8 +536,24 @@ impl PodView {
             name: m.name.clone(),
             generate_name: m.generate_name.clone(),
             namespace: m.namespace.clone(),
-            labels: m.labels.map(|_| BTreeMap::new()),
+            labels: m.labels.as_ref().map(|l| l.kept.clone()),
             annotations: m.annotations.as_ref().map(|a| a.kept.clone()),
+            owner_references: m.owner_references.as_ref().map(|owners| {
+                let text = |s: &Option<BoundedStr<MAX_NAME>>| match s {
+                    Some(BoundedStr(Ok(s))) => s.clone(),
+                    _ => String::new(),
+                };
+                owners
+                    .items()
+                    .iter()
+                    .map(|o| OwnerReference {
+                        kind: text(&o.kind),
+                        name: text(&o.name),
+                        controller: o.controller,
+                        ..OwnerReference::default()
+                    })
+                    .collect()
+            }),
             ..ObjectMeta::default()
         };
         let within = self.over_limit().is_none();
@@ -647,6 +748,32 @@ mod tests {
             .collect();
         let p = view(&format!(r#"{{"metadata":{{"annotations":{{{}}}}}}}"#, many.join(",")));
         assert!(matches!(p.over_limit(), Some(OverLimit::Annotations { .. })));
+    }
+
+    #[test]
+    fn the_workload_labels_and_owners_are_kept_and_nothing_else() {
+        let p = view(
+            r#"{"metadata":{"labels":{"app":"x","app.kubernetes.io/name":"checkout","pod-template-hash":"5d4f8b"},
+               "ownerReferences":[{"apiVersion":"apps/v1","kind":"ReplicaSet","name":"checkout-5d4f8b","uid":"u","controller":true,"blockOwnerDeletion":true}]}}"#,
+        );
+        let pod = p.to_pod();
+        let labels = pod.metadata.labels.unwrap();
+        assert_eq!(labels.keys().collect::<Vec<_>>(), LABELS_READ);
+        assert_eq!(labels["app.kubernetes.io/name"], "checkout");
+        let owners = pod.metadata.owner_references.unwrap();
+        assert_eq!(
+            (owners[0].kind.as_str(), owners[0].name.as_str(), owners[0].controller),
+            ("ReplicaSet", "checkout-5d4f8b", Some(true))
+        );
+        let many = vec![r#"{"kind":"Job","name":"j"}"#; MAX_OWNERS + 1].join(",");
+        let p = view(&format!(r#"{{"metadata":{{"ownerReferences":[{many}]}}}}"#));
+        assert_eq!(p.to_pod().metadata.owner_references, Some(Vec::new()));
+        assert_eq!(p.over_limit(), None, "too many owners only loses the workload's name");
+        let long = "a".repeat(MAX_NAME + 1);
+        let p = view(&format!(
+            r#"{{"metadata":{{"labels":{{"app.kubernetes.io/name":"{long}"}}}}}}"#
+        ));
+        assert_eq!(p.to_pod().metadata.labels, Some(BTreeMap::new()));
     }
 
     #[test]

@@ -292,3 +292,198 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
     hook.stop();
     hook.wait().await;
 }
+
+/// What the API server makes of the pods the injector must leave alone or refuse, and of the
+/// annotations the injector adds: a `hostNetwork` pod is admitted unchanged (with a warning), a
+/// pod declaring the admin port 9901 or asking for a DNS name of another namespace is refused
+/// with a message naming it, and a pod of a 70-character service account is injected (with its
+/// `wsgate.dev/status`, its `OTEL_SERVICE_NAME` and a resource annotation) and gets a
+/// Certificate whose labels the API server accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a kube-apiserver: scripts/kube-apiserver.sh (run by scripts/test.sh)"]
+async fn pods_that_do_not_fit_are_refused_or_left_alone_and_long_names_get_valid_labels() {
+    let client = client().await;
+    crate::support::init_logs();
+    let id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+
+    // The Certificate CRD, shared with the other e2e test, which creates it at once when it is
+    // missing and fails if it appears in between: on a fresh API server, give that test (run in
+    // parallel) 5 s to create it, and create it here only when it is still missing.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd_json: Value =
+        serde_json::from_str(include_str!("../data/e2e/certificates.cert-manager.io.crd.json")).unwrap();
+    let t0 = std::time::Instant::now();
+    while crds.get_opt("certificates.cert-manager.io").await.unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(5) {
+            let obj: CustomResourceDefinition = serde_json::from_value(crd_json).unwrap();
+            if let Err(e) = crds.create(&PostParams::default(), &obj).await {
+                assert!(e.to_string().contains("already exists"), "{e}");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_certs: Api<DynamicObject> =
+        Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
+    let t0 = std::time::Instant::now();
+    while all_certs.list(&Default::default()).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the Certificate CRD never became served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The injector on 127.0.0.1 with a serving certificate from our own CA.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+    let serving = pki.server();
+    write_set(&vol, &serving, &pki.ca);
+    let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Auto);
+    let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
+    wait_serial_of(&hook.store, &serving.serial).await;
+    let native = hook.native.load(std::sync::atomic::Ordering::Relaxed);
+
+    // One namespace, its pods opted in by annotation through `/mutate`.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = format!("wsgate-e2e-fit-{id}");
+    create(
+        &namespaces,
+        json!({"metadata": {"name": ns, "labels": {"wsgate-e2e-fit": id}}}),
+    )
+    .await;
+    let long_sa = format!("sa-{}", "x".repeat(67));
+    assert_eq!(long_sa.len(), 70);
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    for sa in ["default", long_sa.as_str()] {
+        create(&sas, json!({"metadata": {"name": sa}})).await;
+    }
+    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pki.ca.cert_pem.as_bytes());
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config_name = format!("wsgate-e2e-fit-{id}");
+    create(
+        &configs,
+        json!({
+            "metadata": {"name": config_name},
+            "webhooks": [{
+                "name": "pod.inject.wsgate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "failurePolicy": "Fail", "reinvocationPolicy": "IfNeeded", "timeoutSeconds": 10,
+                "clientConfig": {"url": format!("https://{}/mutate", hook.listen_addr), "caBundle": ca_bundle},
+                "namespaceSelector": {"matchLabels": {"wsgate-e2e-fit": id}},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]
+            }]
+        }),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let inject = || json!({"wsgate.dev/inject": "true"});
+
+    // hostNetwork: admitted as it was sent, no sidecar, no label, no status.
+    let mut host = pod("host-network", "default", inject());
+    host["spec"]["hostNetwork"] = json!(true);
+    let host = create(&pods, host).await;
+    assert!(sidecar(&host).is_none(), "a hostNetwork pod got the sidecar");
+    let labels = host.metadata.labels.clone().unwrap_or_default();
+    assert!(!labels.contains_key("wsgate.dev/injected"), "{labels:?}");
+    let annotations = host.metadata.annotations.clone().unwrap_or_default();
+    assert!(!annotations.contains_key("wsgate.dev/status"), "{annotations:?}");
+
+    // A container declaring the sidecar's admin port: refused, naming the port and container.
+    let mut admin = pod("admin-port", "default", inject());
+    admin["spec"]["containers"][0]["ports"] = json!([{"containerPort": 8080}, {"containerPort": 9901}]);
+    admin["metadata"]["annotations"]["wsgate.dev/upstream-port"] = json!("8080");
+    let admin: Pod = serde_json::from_value(admin).unwrap();
+    let err = pods
+        .create(&PostParams::default(), &admin)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("9901") && err.contains("container app"), "{err}");
+
+    // A DNS name of another namespace: refused, naming the annotation and the name.
+    let foreign: Pod = serde_json::from_value(pod(
+        "foreign-dns",
+        "default",
+        json!({"wsgate.dev/inject": "true", "wsgate.dev/dns-names": "api.kube-system.svc"}),
+    ))
+    .unwrap();
+    let err = pods
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("wsgate.dev/dns-names") && err.contains("api.kube-system.svc"),
+        "{err}"
+    );
+    for refused in ["admin-port", "foreign-dns"] {
+        assert!(pods.get_opt(refused).await.unwrap().is_none(), "{refused} was stored");
+    }
+
+    // A 70-character service account: injected, and its Certificate's labels are valid (the
+    // API server stored it).
+    let long = create(
+        &pods,
+        pod(
+            "long-sa",
+            &long_sa,
+            json!({"wsgate.dev/inject": "true", "wsgate.dev/cpu-request": "250m"}),
+        ),
+    )
+    .await;
+    let c = sidecar(&long).expect("the long service account's pod has the sidecar");
+    let status: Value =
+        serde_json::from_str(&long.metadata.annotations.as_ref().unwrap()["wsgate.dev/status"]).unwrap();
+    assert_eq!(
+        status,
+        json!({"image": "ghcr.io/wsgate/wsgate:0.1.0", "version": env!("CARGO_PKG_VERSION"), "native": native})
+    );
+    let service = c.env.iter().flatten().find(|e| e.name == "OTEL_SERVICE_NAME").unwrap();
+    assert_eq!(service.value.as_deref(), Some("long-sa-wsgate"));
+    let requests = c.resources.as_ref().unwrap().requests.clone().unwrap();
+    assert_eq!(requests["cpu"].0, "250m");
+    let certs: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &wsgate::inject::certificates::certificate_resource(),
+    );
+    let secret = format!("wsgate-{long_sa}");
+    let t0 = std::time::Instant::now();
+    let cert = loop {
+        if let Some(cert) = certs.get_opt(&secret).await.unwrap() {
+            break cert;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no Certificate {secret} for the 70-character service account"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let labels = cert.metadata.labels.clone().unwrap();
+    let sa_label = &labels["wsgate.dev/service-account"];
+    assert_eq!(*sa_label, wsgate::inject::certificates::label_value(&long_sa));
+    assert!(sa_label.len() <= 63 && sa_label.starts_with("sa-xxx"), "{sa_label}");
+    assert_eq!(
+        cert.data["spec"]["uris"],
+        json!([format!("spiffe://cluster.local/ns/{ns}/sa/{long_sa}")])
+    );
+    // The label selects it, as the controller's own lookups do.
+    let selected = certs
+        .list(&kube::api::ListParams::default().labels(&format!("wsgate.dev/service-account={sa_label}")))
+        .await
+        .unwrap();
+    assert_eq!(selected.items.len(), 1);
+
+    configs.delete(&config_name, &DeleteParams::default()).await.unwrap();
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    hook.stop();
+    hook.wait().await;
+}

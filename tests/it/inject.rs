@@ -82,7 +82,13 @@ fn run_with(review: &Value, namespace_enabled: bool, native: bool, settings: Inj
 /// Compares the patch with the committed golden file (`WSGATE_UPDATE_GOLDEN=1` rewrites it).
 fn golden(name: &str, patch: &Patch) {
     let path = PathBuf::from(DATA).join("golden").join(format!("{name}.patch.json"));
-    let actual = serde_json::to_string_pretty(patch).unwrap() + "\n";
+    // The version in `wsgate.dev/status` is written as a placeholder: a release does not
+    // change the goldens.
+    let version = env!("CARGO_PKG_VERSION");
+    let actual = (serde_json::to_string_pretty(patch).unwrap() + "\n").replace(
+        &format!(r#"\"version\":\"{version}\""#),
+        r#"\"version\":\"$CARGO_PKG_VERSION\""#,
+    );
     if std::env::var_os("WSGATE_UPDATE_GOLDEN").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &actual).unwrap();
@@ -102,6 +108,11 @@ fn sidecar_of(pod: &Pod, native: bool) -> Container {
     let c = found.expect("a sidecar");
     assert_eq!(c.name, SIDECAR);
     c
+}
+
+fn service_name_of(c: &Container) -> String {
+    let env = c.env.iter().flatten().find(|e| e.name == "OTEL_SERVICE_NAME").unwrap();
+    env.value.clone().unwrap()
 }
 
 fn args(c: &Container) -> Vec<String> {
@@ -125,6 +136,12 @@ fn assert_hardened(c: &Container) {
 fn assert_common_sidecar(pod: &Pod, c: &Container, secret: &str) {
     assert_hardened(c);
     assert_eq!(pod.metadata.labels.as_ref().unwrap()["wsgate.dev/injected"], "true");
+    // `wsgate.dev/status` says which sidecar the pod got.
+    let status: Value = serde_json::from_str(&pod.metadata.annotations.as_ref().unwrap()["wsgate.dev/status"]).unwrap();
+    assert_eq!(
+        status,
+        json!({"image": c.image, "version": env!("CARGO_PKG_VERSION"), "native": c.restart_policy.is_some()})
+    );
     // The certificate Secret is mounted as a directory, never with subPath.
     let mounts = c.volume_mounts.as_ref().unwrap();
     let tls = mounts.iter().find(|m| m.mount_path == TLS_MOUNT).unwrap();
@@ -210,6 +227,11 @@ fn an_annotated_pod_on_an_old_cluster_gets_an_ordinary_sidecar_container() {
     );
     assert_common_sidecar(pod, &c, "wsgate-default");
     assert_eq!(
+        service_name_of(&c),
+        "web-wsgate",
+        "from the pod's name (no label, no owner)"
+    );
+    assert_eq!(
         pod.metadata.annotations.as_ref().unwrap()["kubectl.kubernetes.io/default-container"],
         "web"
     );
@@ -248,6 +270,7 @@ fn a_pod_in_an_enabled_namespace_on_a_new_cluster_gets_a_native_sidecar_first() 
     assert_eq!(c.restart_policy.as_deref(), Some("Always"));
     assert_eq!(arg_after(&c, "--allow"), vec!["spiffe://cluster.local/ns/shop/sa/*"]);
     assert_common_sidecar(pod, &c, "wsgate-checkout");
+    assert_eq!(service_name_of(&c), "checkout-wsgate", "the Deployment's name");
     assert_eq!(pod.spec.as_ref().unwrap().containers.len(), 1);
     golden("replicaset-native-sidecar", out.patch.as_ref().unwrap());
 }
@@ -430,6 +453,22 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
             "wsgate.dev/dns-names",
             "'api.demo.svc.attacker.example', which is not a Service name of namespace demo",
         ),
+        (
+            &[("wsgate.dev/cpu-request", "lots")],
+            "wsgate.dev/cpu-request",
+            "'lots' is not a Kubernetes quantity",
+        ),
+        (
+            &[("wsgate.dev/memory-request", "1Gb")],
+            "wsgate.dev/memory-request",
+            "'1Gb' is not a Kubernetes quantity",
+        ),
+        (&[("wsgate.dev/cpu-limit", "-1")], "wsgate.dev/cpu-limit", "'-1'"),
+        (
+            &[("wsgate.dev/memory-limit", "")],
+            "wsgate.dev/memory-limit",
+            "is not a Kubernetes quantity",
+        ),
     ];
     for (annotations, name, fragment) in cases {
         let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -453,6 +492,31 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
         msg.contains("wsgate.dev/upstream-port") && msg.contains("0 TCP container ports"),
         "{msg}"
     );
+}
+
+/// `wsgate.dev/{cpu,memory}-{request,limit}` replace the injector's `--sidecar-*` values one by
+/// one; the others stay (through the webhook, so review.rs keeps these annotations).
+#[test]
+fn resource_annotations_override_the_injectors_defaults_one_by_one() {
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[
+            ("wsgate.dev/inject", "true"),
+            ("wsgate.dev/cpu-request", "250m"),
+            ("wsgate.dev/cpu-limit", "1"),
+            ("wsgate.dev/memory-limit", "256Mi"),
+        ],
+    );
+    let out = run(&review, false, false);
+    let c = sidecar_of(&out.pod, false);
+    let res = c.resources.as_ref().unwrap();
+    let requests = res.requests.as_ref().unwrap();
+    let limits = res.limits.as_ref().unwrap();
+    assert_eq!(requests["cpu"].0, "250m");
+    assert_eq!(requests["memory"].0, "32Mi", "the injector's default stays");
+    assert_eq!(limits["cpu"].0, "1", "a limit the injector does not set by default");
+    assert_eq!(limits["memory"].0, "256Mi");
 }
 
 #[test]
@@ -773,6 +837,7 @@ mod sidecar_command_line {
                 "otlp_endpoint": settings.otlp.as_ref().map(|(endpoint, _)| endpoint),
                 "pod_name": pod_name,
                 "namespace": namespace,
+                "service_name": options.service_name,
             },
         })
     }
@@ -921,6 +986,11 @@ mod sidecar_command_line {
         assert_eq!(
             resource("k8s.namespace.name"),
             expect["namespace"].as_str().map(str::to_owned),
+            "{label}"
+        );
+        assert_eq!(
+            resource("service.name"),
+            expect["service_name"].as_str().map(str::to_owned),
             "{label}"
         );
         println!("{PASSED} {label}");
