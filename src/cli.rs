@@ -280,11 +280,7 @@ fn quantity(flag: &'static str, value: &str) -> Result<Option<String>, CliError>
     if v.is_empty() {
         return Ok(None);
     }
-    let (num, suffix) = v.split_at(v.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(v.len()));
-    const SUFFIXES: [&str; 14] = [
-        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
-    ];
-    if num.parse::<f64>().is_err() || !SUFFIXES.contains(&suffix) {
+    if !crate::inject::annotations::is_quantity(v) {
         return Err(CliError::invalid(
             flag,
             format!("'{v}' is not a Kubernetes quantity (e.g. 50m, 128Mi)"),

@@ -53,6 +53,20 @@ where
     api.create(&PostParams::default(), &obj).await.unwrap()
 }
 
+/// Creates cert-manager's Certificate CRD unless it exists; the e2e tests run in parallel, so
+/// another test creating it first is fine.
+async fn ensure_certificate_crd(crds: &Api<CustomResourceDefinition>) {
+    if crds.get_opt("certificates.cert-manager.io").await.unwrap().is_some() {
+        return;
+    }
+    let crd_json: Value =
+        serde_json::from_str(include_str!("../data/e2e/certificates.cert-manager.io.crd.json")).unwrap();
+    let obj: CustomResourceDefinition = serde_json::from_value(crd_json).unwrap();
+    if let Err(e) = crds.create(&PostParams::default(), &obj).await {
+        assert!(e.to_string().contains("already exists"), "creating the Certificate CRD: {e}");
+    }
+}
+
 fn pod(name: &str, sa: &str, annotations: Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -89,11 +103,7 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
     // cert-manager's Certificate CRD (no cert-manager controller runs: the test only checks
     // the objects the injector's controller writes).
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd_json: Value =
-        serde_json::from_str(include_str!("../data/e2e/certificates.cert-manager.io.crd.json")).unwrap();
-    if crds.get_opt("certificates.cert-manager.io").await.unwrap().is_none() {
-        create(&crds, crd_json).await;
-    }
+    ensure_certificate_crd(&crds).await;
     let all_certs: Api<DynamicObject> =
         Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
     let t0 = std::time::Instant::now();
@@ -312,23 +322,9 @@ async fn pods_that_do_not_fit_are_refused_or_left_alone_and_long_names_get_valid
             .as_nanos()
     );
 
-    // The Certificate CRD, shared with the other e2e test, which creates it at once when it is
-    // missing and fails if it appears in between: on a fresh API server, give that test (run in
-    // parallel) 5 s to create it, and create it here only when it is still missing.
+    // The Certificate CRD, shared with the other e2e tests (they may run at the same time).
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd_json: Value =
-        serde_json::from_str(include_str!("../data/e2e/certificates.cert-manager.io.crd.json")).unwrap();
-    let t0 = std::time::Instant::now();
-    while crds.get_opt("certificates.cert-manager.io").await.unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(5) {
-            let obj: CustomResourceDefinition = serde_json::from_value(crd_json).unwrap();
-            if let Err(e) = crds.create(&PostParams::default(), &obj).await {
-                assert!(e.to_string().contains("already exists"), "{e}");
-            }
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ensure_certificate_crd(&crds).await;
     let all_certs: Api<DynamicObject> =
         Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
     let t0 = std::time::Instant::now();
