@@ -1771,4 +1771,26 @@ mod controller {
         drop(ctx);
         assert!(handle.next_request().await.is_none());
     }
+
+    #[tokio::test]
+    async fn an_event_that_cannot_be_written_does_not_fail_the_reconcile() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, _) = context(std::slice::from_ref(&pod));
+        let api = tokio::spawn(async move {
+            let gone = status(
+                404,
+                "serviceaccounts \"checkout\" not found",
+                Some(json!({"name": "checkout", "kind": "serviceaccounts"})),
+            );
+            expect(&mut handle, "GET", SA_PATH, 404, &gone).await;
+            let forbidden = status(403, "events.events.k8s.io is forbidden", None);
+            expect(&mut handle, "POST", EVENTS_PATH, 403, &forbidden).await;
+            handle
+        });
+        let action = reconcile(Arc::new(pod), ctx.clone()).await;
+        assert!(action.is_ok(), "{action:?}");
+        let mut handle = api.await.unwrap();
+        drop(ctx);
+        assert!(handle.next_request().await.is_none());
+    }
 }
