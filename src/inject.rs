@@ -3,11 +3,12 @@
 //!
 //! `settings` and `annotations` are pure; `patch` is the pure injection; `review` reads a
 //! review within bounds (pure); `webhook` serves it over HTTPS; `certificates` is the
-//! controller. Shares the proxy's building blocks, not the proxy: depends on `net`,
-//! `lifecycle`, `admin`, `certs`, `tls`, `telemetry` and `authz`.
+//! controller and `events` writes its Events on pods. Shares the proxy's building blocks, not
+//! the proxy: depends on `net`, `lifecycle`, `admin`, `certs`, `tls`, `telemetry` and `authz`.
 
 pub mod annotations;
 pub mod certificates;
+pub mod events;
 pub mod metrics;
 pub mod patch;
 pub mod review;

@@ -7,13 +7,19 @@
 //! compares it with what the API server has, and applies it with server-side apply only when
 //! something differs. The Certificate is owned by the ServiceAccount, so it goes away with it.
 //! A cluster without cert-manager is tolerated: a clear log line, retries every five minutes.
+//!
+//! It only requests Certificates for Secrets it may own: a Secret that does not exist yet, or one
+//! cert-manager issued for this same Certificate (annotation `cert-manager.io/certificate-name`).
+//! It reads only that Secret's metadata, never its data. A Secret made by someone else, one
+//! claimed by another service account, or a Certificate of that name not managed by wsgate is a
+//! refusal: a Warning Event on the pod ([`super::events`]) and a reconcile metric.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::Store;
@@ -22,6 +28,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET, default_secret, dns_name_allowed, service_account};
+use super::events::{PodEvents, Reason};
 use super::metrics::{InjectMetrics, ReconcileLabels};
 use super::settings::InjectSettings;
 
@@ -254,6 +261,8 @@ pub struct Context {
     pub settings: InjectSettings,
     /// Metrics.
     pub metrics: Arc<InjectMetrics>,
+    /// Events on pods for refusals and failures.
+    pub events: PodEvents,
     /// Certificates known to be up to date: what they were checked against, and when.
     checked: Mutex<HashMap<(String, String), (Desired, Instant)>>,
     /// When the missing-cert-manager warning was last logged.
@@ -264,6 +273,7 @@ impl Context {
     /// A context over `client` and the pods in `pods`.
     pub fn new(client: kube::Client, pods: Store<Pod>, settings: InjectSettings, metrics: Arc<InjectMetrics>) -> Self {
         Self {
+            events: PodEvents::new(client.clone()),
             client,
             pods,
             settings,
@@ -291,6 +301,26 @@ fn crd_missing(e: &kube::Error) -> bool {
 
 /// The label that marks Certificates this controller owns; others are never touched.
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The annotation cert-manager writes on every Secret it issues: the Certificate's name.
+pub const CERTIFICATE_NAME: &str = "cert-manager.io/certificate-name";
+
+/// Whether a Secret with `annotations` may be written by the Certificate `certificate`: only when
+/// cert-manager issued it for that Certificate.
+pub fn secret_owned_by(annotations: Option<&std::collections::BTreeMap<String, String>>, certificate: &str) -> bool {
+    annotations
+        .and_then(|a| a.get(CERTIFICATE_NAME))
+        .is_some_and(|name| name == certificate)
+}
+
+/// The service account a wsgate Certificate (as the API server returned it) was made for: the
+/// name of its ServiceAccount owner.
+fn certificate_service_account(current: &Value) -> Option<&str> {
+    current["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == "ServiceAccount")
+        .and_then(|r| r["name"].as_str())
+}
 
 /// Ensures the Certificate for `pod`'s Secret exists and is up to date.
 pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -300,13 +330,19 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
         Ok(None) => return Ok(Action::await_change()),
         Err(Conflict::SharedSecret { service_accounts }) => {
             ctx.count("conflict");
+            let secret = secret_of(&pod);
             tracing::warn!(
                 target: "wsgate::certificates",
                 namespace = ?pod.metadata.namespace,
-                secret = %secret_of(&pod),
+                %secret,
                 ?service_accounts,
                 "pods of several service accounts mount one Secret; no Certificate requested (give each its own wsgate.dev/secret)"
             );
+            let note = format!(
+                "Secret {secret} is mounted by pods of several service accounts ({}): no Certificate requested; give each its own wsgate.dev/secret",
+                service_accounts.join(", ")
+            );
+            ctx.events.warn_logged(&pod, Reason::SecretClaimed, note).await;
             return Ok(Action::requeue(RECHECK));
         }
     };
@@ -317,6 +353,13 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
             refused = ?desired.refused_dns_names,
             "DNS names outside the namespace's own Services are left out of the Certificate"
         );
+        let note = format!(
+            "DNS names left out of Certificate {} (only NAME.{}.svc names of the namespace's Services): {}",
+            desired.secret,
+            desired.namespace,
+            desired.refused_dns_names.join(", ")
+        );
+        ctx.events.warn_logged(&pod, Reason::DnsNamesRefused, note).await;
     }
     let key = (desired.namespace.clone(), desired.secret.clone());
     // Known to be up to date: no API call at all (pod status churn triggers reconciles).
@@ -335,6 +378,11 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
             service_account = %desired.service_account,
             "service account not found; no Certificate requested"
         );
+        let note = format!(
+            "ServiceAccount {} not found: no Certificate requested for Secret {}",
+            desired.service_account, desired.secret
+        );
+        ctx.events.warn_logged(&pod, Reason::ServiceAccountNotFound, note).await;
         return Ok(Action::requeue(Duration::from_secs(60)));
     };
     let uid = sa.metadata.uid.unwrap_or_default();
@@ -342,7 +390,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
     let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &desired.namespace, &certificate_resource());
     let existing = match api.get_opt(&desired.secret).await {
         Ok(existing) => existing,
-        Err(e) if crd_missing(&e) => return Ok(no_cert_manager(&ctx)),
+        Err(e) if crd_missing(&e) => return Ok(no_cert_manager(&pod, &ctx).await),
         Err(e) => return Err(e.into()),
     };
     let current = existing.as_ref().and_then(|o| serde_json::to_value(o).ok());
@@ -356,7 +404,56 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
             certificate = %desired.secret,
             "a Certificate of that name exists and is not managed by wsgate; it is left alone"
         );
+        let note = format!(
+            "Certificate {} exists and is not managed by wsgate (label {MANAGED_BY}={FIELD_MANAGER}): left alone",
+            desired.secret
+        );
+        ctx.events.warn_logged(&pod, Reason::CertificateNotManaged, note).await;
         return Ok(Action::requeue(RECHECK));
+    }
+    if let Some(current) = &current
+        && let Some(other) = certificate_service_account(current)
+        && other != desired.service_account
+    {
+        // Our Certificate, made for another service account whose pods are gone: rewriting it
+        // would hand that identity's Secret to this one.
+        ctx.count("conflict");
+        tracing::warn!(
+            target: "wsgate::certificates",
+            namespace = %desired.namespace,
+            certificate = %desired.secret,
+            claimed_by = other,
+            service_account = %desired.service_account,
+            "the Secret is claimed by another service account's Certificate; left alone"
+        );
+        let note = format!(
+            "Secret {} is claimed by the Certificate of service account {other}: no Certificate requested for {}",
+            desired.secret, desired.service_account
+        );
+        ctx.events.warn_logged(&pod, Reason::SecretClaimed, note).await;
+        return Ok(Action::requeue(RECHECK));
+    }
+    if current.is_none() {
+        // A new Certificate would make cert-manager write its Secret: only when the Secret does
+        // not exist yet or was issued for this Certificate. Metadata only, never the data.
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &desired.namespace);
+        if let Some(secret) = secrets.get_metadata_opt(&desired.secret).await?
+            && !secret_owned_by(secret.metadata.annotations.as_ref(), &desired.secret)
+        {
+            ctx.count("secret_not_owned");
+            tracing::warn!(
+                target: "wsgate::certificates",
+                namespace = %desired.namespace,
+                secret = %desired.secret,
+                "the Secret exists and was not issued for wsgate's Certificate; no Certificate requested"
+            );
+            let note = format!(
+                "Secret {} exists and was not issued by cert-manager for Certificate {} (annotation {CERTIFICATE_NAME}): no Certificate requested; use another wsgate.dev/secret or delete the Secret",
+                desired.secret, desired.secret
+            );
+            ctx.events.warn_logged(&pod, Reason::SecretNotOwned, note).await;
+            return Ok(Action::requeue(RECHECK));
+        }
     }
     if current.as_ref().is_some_and(|c| up_to_date(c, &wanted)) {
         ctx.count("unchanged");
@@ -364,7 +461,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
         let params = PatchParams::apply(FIELD_MANAGER).force();
         match api.patch(&desired.secret, &params, &Patch::Apply(&wanted)).await {
             Ok(_) => {}
-            Err(e) if crd_missing(&e) => return Ok(no_cert_manager(&ctx)),
+            Err(e) if crd_missing(&e) => return Ok(no_cert_manager(&pod, &ctx).await),
             Err(e) => return Err(e.into()),
         }
         ctx.count("applied");
@@ -384,7 +481,7 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
     Ok(Action::requeue(RECHECK))
 }
 
-fn no_cert_manager(ctx: &Context) -> Action {
+async fn no_cert_manager(pod: &Pod, ctx: &Context) -> Action {
     ctx.count("no_cert_manager");
     let due = ctx
         .warned
@@ -403,12 +500,17 @@ fn no_cert_manager(ctx: &Context) -> Action {
             "cert-manager is not installed (no certificates.cert-manager.io resource): workload Certificates cannot be requested; retrying every 5 minutes"
         );
     }
+    let note = "cert-manager is not installed (no certificates.cert-manager.io resource): no Certificate requested; retrying every 5 minutes".to_owned();
+    ctx.events.warn_logged(pod, Reason::CertManagerMissing, note).await;
     Action::requeue(NO_CERT_MANAGER_RETRY)
 }
 
-fn error_policy(_pod: Arc<Pod>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+fn error_policy(pod: Arc<Pod>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     ctx.count("error");
     tracing::warn!(target: "wsgate::certificates", error = %error, "reconcile failed; retrying in 30 s");
+    // The policy is synchronous; the Event is written on the side.
+    let note = format!("requesting the Certificate failed, retrying in 30 s: {error}");
+    tokio::spawn(async move { ctx.events.warn_logged(&pod, Reason::ReconcileFailed, note).await });
     Action::requeue(Duration::from_secs(30))
 }
 

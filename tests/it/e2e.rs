@@ -12,12 +12,14 @@
 //! The test runs the injector in this process on 127.0.0.1, registers it by URL with our own
 //! CA as `caBundle`, creates annotated and plain pods in two fresh namespaces, and checks what
 //! the API server stored (the injected sidecar, after the ServiceAccount plugin's reinvocation)
-//! and the Certificates the controller applied.
+//! and the Certificates the controller applied, its refusal of a Secret it does not own (a
+//! hand-made `kubernetes.io/tls` Secret), and the Warning Event that refusal writes on the pod.
 
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use serde_json::{Value, json};
@@ -292,6 +294,105 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
     assert!(
         certs_on.get_opt("wsgate-checkout").await.unwrap().is_none(),
         "no pod of checkout in the enabled namespace"
+    );
+
+    // Only Secrets the controller may own. A kubernetes.io/tls Secret made by hand: no
+    // Certificate targets it, and the pod gets a Warning Event that names the reason.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &plain);
+    let dummy = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        b"not issued by cert-manager",
+    );
+    create(
+        &secrets,
+        json!({"metadata": {"name": "hand-made-tls"}, "type": "kubernetes.io/tls",
+               "data": {"tls.crt": dummy, "tls.key": dummy}}),
+    )
+    .await;
+    // One issued by cert-manager for the Certificate of that name (left behind, say): taken back.
+    create(
+        &secrets,
+        json!({"metadata": {"name": "issued-tls", "annotations": {"cert-manager.io/certificate-name": "issued-tls"}},
+               "type": "kubernetes.io/tls", "data": {"tls.crt": dummy, "tls.key": dummy}}),
+    )
+    .await;
+    create(
+        &off,
+        pod(
+            "hand-made",
+            "default",
+            json!({"wsgate.dev/inject": "true", "wsgate.dev/secret": "hand-made-tls"}),
+        ),
+    )
+    .await;
+    create(
+        &off,
+        pod(
+            "issued",
+            "default",
+            json!({"wsgate.dev/inject": "true", "wsgate.dev/secret": "issued-tls"}),
+        ),
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &plain);
+    let t0 = std::time::Instant::now();
+    let refusal = loop {
+        let found = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("hand-made")
+                    && e.reason.as_deref() == Some("SecretNotOwned")
+            });
+        if let Some(e) = found {
+            break e;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no SecretNotOwned Event on the pod"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(refusal.type_.as_deref(), Some("Warning"));
+    assert_eq!(refusal.reporting_controller.as_deref(), Some("wsgate-injector"));
+    assert_eq!(refusal.regarding.as_ref().and_then(|r| r.kind.as_deref()), Some("Pod"));
+    assert!(
+        refusal.note.as_deref().is_some_and(|n| n.contains("hand-made-tls")),
+        "{:?}",
+        refusal.note
+    );
+    let t0 = std::time::Instant::now();
+    while certs_off.get_opt("issued-tls").await.unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no Certificate for the Secret cert-manager issued for it"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let targets: Vec<String> = certs_off
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|c| c.data["spec"]["secretName"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !targets.iter().any(|t| t == "hand-made-tls"),
+        "a Certificate targets the hand-made Secret: {targets:?}"
+    );
+    assert!(targets.iter().any(|t| t == "issued-tls"), "{targets:?}");
+    let untouched_secret = secrets.get("hand-made-tls").await.unwrap();
+    assert_eq!(untouched_secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert!(
+        untouched_secret
+            .metadata
+            .annotations
+            .as_ref()
+            .is_none_or(|a| !a.contains_key("cert-manager.io/certificate-name"))
     );
 
     // Clean up what would otherwise affect later runs on the same API server.

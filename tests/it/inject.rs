@@ -1234,7 +1234,10 @@ mod admin_metrics {
         assert_eq!(status, 400);
         // A certificate reconcile against an API without cert-manager, counted in these metrics.
         {
-            use super::controller::{CERT_PATH, SA_PATH, expect, injected_pod, service_account, status};
+            use super::controller::{
+                CERT_PATH, SA_PATH, SECRET_PATH, expect, expect_event, injected_pod, secret_not_found, service_account,
+                status,
+            };
             use kube::runtime::{reflector, watcher};
             let (svc, mut handle) =
                 tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
@@ -1251,7 +1254,9 @@ mod admin_metrics {
             let api = tokio::spawn(async move {
                 expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
                 expect(&mut handle, "GET", CERT_PATH, 404, &no_crd).await;
+                expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
                 expect(&mut handle, "PATCH", CERT_PATH, 404, &no_crd).await;
+                expect_event(&mut handle).await;
             });
             wsgate::inject::certificates::reconcile(std::sync::Arc::new(pod), ctx)
                 .await
@@ -1427,6 +1432,30 @@ mod controller {
 
     pub(super) const SA_PATH: &str = "/api/v1/namespaces/shop/serviceaccounts/checkout";
     pub(super) const CERT_PATH: &str = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-checkout";
+    pub(super) const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/wsgate-checkout";
+    pub(super) const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+
+    fn cert_not_found() -> Value {
+        status(
+            404,
+            "certificates.cert-manager.io \"wsgate-checkout\" not found",
+            Some(json!({"name": "wsgate-checkout", "group": "cert-manager.io", "kind": "certificates"})),
+        )
+    }
+
+    pub(super) fn secret_not_found() -> Value {
+        status(
+            404,
+            "secrets \"wsgate-checkout\" not found",
+            Some(json!({"name": "wsgate-checkout", "kind": "secrets"})),
+        )
+    }
+
+    /// Serves an Event's creation; returns the Event.
+    pub(super) async fn expect_event(handle: &mut Handle) -> Value {
+        let (_, event) = expect(handle, "POST", EVENTS_PATH, 201, &json!({})).await;
+        event
+    }
 
     fn reconciles(metrics: &InjectMetrics, result: &str) -> Option<f64> {
         crate::support::raw::metric(
@@ -1468,17 +1497,13 @@ mod controller {
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         let api = tokio::spawn(async move {
             expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            let missing = status(
-                404,
-                "certificates.cert-manager.io \"wsgate-checkout\" not found",
-                Some(json!({"name": "wsgate-checkout", "group": "cert-manager.io", "kind": "certificates"})),
-            );
-            expect(&mut handle, "GET", CERT_PATH, 404, &missing).await;
+            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            let (secret_uri, _) = expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
             let (uri, applied) = expect(&mut handle, "PATCH", CERT_PATH, 201, &json!({})).await;
-            (uri, applied, handle)
+            (uri, applied, handle, secret_uri)
         });
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let (uri, applied, mut handle) = api.await.unwrap();
+        let (uri, applied, mut handle, _) = api.await.unwrap();
         assert!(
             uri.contains("fieldManager=wsgate-injector") && uri.contains("force=true"),
             "{uri}"
@@ -1566,11 +1591,17 @@ mod controller {
         let api = tokio::spawn(async move {
             expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
             expect(&mut handle, "GET", CERT_PATH, 404, &no_crd).await;
+            expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
             expect(&mut handle, "PATCH", CERT_PATH, 404, &no_crd).await;
-            handle
+            let event = expect_event(&mut handle).await;
+            (handle, event)
         });
         let action = reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let mut handle = api.await.unwrap();
+        let (mut handle, event) = api.await.unwrap();
+        assert_eq!(event["reason"], "CertManagerMissing");
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["regarding"]["kind"], "Pod");
+        assert_eq!(event["regarding"]["name"], "checkout-1");
         assert_eq!(
             format!("{action:?}"),
             format!(
@@ -1630,10 +1661,12 @@ mod controller {
         let api = tokio::spawn(async move {
             expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
             expect(&mut handle, "GET", CERT_PATH, 200, &theirs).await;
-            handle
+            let event = expect_event(&mut handle).await;
+            (handle, event)
         });
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let mut handle = api.await.unwrap();
+        let (mut handle, event) = api.await.unwrap();
+        assert_eq!(event["reason"], "CertificateNotManaged");
         assert_eq!(reconciles(&metrics, "foreign"), Some(1.0));
         drop(ctx);
         assert!(
@@ -1653,11 +1686,181 @@ mod controller {
                 Some(json!({"name": "checkout", "kind": "serviceaccounts"})),
             );
             expect(&mut handle, "GET", SA_PATH, 404, &gone).await;
-            handle
+            let event = expect_event(&mut handle).await;
+            (handle, event)
         });
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let mut handle = api.await.unwrap();
+        let (mut handle, event) = api.await.unwrap();
+        assert_eq!(event["reason"], "ServiceAccountNotFound");
         drop(ctx);
         assert!(handle.next_request().await.is_none(), "no Certificate without an owner");
+    }
+
+    #[tokio::test]
+    async fn an_existing_secret_not_issued_for_the_certificate_is_refused_with_one_event() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        // Made by hand (or by another tool): cert-manager never issued it.
+        let by_hand = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": "wsgate-checkout", "namespace": "shop"}});
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect(&mut handle, "GET", SECRET_PATH, 200, &by_hand).await;
+            let event = expect_event(&mut handle).await;
+            // The second reconcile checks again, and writes no second Event.
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect(&mut handle, "GET", SECRET_PATH, 200, &by_hand).await;
+            (handle, event)
+        });
+        reconcile(Arc::new(pod.clone()), ctx.clone()).await.unwrap();
+        reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let (mut handle, event) = api.await.unwrap();
+        assert_eq!(event["reason"], "SecretNotOwned");
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reportingController"], "wsgate-injector");
+        assert_eq!(event["regarding"]["name"], "checkout-1");
+        assert!(event["note"].as_str().unwrap().contains("wsgate-checkout"), "{event}");
+        assert_eq!(reconciles(&metrics, "secret_not_owned"), Some(2.0));
+        assert_eq!(reconciles(&metrics, "applied"), None);
+        drop(ctx);
+        assert!(handle.next_request().await.is_none(), "no Certificate, no second Event");
+    }
+
+    #[tokio::test]
+    async fn a_secret_issued_for_the_same_certificate_gets_it_back() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        // Left behind by cert-manager when the Certificate went away with its service account.
+        let issued = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": "wsgate-checkout", "namespace": "shop",
+                         "annotations": {"cert-manager.io/certificate-name": "wsgate-checkout"}}});
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            let (req, send) = handle.next_request().await.expect("the Secret's metadata");
+            assert_eq!(req.uri().path(), SECRET_PATH);
+            let accept = req.headers()["accept"].to_str().unwrap().to_owned();
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(serde_json::to_vec(&issued).unwrap()))
+                    .unwrap(),
+            );
+            let (req, send) = handle.next_request().await.expect("the apply");
+            assert_eq!(req.method(), "PATCH");
+            assert_eq!(req.uri().path(), CERT_PATH);
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(b"{}".to_vec()))
+                    .unwrap(),
+            );
+            (accept, handle)
+        });
+        reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let (accept, mut handle) = api.await.unwrap();
+        assert!(
+            accept.contains("as=PartialObjectMetadata"),
+            "metadata only, never the data: {accept}"
+        );
+        assert_eq!(reconciles(&metrics, "applied"), Some(1.0));
+        drop(ctx);
+        assert!(handle.next_request().await.is_none(), "no Event");
+    }
+
+    #[tokio::test]
+    async fn a_secret_whose_annotation_names_another_certificate_is_refused() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        let other = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": "wsgate-checkout", "namespace": "shop",
+                         "annotations": {"cert-manager.io/certificate-name": "ingress-tls"}}});
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect(&mut handle, "GET", SECRET_PATH, 200, &other).await;
+            expect_event(&mut handle).await
+        });
+        reconcile(Arc::new(pod), ctx).await.unwrap();
+        assert_eq!(api.await.unwrap()["reason"], "SecretNotOwned");
+        assert_eq!(reconciles(&metrics, "secret_not_owned"), Some(1.0));
+    }
+
+    #[tokio::test]
+    async fn a_certificate_of_another_service_account_is_not_taken_over() {
+        // billing's pods used the Secret and are gone; checkout's pods now ask for it.
+        let pod = injected_pod("checkout-1", "checkout", &[("wsgate.dev/secret", "wsgate-checkout")]);
+        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
+        let billing_pod = injected_pod("billing-1", "billing", &[("wsgate.dev/secret", "wsgate-checkout")]);
+        let billing = manifest(
+            &desired_for(&billing_pod, [&billing_pod], "cluster.local")
+                .unwrap()
+                .unwrap(),
+            "uid-billing",
+            &InjectSettings::example(),
+        );
+        let api = tokio::spawn(async move {
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            expect(&mut handle, "GET", CERT_PATH, 200, &billing).await;
+            let event = expect_event(&mut handle).await;
+            (handle, event)
+        });
+        reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
+        let (mut handle, event) = api.await.unwrap();
+        assert_eq!(event["reason"], "SecretClaimed");
+        assert!(event["note"].as_str().unwrap().contains("billing"), "{event}");
+        assert_eq!(reconciles(&metrics, "conflict"), Some(1.0));
+        drop(ctx);
+        assert!(
+            handle.next_request().await.is_none(),
+            "billing's Certificate is not rewritten"
+        );
+    }
+
+    #[tokio::test]
+    async fn pods_of_two_service_accounts_on_one_secret_get_an_event_each_and_no_call_else() {
+        let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "shared")]);
+        let b = injected_pod("b", "billing", &[("wsgate.dev/secret", "shared")]);
+        let (ctx, mut handle, metrics) = context(&[a.clone(), b.clone()]);
+        let api = tokio::spawn(async move {
+            let first = expect_event(&mut handle).await;
+            let second = expect_event(&mut handle).await;
+            (handle, first, second)
+        });
+        reconcile(Arc::new(a.clone()), ctx.clone()).await.unwrap();
+        reconcile(Arc::new(b), ctx.clone()).await.unwrap();
+        // Again at once: rate-limited, no Event.
+        reconcile(Arc::new(a), ctx.clone()).await.unwrap();
+        let (mut handle, first, second) = api.await.unwrap();
+        assert_eq!(first["reason"], "SecretClaimed");
+        assert_eq!(first["regarding"]["name"], "a");
+        assert_eq!(second["regarding"]["name"], "b");
+        assert_eq!(reconciles(&metrics, "conflict"), Some(3.0));
+        drop(ctx);
+        assert!(handle.next_request().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_event_that_cannot_be_written_does_not_fail_the_reconcile() {
+        let pod = injected_pod("checkout-1", "checkout", &[]);
+        let (ctx, mut handle, _) = context(std::slice::from_ref(&pod));
+        let api = tokio::spawn(async move {
+            let gone = status(
+                404,
+                "serviceaccounts \"checkout\" not found",
+                Some(json!({"name": "checkout", "kind": "serviceaccounts"})),
+            );
+            expect(&mut handle, "GET", SA_PATH, 404, &gone).await;
+            let forbidden = status(403, "events.events.k8s.io is forbidden", None);
+            expect(&mut handle, "POST", EVENTS_PATH, 403, &forbidden).await;
+            handle
+        });
+        let action = reconcile(Arc::new(pod), ctx.clone()).await;
+        assert!(action.is_ok(), "{action:?}");
+        let mut handle = api.await.unwrap();
+        drop(ctx);
+        assert!(handle.next_request().await.is_none());
     }
 }
