@@ -412,7 +412,10 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
     // (The only ClusterRole left is approver-policy's `use` of the issuer's policy, bound to
     // cert-manager: approval_policy_guards_the_workload_issuer.)
     for kind in ["ClusterRole", "ClusterRoleBinding"] {
-        let names: Vec<&str> = of_kind(&docs, kind).iter().map(|d| str_of(&d["metadata"]["name"])).collect();
+        let names: Vec<&str> = of_kind(&docs, kind)
+            .iter()
+            .map(|d| str_of(&d["metadata"]["name"]))
+            .collect();
         assert_eq!(names, ["wsgate-ca-policy-use"], "{kind}");
     }
     assert_eq!(
@@ -2103,8 +2106,14 @@ fn approval_policy_guards_the_workload_issuer() {
     ]);
     let spec = &one(&docs, "CertificateRequestPolicy")["spec"];
     assert_eq!(spec["selector"]["issuerRef"]["name"], "mesh-ca");
-    assert_eq!(spec["allowed"]["uris"]["values"], json!(["spiffe://prod.example.com/ns/*/sa/*"]));
-    assert_eq!(spec["allowed"]["dnsNames"]["values"], json!(["*.svc", "*.svc.k8s.internal"]));
+    assert_eq!(
+        spec["allowed"]["uris"]["values"],
+        json!(["spiffe://prod.example.com/ns/*/sa/*"])
+    );
+    assert_eq!(
+        spec["allowed"]["dnsNames"]["values"],
+        json!(["*.svc", "*.svc.k8s.internal"])
+    );
     assert_eq!(spec["constraints"]["maxDuration"], "48h");
 }
 
@@ -2154,7 +2163,10 @@ fn approval_open_renders_no_policy_and_notes_warn() {
     assert!(!of_kind(&docs, "ClusterIssuer").is_empty());
     let notes = render_notes(&["--set", "certManager.approval=open"]);
     assert!(notes.contains("WARNING: certManager.approval=open"), "{notes}");
-    assert!(notes.contains("ClusterIssuer wsgate-ca has NO approval policy"), "{notes}");
+    assert!(
+        notes.contains("ClusterIssuer wsgate-ca has NO approval policy"),
+        "{notes}"
+    );
     assert!(!render_notes(&[]).contains("WARNING"));
     // Anything else is refused by the schema.
     assert!(try_render(&["--set", "certManager.approval=auto"]).is_err());

@@ -65,7 +65,10 @@ async fn ensure_certificate_crd(crds: &Api<CustomResourceDefinition>) {
         serde_json::from_str(include_str!("../data/e2e/certificates.cert-manager.io.crd.json")).unwrap();
     let obj: CustomResourceDefinition = serde_json::from_value(crd_json).unwrap();
     if let Err(e) = crds.create(&PostParams::default(), &obj).await {
-        assert!(e.to_string().contains("already exists"), "creating the Certificate CRD: {e}");
+        assert!(
+            e.to_string().contains("already exists"),
+            "creating the Certificate CRD: {e}"
+        );
     }
 }
 
