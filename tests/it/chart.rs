@@ -2171,3 +2171,49 @@ fn approval_open_renders_no_policy_and_notes_warn() {
     // Anything else is refused by the schema.
     assert!(try_render(&["--set", "certManager.approval=auto"]).is_err());
 }
+
+#[test]
+fn renew_before_must_be_shorter_than_the_duration_at_render_time() {
+    // The defaults render.
+    try_render(&[]).expect("the default durations render");
+    for (values, want) in [
+        (
+            &[
+                "--set",
+                "sidecar.certificate.duration=2h",
+                "--set",
+                "sidecar.certificate.renewBefore=120m",
+            ][..],
+            "sidecar.certificate.renewBefore (120m) must be shorter than sidecar.certificate.duration (2h)",
+        ),
+        (
+            &[
+                "--set",
+                "certManager.webhook.duration=1h30m",
+                "--set",
+                "certManager.webhook.renewBefore=5400s",
+            ][..],
+            "certManager.webhook.renewBefore (5400s) must be shorter than certManager.webhook.duration (1h30m)",
+        ),
+        (
+            &[
+                "--set",
+                "sidecar.certificate.duration=59m",
+                "--set",
+                "sidecar.certificate.renewBefore=10m",
+            ][..],
+            "sidecar.certificate.duration (59m) must be at least 1h",
+        ),
+    ] {
+        let err = try_render(values).expect_err("refused");
+        assert!(err.contains(want), "{values:?}: {err}");
+    }
+    // Shorter by a second is fine: the comparison is in seconds, across units.
+    try_render(&[
+        "--set",
+        "sidecar.certificate.duration=1h30m",
+        "--set",
+        "sidecar.certificate.renewBefore=5399s",
+    ])
+    .expect("renewBefore one second shorter renders");
+}

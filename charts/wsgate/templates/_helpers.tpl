@@ -132,3 +132,18 @@ app.kubernetes.io/name: {{ include "wsgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: helm-test
 {{- end -}}
+
+{{/*
+Seconds in a duration written as the schema allows (`24h`, `1h30m`, `90s`: whole h, m and s parts).
+*/}}
+{{- define "wsgate.seconds" -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+[hms]" . -1 -}}
+{{- $n := atoi (regexFind "[0-9]+" .) -}}
+{{- if hasSuffix "h" . -}}{{- $total = add $total (mul $n 3600) -}}
+{{- else if hasSuffix "m" . -}}{{- $total = add $total (mul $n 60) -}}
+{{- else -}}{{- $total = add $total $n -}}
+{{- end -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
