@@ -1315,35 +1315,13 @@ async fn helm_test_script_passes_against_the_real_webhook_and_fails_on_a_wrong_a
     let review = str_of(&one(&docs, "ConfigMap")["data"]["review.json"]).to_owned();
 
     // The injector, serving a certificate for the Service's name from the webhook CA.
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
-    let leaf = pki
-        .ca
-        .leaf(&LeafSpec::new("webhook").dns(&format!("{RELEASE}.{NAMESPACE}.svc")))
-        .unwrap();
-    write_set(&vol, &leaf, &pki.ca);
-    let cert_dir = vol.path().to_str().unwrap().to_owned();
-    let proc = Proc::spawn(
-        &[
-            "inject",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--cert-dir",
-            &cert_dir,
-            "--sidecar-image",
-            "ghcr.io/wsgate/wsgate:0.1.0",
-            "--certificate-controller",
-            "false",
-            "--native-sidecar",
-            "off",
-        ],
-        &[],
-    );
-    let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
-    let listen: std::net::SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+    let injector = crate::support::injector::Injector::start_serving(|pki| {
+        pki.ca
+            .leaf(&LeafSpec::new("webhook").dns(&format!("{RELEASE}.{NAMESPACE}.svc")))
+            .unwrap()
+    })
+    .await;
+    let (pki, listen) = (&injector.pki, injector.listen);
 
     let ran = tokio::task::spawn_blocking({
         let (script, review, ca) = (script.clone(), review.clone(), pki.ca.cert_pem.clone());

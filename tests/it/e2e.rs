@@ -55,6 +55,47 @@ where
     api.create(&PostParams::default(), &obj).await.unwrap()
 }
 
+/// A name suffix no earlier run used (the API server keeps what earlier runs created).
+fn unique_id() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+/// The Certificate CRD created if missing; returns once the server serves it.
+async fn certificates_served(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    ensure_certificate_crd(&crds).await;
+    let all_certs: Api<DynamicObject> =
+        Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
+    let t0 = std::time::Instant::now();
+    while all_certs.list(&Default::default()).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the Certificate CRD never became served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The injector in this process on 127.0.0.1, with a serving certificate from our own CA, once
+/// it serves it. The temporary folder holds that certificate: keep it alive.
+async fn start_injector(client: &kube::Client) -> (tempfile::TempDir, Pki, wsgate::inject::InjectHandle) {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
+    let serving = pki.server();
+    write_set(&vol, &serving, &pki.ca);
+    let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Auto);
+    let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
+    wait_serial_of(&hook.store, &serving.serial).await;
+    (tmp, pki, hook)
+}
+
 /// Creates cert-manager's Certificate CRD unless it exists; the e2e tests run in parallel, so
 /// another test creating it first is fine.
 async fn ensure_certificate_crd(crds: &Api<CustomResourceDefinition>) {
@@ -97,38 +138,14 @@ fn sidecar(p: &Pod) -> Option<k8s_openapi::api::core::v1::Container> {
 async fn the_webhook_and_controller_work_against_a_real_api_server() {
     let client = client().await;
     crate::support::init_logs();
-    let id = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
+    let id = unique_id();
 
     // cert-manager's Certificate CRD (no cert-manager controller runs: the test only checks
     // the objects the injector's controller writes).
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    ensure_certificate_crd(&crds).await;
-    let all_certs: Api<DynamicObject> =
-        Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
-    let t0 = std::time::Instant::now();
-    while all_certs.list(&Default::default()).await.is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the Certificate CRD never became served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    certificates_served(&client).await;
 
     // The injector, with a serving certificate for 127.0.0.1 from our own CA.
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
-    let serving = pki.server();
-    write_set(&vol, &serving, &pki.ca);
-    let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Auto);
-    let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
-    wait_serial_of(&hook.store, &serving.serial).await;
+    let (_tmp, pki, hook) = start_injector(&client).await;
     let version = client.apiserver_version().await.unwrap();
     let expect_native = wsgate::inject::parse_version(&version.major, &version.minor)
         .is_some_and(wsgate::inject::supports_native_sidecars);
@@ -418,37 +435,13 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
 async fn pods_that_do_not_fit_are_refused_or_left_alone_and_long_names_get_valid_labels() {
     let client = client().await;
     crate::support::init_logs();
-    let id = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let id = unique_id();
 
     // The Certificate CRD, shared with the other e2e tests (they may run at the same time).
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    ensure_certificate_crd(&crds).await;
-    let all_certs: Api<DynamicObject> =
-        Api::all_with(client.clone(), &wsgate::inject::certificates::certificate_resource());
-    let t0 = std::time::Instant::now();
-    while all_certs.list(&Default::default()).await.is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the Certificate CRD never became served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    certificates_served(&client).await;
 
     // The injector on 127.0.0.1 with a serving certificate from our own CA.
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
-    let serving = pki.server();
-    write_set(&vol, &serving, &pki.ca);
-    let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Auto);
-    let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
-    wait_serial_of(&hook.store, &serving.serial).await;
+    let (_tmp, pki, hook) = start_injector(&client).await;
     let native = hook.native.load(std::sync::atomic::Ordering::Relaxed);
 
     // One namespace, its pods opted in by annotation through `/mutate`.

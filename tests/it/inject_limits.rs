@@ -12,9 +12,9 @@ use wsgate::inject::review::{
     MAX_ANNOTATION_VALUE, MAX_CONTAINERS, MAX_NAME, MAX_PORTS, MAX_PORTS_IN_POD, MAX_WSGATE_ANNOTATIONS,
 };
 
-use crate::support::bin::Proc;
+use crate::support::Pki;
+use crate::support::injector::Injector;
 use crate::support::raw::http;
-use crate::support::{Pki, SecretVolume, write_set};
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -28,9 +28,7 @@ const MAX_GROWTH_KIB: u64 = 64 * 1024;
 
 /// The peak resident memory of process `pid`, in KiB.
 fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    crate::support::hostile::proc_kib(pid, "VmHWM")
 }
 
 /// The captured review with its pod's `spec.containers` replaced by `containers` (JSON text)
@@ -78,61 +76,6 @@ async fn post(addr: SocketAddr, pki: &Pki, path: &str, body: &[u8]) -> (u16, Str
 fn response(body: &str) -> Value {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     v["response"].clone()
-}
-
-/// The real `wsgate inject`, ready, with its serving certificate in a kubelet-style volume.
-struct Injector {
-    _tmp: tempfile::TempDir,
-    proc: Proc,
-    pki: Pki,
-    listen: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Injector {
-    async fn start() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let pki = Pki::new();
-        let vol = SecretVolume::new(tmp.path().join("webhook-tls")).unwrap();
-        write_set(&vol, &pki.server(), &pki.ca);
-        let cert_dir = vol.path().to_str().unwrap().to_owned();
-        let proc = Proc::spawn(
-            &[
-                "inject",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--cert-dir",
-                &cert_dir,
-                "--sidecar-image",
-                "ghcr.io/wsgate/wsgate:0.1.0",
-                "--certificate-controller",
-                "false",
-                "--native-sidecar",
-                "off",
-            ],
-            &[],
-        );
-        let started = proc.line("wsgate injector started", Duration::from_secs(20)).await;
-        let listen: SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
-        let admin: SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
-        let t0 = Instant::now();
-        while http(admin, "GET", "/readyz").await.0 != 200 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "the injector never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            _tmp: tmp,
-            proc,
-            pki,
-            listen,
-            admin,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,17 +27,8 @@ pub async fn wss_from(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<WssStream, tungstenite::Error> {
-    use tungstenite::client::IntoClientRequest;
     let tcp = tcp_from(from, to).await?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await?;
-    let mut req = format!("wss://localhost{path}").into_client_request()?;
-    for (k, v) in headers {
-        req.headers_mut()
-            .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-    }
-    tokio_tungstenite::client_async(req, tls).await.map(|(ws, _)| ws)
+    super::wss_over(tcp, config, path, headers).await.map(|(ws, _)| ws)
 }
 
 /// A field of /proc/PID/status in KiB (`VmRSS`, `VmHWM`).

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bin;
 pub mod hostile;
+pub mod injector;
 pub mod k8s_tools;
 pub mod openmetrics;
 pub mod otlp;
@@ -325,17 +326,8 @@ impl Env {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(WssStream, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let tcp = tokio::net::TcpStream::connect(self.proxy.listen_addr).await?;
-        let tls = tokio_rustls::TlsConnector::from(self.pki.client_config(Some(leaf)))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await?;
-        let mut req = format!("wss://localhost{path}").into_client_request()?;
-        for (k, v) in headers {
-            req.headers_mut()
-                .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
-        }
-        tokio_tungstenite::client_async(req, tls).await
+        wss_over(tcp, self.pki.client_config(Some(leaf)), path, headers).await
     }
 
     /// Sends raw bytes over a TLS connection authenticated as `frontend`; returns the answer.
@@ -357,6 +349,27 @@ impl Env {
     pub fn metrics(&self) -> String {
         self.proxy.metrics.encode()
     }
+}
+
+/// A WebSocket over mTLS on `tcp` with `config` (which presents the client's certificate), to
+/// `path` with extra request headers; returns the answer too. A refusal comes back as
+/// `tungstenite::Error::Http`.
+pub async fn wss_over(
+    tcp: tokio::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(WssStream, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await?;
+    let mut req = format!("wss://localhost{path}").into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut()
+            .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    tokio_tungstenite::client_async(req, tls).await
 }
 
 /// Sends `msg` and returns the next data message.
