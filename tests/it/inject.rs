@@ -1381,6 +1381,23 @@ mod controller {
             .unwrap()
     }
 
+    /// The Secret `wsgate-checkout` as its metadata reads, cert-manager's annotation naming the
+    /// Certificate it was issued for, if any.
+    fn secret_metadata(issued_for: Option<&str>) -> Value {
+        let mut meta = json!({"name": "wsgate-checkout", "namespace": "shop"});
+        if let Some(cert) = issued_for {
+            meta["annotations"] = json!({"cert-manager.io/certificate-name": cert});
+        }
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": meta})
+    }
+
+    /// The controller's first two calls for a new Certificate of `checkout`: its service
+    /// account (found) and the Certificate (not there yet).
+    async fn expect_no_certificate_yet(handle: &mut Handle) {
+        expect(handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+        expect(handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+    }
+
     /// Serves the next request: checks method and path, answers `body` with `code`; returns the
     /// request's URI and body.
     pub(super) async fn expect(
@@ -1496,8 +1513,7 @@ mod controller {
         );
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         let api = tokio::spawn(async move {
-            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect_no_certificate_yet(&mut handle).await;
             let (secret_uri, _) = expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
             let (uri, applied) = expect(&mut handle, "PATCH", CERT_PATH, 201, &json!({})).await;
             (uri, applied, handle, secret_uri)
@@ -1701,16 +1717,13 @@ mod controller {
         let pod = injected_pod("checkout-1", "checkout", &[]);
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         // Made by hand (or by another tool): cert-manager never issued it.
-        let by_hand = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": "wsgate-checkout", "namespace": "shop"}});
+        let by_hand = secret_metadata(None);
         let api = tokio::spawn(async move {
-            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect_no_certificate_yet(&mut handle).await;
             expect(&mut handle, "GET", SECRET_PATH, 200, &by_hand).await;
             let event = expect_event(&mut handle).await;
             // The second reconcile checks again, and writes no second Event.
-            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect_no_certificate_yet(&mut handle).await;
             expect(&mut handle, "GET", SECRET_PATH, 200, &by_hand).await;
             (handle, event)
         });
@@ -1733,12 +1746,9 @@ mod controller {
         let pod = injected_pod("checkout-1", "checkout", &[]);
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         // Left behind by cert-manager when the Certificate went away with its service account.
-        let issued = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": "wsgate-checkout", "namespace": "shop",
-                         "annotations": {"cert-manager.io/certificate-name": "wsgate-checkout"}}});
+        let issued = secret_metadata(Some("wsgate-checkout"));
         let api = tokio::spawn(async move {
-            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect_no_certificate_yet(&mut handle).await;
             let (req, send) = handle.next_request().await.expect("the Secret's metadata");
             assert_eq!(req.uri().path(), SECRET_PATH);
             let accept = req.headers()["accept"].to_str().unwrap().to_owned();
@@ -1774,12 +1784,9 @@ mod controller {
     async fn a_secret_whose_annotation_names_another_certificate_is_refused() {
         let pod = injected_pod("checkout-1", "checkout", &[]);
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        let other = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-            "metadata": {"name": "wsgate-checkout", "namespace": "shop",
-                         "annotations": {"cert-manager.io/certificate-name": "ingress-tls"}}});
+        let other = secret_metadata(Some("ingress-tls"));
         let api = tokio::spawn(async move {
-            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            expect(&mut handle, "GET", CERT_PATH, 404, &cert_not_found()).await;
+            expect_no_certificate_yet(&mut handle).await;
             expect(&mut handle, "GET", SECRET_PATH, 200, &other).await;
             expect_event(&mut handle).await
         });
