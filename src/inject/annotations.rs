@@ -253,6 +253,20 @@ pub fn default_secret(service_account: &str) -> String {
     format!("wsgate-{service_account}")
 }
 
+/// Whether pods of `service_account` may have wsgate request a certificate into `secret`: its
+/// default name `wsgate-<service account>`, or a name that begins with `wsgate-<service
+/// account>-`. cert-manager overwrites whatever Secret a Certificate names, and the controller
+/// never reads Secrets (its RBAC has no rule on them), so it cannot tell a hand-made Secret from a
+/// missing one: instead, the names it may write are reserved, and each service account has its
+/// own. A pod can neither point cert-manager at a Secret made by someone else (`db-tls`) nor claim
+/// another service account's name before that account has pods.
+pub fn secret_reserved_for(secret: &str, service_account: &str) -> bool {
+    let own = default_secret(service_account);
+    secret
+        .strip_prefix(own.as_str())
+        .is_some_and(|rest| rest.is_empty() || (rest.len() > 1 && rest.starts_with('-')))
+}
+
 /// The label naming the application (the Kubernetes recommended label).
 pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
 /// The label a Deployment's ReplicaSet and pods carry: the suffix of the ReplicaSet's name.
@@ -387,8 +401,20 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
     };
     let service_account = service_account(pod);
     let secret = match a.get(SECRET) {
-        Some(v) if is_object_name(v.trim()) => v.trim().to_owned(),
-        Some(v) => return Err(err(SECRET, v, "is not a valid Secret name (lowercase RFC 1123)")),
+        Some(v) if !is_object_name(v.trim()) => {
+            return Err(err(SECRET, v, "is not a valid Secret name (lowercase RFC 1123)"));
+        }
+        Some(v) if !secret_reserved_for(v.trim(), &service_account) => {
+            let own = default_secret(&service_account);
+            return Err(err(
+                SECRET,
+                v,
+                format!(
+                    "is not a name reserved for service account {service_account}: use {own} or a name beginning with {own}- (wsgate never writes Secrets of other names)"
+                ),
+            ));
+        }
+        Some(v) => v.trim().to_owned(),
         None => default_secret(&service_account),
     };
     let trust_bundle = match a.get(TRUST_BUNDLE) {
@@ -524,6 +550,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.dns_names, ["api.a.svc", "api.a.svc.cluster.local"]);
+    }
+
+    #[test]
+    fn only_secret_names_reserved_to_the_pods_own_service_account_are_accepted() {
+        for (secret, sa, ok) in [
+            ("wsgate-api", "api", true),
+            ("wsgate-api-internal", "api", true),
+            ("wsgate-api-", "api", false),
+            ("wsgate-apiserver", "api", false),
+            ("db-tls", "api", false),
+            ("wsgate-billing", "api", false),
+            ("wsgate", "api", false),
+            ("wsgate-default", "default", true),
+        ] {
+            assert_eq!(secret_reserved_for(secret, sa), ok, "{secret} for {sa}");
+        }
+        let settings = InjectSettings::example();
+        // A hand-made Secret (say, a database's TLS Secret) cannot be named: cert-manager would
+        // overwrite it. The pod in this test runs as `default`.
+        for bad in ["db-tls", "wsgate-billing"] {
+            let e = options(&pod(&[(SECRET, bad)]), "a", &settings).unwrap_err();
+            assert_eq!(e.annotation, SECRET);
+            assert!(e.reason.contains("wsgate-default-"), "{e}");
+        }
+        let o = options(&pod(&[(SECRET, "wsgate-default-api")]), "a", &settings).unwrap();
+        assert_eq!(o.secret, "wsgate-default-api");
+        assert_eq!(options(&pod(&[]), "a", &settings).unwrap().secret, "wsgate-default");
     }
 
     fn owned(labels: &[(&str, &str)], owner: Option<(&str, &str)>, generate_name: Option<&str>) -> Pod {

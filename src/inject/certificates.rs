@@ -8,18 +8,19 @@
 //! something differs. The Certificate is owned by the ServiceAccount, so it goes away with it.
 //! A cluster without cert-manager is tolerated: a clear log line, retries every five minutes.
 //!
-//! It only requests Certificates for Secrets it may own: a Secret that does not exist yet, or one
-//! cert-manager issued for this same Certificate (annotation `cert-manager.io/certificate-name`).
-//! It reads only that Secret's metadata, never its data. A Secret made by someone else, one
-//! claimed by another service account, or a Certificate of that name not managed by wsgate is a
-//! refusal: a Warning Event on the pod ([`super::events`]) and a reconcile metric.
+//! It never reads Secrets (its RBAC has no rule on them). It only requests Certificates for Secret
+//! names reserved to the pod's service account (`wsgate-<sa>` or `wsgate-<sa>-…`, see
+//! [`secret_reserved_for`]), so a pod cannot point cert-manager at a Secret made by someone else.
+//! A name outside that reservation, a Secret claimed by another service account, or a
+//! Certificate of that name not managed by wsgate is a refusal: a Warning Event on the pod
+//! ([`super::events`]) and a reconcile metric.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config, Controller};
 use kube::runtime::reflector::Store;
@@ -27,7 +28,9 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::annotations::{DNS_NAMES, INJECTED_LABEL, SECRET, default_secret, dns_name_allowed, service_account};
+use super::annotations::{
+    DNS_NAMES, INJECTED_LABEL, SECRET, default_secret, dns_name_allowed, secret_reserved_for, service_account,
+};
 use super::events::{PodEvents, Reason};
 use super::metrics::{InjectMetrics, ReconcileLabels};
 use super::settings::InjectSettings;
@@ -55,6 +58,15 @@ pub enum Conflict {
     SharedSecret {
         /// The service accounts involved.
         service_accounts: Vec<String>,
+    },
+    /// The Secret's name is not reserved to the pod's service account (the injected label and
+    /// the annotation were set without the webhook): cert-manager would overwrite whatever
+    /// Secret of that name exists.
+    NotReserved {
+        /// The Secret the pod names.
+        secret: String,
+        /// The pod's service account.
+        service_account: String,
     },
 }
 
@@ -106,6 +118,12 @@ pub fn desired_for<'a>(
         return Ok(None);
     };
     let secret = secret_of(pod);
+    if !secret_reserved_for(&secret, &service_account(pod)) {
+        return Err(Conflict::NotReserved {
+            secret,
+            service_account: service_account(pod),
+        });
+    }
     let mut dns = BTreeSet::new();
     let mut refused = BTreeSet::new();
     let mut accounts = BTreeSet::new();
@@ -301,17 +319,6 @@ fn crd_missing(e: &kube::Error) -> bool {
 
 /// The label that marks Certificates this controller owns; others are never touched.
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// The annotation cert-manager writes on every Secret it issues: the Certificate's name.
-pub const CERTIFICATE_NAME: &str = "cert-manager.io/certificate-name";
-
-/// Whether a Secret with `annotations` may be written by the Certificate `certificate`: only when
-/// cert-manager issued it for that Certificate.
-pub fn secret_owned_by(annotations: Option<&std::collections::BTreeMap<String, String>>, certificate: &str) -> bool {
-    annotations
-        .and_then(|a| a.get(CERTIFICATE_NAME))
-        .is_some_and(|name| name == certificate)
-}
-
 /// The service account a wsgate Certificate (as the API server returned it) was made for: the
 /// name of its ServiceAccount owner.
 fn certificate_service_account(current: &Value) -> Option<&str> {
@@ -343,6 +350,25 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
                 service_accounts.join(", ")
             );
             ctx.events.warn_logged(&pod, Reason::SecretClaimed, note).await;
+            return Ok(Action::requeue(RECHECK));
+        }
+        Err(Conflict::NotReserved {
+            secret,
+            service_account,
+        }) => {
+            ctx.count("secret_not_reserved");
+            let own = default_secret(&service_account);
+            tracing::warn!(
+                target: "wsgate::certificates",
+                namespace = ?pod.metadata.namespace,
+                %secret,
+                %service_account,
+                "the Secret's name is not reserved to the pod's service account; no Certificate requested"
+            );
+            let note = format!(
+                "Secret {secret} is not a name reserved for service account {service_account}: no Certificate requested; use {own} or a name beginning with {own}-"
+            );
+            ctx.events.warn_logged(&pod, Reason::SecretNotReserved, note).await;
             return Ok(Action::requeue(RECHECK));
         }
     };
@@ -432,28 +458,6 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action, Recon
         );
         ctx.events.warn_logged(&pod, Reason::SecretClaimed, note).await;
         return Ok(Action::requeue(RECHECK));
-    }
-    if current.is_none() {
-        // A new Certificate would make cert-manager write its Secret: only when the Secret does
-        // not exist yet or was issued for this Certificate. Metadata only, never the data.
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &desired.namespace);
-        if let Some(secret) = secrets.get_metadata_opt(&desired.secret).await?
-            && !secret_owned_by(secret.metadata.annotations.as_ref(), &desired.secret)
-        {
-            ctx.count("secret_not_owned");
-            tracing::warn!(
-                target: "wsgate::certificates",
-                namespace = %desired.namespace,
-                secret = %desired.secret,
-                "the Secret exists and was not issued for wsgate's Certificate; no Certificate requested"
-            );
-            let note = format!(
-                "Secret {} exists and was not issued by cert-manager for Certificate {} (annotation {CERTIFICATE_NAME}): no Certificate requested; use another wsgate.dev/secret or delete the Secret",
-                desired.secret, desired.secret
-            );
-            ctx.events.warn_logged(&pod, Reason::SecretNotOwned, note).await;
-            return Ok(Action::requeue(RECHECK));
-        }
     }
     if current.as_ref().is_some_and(|c| up_to_date(c, &wanted)) {
         ctx.count("unchanged");

@@ -32,8 +32,8 @@ pub enum EventError {
 /// Why the controller wrote an Event; the variant's name is the Event's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// The Secret exists and was not issued by this Certificate.
-    SecretNotOwned,
+    /// The Secret's name is not reserved to the pod's service account.
+    SecretNotReserved,
     /// The Secret is claimed by pods or a Certificate of another service account.
     SecretClaimed,
     /// A Certificate of the Secret's name exists and is not managed by wsgate.
@@ -52,7 +52,7 @@ impl Reason {
     /// The Event's `reason` (PascalCase, as Kubernetes writes them).
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::SecretNotOwned => "SecretNotOwned",
+            Self::SecretNotReserved => "SecretNotReserved",
             Self::SecretClaimed => "SecretClaimed",
             Self::CertificateNotManaged => "CertificateNotManaged",
             Self::ServiceAccountNotFound => "ServiceAccountNotFound",

@@ -24,8 +24,8 @@ pub struct ReviewLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
     /// `applied`, `unchanged`, `conflict` (one Secret, several service accounts), `foreign` (a
-    /// Certificate of that name not managed by wsgate), `secret_not_owned` (the Secret exists and
-    /// was not issued for wsgate's Certificate), `no_cert_manager` or `error`.
+    /// Certificate of that name not managed by wsgate), `secret_not_reserved` (the Secret's name is
+    /// not reserved to the pod's service account), `no_cert_manager` or `error`.
     pub result: &'static str,
 }
 

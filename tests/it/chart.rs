@@ -356,8 +356,8 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
     assert!(of_kind(&docs, "Role").is_empty() && of_kind(&docs, "RoleBinding").is_empty());
     // What `wsgate inject` calls (docs/injector.md): the certificate controller's watch of
     // injected pods, a get of each one's ServiceAccount (the Certificate's owner), and a
-    // server-side apply of the Certificate (a patch that may create; a get first), a get of the
-    // metadata of the Secret a new Certificate would target, Events on pods (create, patch); with
+    // server-side apply of the Certificate (a patch that may create; a get first), Events on pods
+    // (create, patch), never anything on Secrets; with
     // nativeSidecar=auto (the default), a list of nodes for their kubelet versions. /version is
     // open to every client and needs no rule.
     let role = named(&docs, "ClusterRole", RELEASE);
@@ -368,7 +368,6 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
             ("", "pods", &["list", "watch"]),
             ("", "serviceaccounts", &["get"]),
             ("cert-manager.io", "certificates", &["get", "create", "patch"]),
-            ("", "secrets", &["get"]),
             ("events.k8s.io", "events", &["create", "patch"]),
         ])
     );
@@ -380,7 +379,6 @@ fn rbac_verbs_are_exactly_what_the_injector_calls() {
             ("", "pods", &["list", "watch"]),
             ("", "serviceaccounts", &["get"]),
             ("cert-manager.io", "certificates", &["get", "create", "patch"]),
-            ("", "secrets", &["get"]),
             ("events.k8s.io", "events", &["create", "patch"]),
         ])
     );

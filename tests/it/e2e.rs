@@ -12,14 +12,18 @@
 //! The test runs the injector in this process on 127.0.0.1, registers it by URL with our own
 //! CA as `caBundle`, creates annotated and plain pods in two fresh namespaces, and checks what
 //! the API server stored (the injected sidecar, after the ServiceAccount plugin's reinvocation)
-//! and the Certificates the controller applied, its refusal of a Secret it does not own (a
-//! hand-made `kubernetes.io/tls` Secret), and the Warning Event that refusal writes on the pod.
+//! and the Certificates the controller applied, its refusal of a Secret name not reserved to the
+//! pod's service account (a hand-made `kubernetes.io/tls` Secret stays untouched), and the Warning
+//! Event that refusal writes on the pod. The injector's client acts as a ServiceAccount bound to
+//! the chart's own ClusterRole (from `manifests/install/`), so a call its RBAC does not grant
+//! fails these tests.
 
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use serde_json::{Value, json};
@@ -32,6 +36,11 @@ const NEEDS_API_SERVER: &str = "needs a kube-apiserver: scripts/kube-apiserver.s
 /// A client for the API server that `WSGATE_E2E_KUBECONFIG` names; panics without one, so an
 /// e2e test that was asked to run never passes without having run.
 async fn client() -> kube::Client {
+    kube::Client::try_from(config().await).expect("a client")
+}
+
+/// The configuration `WSGATE_E2E_KUBECONFIG` names (an admin's).
+async fn config() -> kube::Config {
     let Some(path) = std::env::var_os("WSGATE_E2E_KUBECONFIG") else {
         panic!(
             "WSGATE_E2E_KUBECONFIG is not set: this test {NEEDS_API_SERVER}. Start one with \
@@ -41,10 +50,62 @@ async fn client() -> kube::Client {
     };
     let kc = kube::config::Kubeconfig::read_from(&path)
         .unwrap_or_else(|e| panic!("reading WSGATE_E2E_KUBECONFIG={}: {e}", path.to_string_lossy()));
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
-        .expect("a usable kubeconfig");
-    kube::Client::try_from(cfg).expect("a client")
+        .expect("a usable kubeconfig")
+}
+
+/// A client acting as a fresh ServiceAccount bound to the chart's ClusterRole, exactly as
+/// `manifests/install/10-wsgate.yaml` renders it (no Secrets in it): what the injector may call
+/// in a real install, and nothing more. Returns once the API server authorizes it.
+async fn injector_client(admin: &kube::Client) -> kube::Client {
+    let id = unique_id();
+    let rendered = std::fs::read_to_string("manifests/install/10-wsgate.yaml").unwrap();
+    let docs = crate::support::k8s_tools::tools().yaml_docs(&rendered);
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "wsgate")
+        .expect("the chart's ClusterRole in manifests/install");
+    let ns = format!("wsgate-e2e-rbac-{id}");
+    create(&Api::<Namespace>::all(admin.clone()), json!({"metadata": {"name": ns}})).await;
+    create(
+        &Api::<ServiceAccount>::namespaced(admin.clone(), &ns),
+        json!({"metadata": {"name": "wsgate-injector"}}),
+    )
+    .await;
+    let name = format!("wsgate-e2e-{id}");
+    create(
+        &Api::<ClusterRole>::all(admin.clone()),
+        json!({"metadata": {"name": name}, "rules": role["rules"]}),
+    )
+    .await;
+    create(
+        &Api::<ClusterRoleBinding>::all(admin.clone()),
+        json!({"metadata": {"name": name},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+               "subjects": [{"kind": "ServiceAccount", "name": "wsgate-injector", "namespace": ns}]}),
+    )
+    .await;
+    let mut cfg = config().await;
+    cfg.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:wsgate-injector"));
+    let client = kube::Client::try_from(cfg).expect("an impersonating client");
+    // The authorizer learns of the binding through an informer.
+    let pods: Api<Pod> = Api::all(client.clone());
+    let t0 = std::time::Instant::now();
+    while let Err(e) = pods.list(&kube::api::ListParams::default().limit(1)).await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the chart's ClusterRole never allowed listing pods: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let refused = secrets.get_opt("anything").await.unwrap_err().to_string();
+    assert!(
+        refused.contains("forbidden"),
+        "the injector may read Secrets: {refused}"
+    );
+    client
 }
 
 async fn create<K>(api: &Api<K>, value: Value) -> K
@@ -91,7 +152,9 @@ async fn start_injector(client: &kube::Client) -> (tempfile::TempDir, Pki, wsgat
     let serving = pki.server();
     write_set(&vol, &serving, &pki.ca);
     let cfg = crate::support::inject_config(vol.path(), wsgate::inject::settings::NativeSidecar::Auto);
-    let hook = wsgate::inject::start(cfg, Some(client.clone())).await.unwrap();
+    let hook = wsgate::inject::start(cfg, Some(injector_client(client).await))
+        .await
+        .unwrap();
     wait_serial_of(&hook.store, &serving.serial).await;
     (tmp, pki, hook)
 }
@@ -316,8 +379,8 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
         "no pod of checkout in the enabled namespace"
     );
 
-    // Only Secrets the controller may own. A kubernetes.io/tls Secret made by hand: no
-    // Certificate targets it, and the pod gets a Warning Event that names the reason.
+    // Only Secret names reserved to the pod's service account. A kubernetes.io/tls Secret made by
+    // hand: the webhook refuses a pod that names it, ...
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &plain);
     let dummy = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
@@ -329,28 +392,33 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
                "data": {"tls.crt": dummy, "tls.key": dummy}}),
     )
     .await;
-    // One issued by cert-manager for the Certificate of that name (left behind, say): taken back.
-    create(
-        &secrets,
-        json!({"metadata": {"name": "issued-tls", "annotations": {"cert-manager.io/certificate-name": "issued-tls"}},
-               "type": "kubernetes.io/tls", "data": {"tls.crt": dummy, "tls.key": dummy}}),
-    )
-    .await;
+    let named: Pod = serde_json::from_value(pod(
+        "hand-made",
+        "default",
+        json!({"wsgate.dev/inject": "true", "wsgate.dev/secret": "hand-made-tls"}),
+    ))
+    .unwrap();
+    let err = off
+        .create(&PostParams::default(), &named)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("wsgate.dev/secret") && err.contains("wsgate-default-"),
+        "{err}"
+    );
+    // ... and the controller refuses a pod that bypassed the webhook (the injected label and the
+    // annotation set by hand, no wsgate.dev/inject): no Certificate, a Warning Event.
+    let mut bypass = pod("bypass", "default", json!({"wsgate.dev/secret": "hand-made-tls"}));
+    bypass["metadata"]["labels"]["wsgate.dev/injected"] = json!("true");
+    create(&off, bypass).await;
+    // A name under the service account's own prefix is served.
     create(
         &off,
         pod(
-            "hand-made",
+            "custom",
             "default",
-            json!({"wsgate.dev/inject": "true", "wsgate.dev/secret": "hand-made-tls"}),
-        ),
-    )
-    .await;
-    create(
-        &off,
-        pod(
-            "issued",
-            "default",
-            json!({"wsgate.dev/inject": "true", "wsgate.dev/secret": "issued-tls"}),
+            json!({"wsgate.dev/inject": "true", "wsgate.dev/secret": "wsgate-default-api"}),
         ),
     )
     .await;
@@ -364,15 +432,15 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
             .items
             .into_iter()
             .find(|e| {
-                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("hand-made")
-                    && e.reason.as_deref() == Some("SecretNotOwned")
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("bypass")
+                    && e.reason.as_deref() == Some("SecretNotReserved")
             });
         if let Some(e) = found {
             break e;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "no SecretNotOwned Event on the pod"
+            "no SecretNotReserved Event on the pod"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -385,10 +453,10 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
         refusal.note
     );
     let t0 = std::time::Instant::now();
-    while certs_off.get_opt("issued-tls").await.unwrap().is_none() {
+    while certs_off.get_opt("wsgate-default-api").await.unwrap().is_none() {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "no Certificate for the Secret cert-manager issued for it"
+            "no Certificate for a name under the service account's prefix"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -404,7 +472,6 @@ async fn the_webhook_and_controller_work_against_a_real_api_server() {
         !targets.iter().any(|t| t == "hand-made-tls"),
         "a Certificate targets the hand-made Secret: {targets:?}"
     );
-    assert!(targets.iter().any(|t| t == "issued-tls"), "{targets:?}");
     let untouched_secret = secrets.get("hand-made-tls").await.unwrap();
     assert_eq!(untouched_secret.type_.as_deref(), Some("kubernetes.io/tls"));
     assert!(

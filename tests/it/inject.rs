@@ -288,7 +288,7 @@ fn annotations_choose_ports_policy_secret_trust_bundle_and_names() {
                 "wsgate.dev/allow",
                 "spiffe://cluster.local/ns/web/sa/frontend, dns:*.shop.svc",
             ),
-            ("wsgate.dev/secret", "checkout-mtls"),
+            ("wsgate.dev/secret", "wsgate-checkout-mtls"),
             ("wsgate.dev/trust-bundle", "cluster-trust"),
             (
                 "wsgate.dev/dns-names",
@@ -304,7 +304,7 @@ fn annotations_choose_ports_policy_secret_trust_bundle_and_names() {
         vec!["spiffe://cluster.local/ns/web/sa/frontend", "dns:*.shop.svc"]
     );
     assert_eq!(arg_after(&c, "--trust-bundle"), vec!["/var/run/wsgate/trust"]);
-    assert_common_sidecar(&out.pod, &c, "checkout-mtls");
+    assert_common_sidecar(&out.pod, &c, "wsgate-checkout-mtls");
     let vols = out.pod.spec.as_ref().unwrap().volumes.clone().unwrap();
     let trust = vols.iter().find(|v| v.name == "wsgate-trust").unwrap();
     assert_eq!(trust.config_map.as_ref().unwrap().name, "cluster-trust");
@@ -845,6 +845,11 @@ mod sidecar_command_line {
     /// Every annotation the injector reads, set.
     fn every_annotation(review: &mut Value, namespace: &str) {
         let dns = format!("checkout.{namespace}.svc,checkout.{namespace}.svc.cluster.local");
+        // A Secret name under the pod's own service account's prefix.
+        let sa = review["request"]["object"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default");
+        let secret = format!("wsgate-{sa}-mtls");
         annotate(
             review,
             &[
@@ -855,7 +860,7 @@ mod sidecar_command_line {
                     "wsgate.dev/allow",
                     "spiffe://cluster.local/ns/web/sa/frontend, spiffe://cluster.local/ns/ops/**, dns:*.shop.svc, cn:legacy-client",
                 ),
-                ("wsgate.dev/secret", "checkout-mtls"),
+                ("wsgate.dev/secret", &secret),
                 ("wsgate.dev/trust-bundle", "cluster-trust"),
                 ("wsgate.dev/dns-names", &dns),
                 ("wsgate.dev/outbound", "wss://elsewhere.example"),
@@ -1234,10 +1239,7 @@ mod admin_metrics {
         assert_eq!(status, 400);
         // A certificate reconcile against an API without cert-manager, counted in these metrics.
         {
-            use super::controller::{
-                CERT_PATH, SA_PATH, SECRET_PATH, expect, expect_event, injected_pod, secret_not_found, service_account,
-                status,
-            };
+            use super::controller::{CERT_PATH, SA_PATH, expect, expect_event, injected_pod, service_account, status};
             use kube::runtime::{reflector, watcher};
             let (svc, mut handle) =
                 tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
@@ -1254,7 +1256,6 @@ mod admin_metrics {
             let api = tokio::spawn(async move {
                 expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
                 expect(&mut handle, "GET", CERT_PATH, 404, &no_crd).await;
-                expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
                 expect(&mut handle, "PATCH", CERT_PATH, 404, &no_crd).await;
                 expect_event(&mut handle).await;
             });
@@ -1340,7 +1341,7 @@ mod controller {
     use kube::client::Body;
     use kube::runtime::reflector;
     use kube::runtime::watcher;
-    use wsgate::inject::certificates::{Context, desired_for, manifest, reconcile};
+    use wsgate::inject::certificates::{Conflict, Context, desired_for, manifest, reconcile};
     use wsgate::inject::metrics::InjectMetrics;
 
     use super::*;
@@ -1379,16 +1380,6 @@ mod controller {
             .header("content-type", "application/json")
             .body(Body::from(serde_json::to_vec(body).unwrap()))
             .unwrap()
-    }
-
-    /// The Secret `wsgate-checkout` as its metadata reads, cert-manager's annotation naming the
-    /// Certificate it was issued for, if any.
-    fn secret_metadata(issued_for: Option<&str>) -> Value {
-        let mut meta = json!({"name": "wsgate-checkout", "namespace": "shop"});
-        if let Some(cert) = issued_for {
-            meta["annotations"] = json!({"cert-manager.io/certificate-name": cert});
-        }
-        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": meta})
     }
 
     /// The controller's first two calls for a new Certificate of `checkout`: its service
@@ -1449,7 +1440,6 @@ mod controller {
 
     pub(super) const SA_PATH: &str = "/api/v1/namespaces/shop/serviceaccounts/checkout";
     pub(super) const CERT_PATH: &str = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-checkout";
-    pub(super) const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/wsgate-checkout";
     pub(super) const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 
     fn cert_not_found() -> Value {
@@ -1457,14 +1447,6 @@ mod controller {
             404,
             "certificates.cert-manager.io \"wsgate-checkout\" not found",
             Some(json!({"name": "wsgate-checkout", "group": "cert-manager.io", "kind": "certificates"})),
-        )
-    }
-
-    pub(super) fn secret_not_found() -> Value {
-        status(
-            404,
-            "secrets \"wsgate-checkout\" not found",
-            Some(json!({"name": "wsgate-checkout", "kind": "secrets"})),
         )
     }
 
@@ -1514,12 +1496,11 @@ mod controller {
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
         let api = tokio::spawn(async move {
             expect_no_certificate_yet(&mut handle).await;
-            let (secret_uri, _) = expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
             let (uri, applied) = expect(&mut handle, "PATCH", CERT_PATH, 201, &json!({})).await;
-            (uri, applied, handle, secret_uri)
+            (uri, applied, handle)
         });
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let (uri, applied, mut handle, _) = api.await.unwrap();
+        let (uri, applied, mut handle) = api.await.unwrap();
         assert!(
             uri.contains("fieldManager=wsgate-injector") && uri.contains("force=true"),
             "{uri}"
@@ -1607,7 +1588,6 @@ mod controller {
         let api = tokio::spawn(async move {
             expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
             expect(&mut handle, "GET", CERT_PATH, 404, &no_crd).await;
-            expect(&mut handle, "GET", SECRET_PATH, 404, &secret_not_found()).await;
             expect(&mut handle, "PATCH", CERT_PATH, 404, &no_crd).await;
             let event = expect_event(&mut handle).await;
             (handle, event)
@@ -1658,10 +1638,14 @@ mod controller {
         );
         let other_domain = desired_for(&sneaky, [&sneaky], "k8s.corp").unwrap().unwrap();
         assert_eq!(other_domain.dns_names, vec!["api.shop.svc"]);
-        let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "shared")]);
-        let b = injected_pod("b", "billing", &[("wsgate.dev/secret", "shared")]);
+        // checkout's `wsgate-checkout-v2` is also the default name of service account checkout-v2.
+        let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "wsgate-checkout-v2")]);
+        let b = injected_pod("b", "checkout-v2", &[]);
         assert!(
-            desired_for(&a, [&a, &b], "cluster.local").is_err(),
+            matches!(
+                desired_for(&a, [&a, &b], "cluster.local"),
+                Err(Conflict::SharedSecret { .. })
+            ),
             "one Secret cannot carry two identities"
         );
     }
@@ -1713,123 +1697,109 @@ mod controller {
     }
 
     #[tokio::test]
-    async fn an_existing_secret_not_issued_for_the_certificate_is_refused_with_one_event() {
-        let pod = injected_pod("checkout-1", "checkout", &[]);
-        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        // Made by hand (or by another tool): cert-manager never issued it.
-        let by_hand = secret_metadata(None);
+    async fn a_secret_name_outside_the_service_accounts_reservation_is_refused_with_one_event_and_no_call() {
+        // The injected label and the annotation set by hand, bypassing the webhook: `db-tls` may
+        // be anyone's Secret, and cert-manager would overwrite it. The controller never reads
+        // Secrets, so it refuses by name: no Secret, ServiceAccount or Certificate call at all.
+        let pod = injected_pod("checkout-1", "checkout", &[("wsgate.dev/secret", "db-tls")]);
+        let billing = injected_pod("checkout-2", "checkout", &[("wsgate.dev/secret", "wsgate-billing")]);
+        let (ctx, mut handle, metrics) = context(&[pod.clone(), billing.clone()]);
         let api = tokio::spawn(async move {
-            expect_no_certificate_yet(&mut handle).await;
-            expect(&mut handle, "GET", SECRET_PATH, 200, &by_hand).await;
-            let event = expect_event(&mut handle).await;
-            // The second reconcile checks again, and writes no second Event.
-            expect_no_certificate_yet(&mut handle).await;
-            expect(&mut handle, "GET", SECRET_PATH, 200, &by_hand).await;
-            (handle, event)
+            let first = expect_event(&mut handle).await;
+            let second = expect_event(&mut handle).await;
+            (handle, first, second)
         });
         reconcile(Arc::new(pod.clone()), ctx.clone()).await.unwrap();
+        reconcile(Arc::new(billing), ctx.clone()).await.unwrap();
+        // Again at once: rate-limited, no second Event for the same pod.
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let (mut handle, event) = api.await.unwrap();
-        assert_eq!(event["reason"], "SecretNotOwned");
+        let (mut handle, event, other) = api.await.unwrap();
+        assert_eq!(event["reason"], "SecretNotReserved");
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reportingController"], "wsgate-injector");
         assert_eq!(event["regarding"]["name"], "checkout-1");
-        assert!(event["note"].as_str().unwrap().contains("wsgate-checkout"), "{event}");
-        assert_eq!(reconciles(&metrics, "secret_not_owned"), Some(2.0));
+        let note = event["note"].as_str().unwrap();
+        assert!(note.contains("db-tls") && note.contains("wsgate-checkout-"), "{event}");
+        assert_eq!(other["reason"], "SecretNotReserved");
+        assert!(other["note"].as_str().unwrap().contains("wsgate-billing"), "{other}");
+        assert_eq!(reconciles(&metrics, "secret_not_reserved"), Some(3.0));
         assert_eq!(reconciles(&metrics, "applied"), None);
         drop(ctx);
-        assert!(handle.next_request().await.is_none(), "no Certificate, no second Event");
+        assert!(handle.next_request().await.is_none(), "no Certificate, no third Event");
     }
 
     #[tokio::test]
-    async fn a_secret_issued_for_the_same_certificate_gets_it_back() {
-        let pod = injected_pod("checkout-1", "checkout", &[]);
+    async fn a_name_under_the_service_accounts_own_prefix_gets_its_certificate() {
+        let pod = injected_pod(
+            "checkout-1",
+            "checkout",
+            &[("wsgate.dev/secret", "wsgate-checkout-api")],
+        );
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        // Left behind by cert-manager when the Certificate went away with its service account.
-        let issued = secret_metadata(Some("wsgate-checkout"));
         let api = tokio::spawn(async move {
-            expect_no_certificate_yet(&mut handle).await;
-            let (req, send) = handle.next_request().await.expect("the Secret's metadata");
-            assert_eq!(req.uri().path(), SECRET_PATH);
-            let accept = req.headers()["accept"].to_str().unwrap().to_owned();
-            send.send_response(
-                Response::builder()
-                    .status(200)
-                    .body(Body::from(serde_json::to_vec(&issued).unwrap()))
-                    .unwrap(),
+            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
+            let path = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-checkout-api";
+            let gone = status(
+                404,
+                "certificates.cert-manager.io \"wsgate-checkout-api\" not found",
+                None,
             );
-            let (req, send) = handle.next_request().await.expect("the apply");
-            assert_eq!(req.method(), "PATCH");
-            assert_eq!(req.uri().path(), CERT_PATH);
-            send.send_response(
-                Response::builder()
-                    .status(200)
-                    .body(Body::from(b"{}".to_vec()))
-                    .unwrap(),
-            );
-            (accept, handle)
+            expect(&mut handle, "GET", path, 404, &gone).await;
+            let (_, applied) = expect(&mut handle, "PATCH", path, 201, &json!({})).await;
+            (handle, applied)
         });
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
-        let (accept, mut handle) = api.await.unwrap();
-        assert!(
-            accept.contains("as=PartialObjectMetadata"),
-            "metadata only, never the data: {accept}"
+        let (mut handle, applied) = api.await.unwrap();
+        assert_eq!(applied["spec"]["secretName"], "wsgate-checkout-api");
+        assert_eq!(
+            applied["spec"]["uris"],
+            json!(["spiffe://cluster.local/ns/shop/sa/checkout"])
         );
         assert_eq!(reconciles(&metrics, "applied"), Some(1.0));
         drop(ctx);
-        assert!(handle.next_request().await.is_none(), "no Event");
-    }
-
-    #[tokio::test]
-    async fn a_secret_whose_annotation_names_another_certificate_is_refused() {
-        let pod = injected_pod("checkout-1", "checkout", &[]);
-        let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        let other = secret_metadata(Some("ingress-tls"));
-        let api = tokio::spawn(async move {
-            expect_no_certificate_yet(&mut handle).await;
-            expect(&mut handle, "GET", SECRET_PATH, 200, &other).await;
-            expect_event(&mut handle).await
-        });
-        reconcile(Arc::new(pod), ctx).await.unwrap();
-        assert_eq!(api.await.unwrap()["reason"], "SecretNotOwned");
-        assert_eq!(reconciles(&metrics, "secret_not_owned"), Some(1.0));
+        assert!(handle.next_request().await.is_none(), "no Secret read, no Event");
     }
 
     #[tokio::test]
     async fn a_certificate_of_another_service_account_is_not_taken_over() {
-        // billing's pods used the Secret and are gone; checkout's pods now ask for it.
-        let pod = injected_pod("checkout-1", "checkout", &[("wsgate.dev/secret", "wsgate-checkout")]);
+        // Reserved names can still overlap: service account `check` asked for `wsgate-check-out`
+        // (under its own prefix) and its pods are gone; service account `check-out` now asks
+        // for its default name, the same one.
+        let pod = injected_pod("checkout-1", "check-out", &[]);
         let (ctx, mut handle, metrics) = context(std::slice::from_ref(&pod));
-        let billing_pod = injected_pod("billing-1", "billing", &[("wsgate.dev/secret", "wsgate-checkout")]);
-        let billing = manifest(
-            &desired_for(&billing_pod, [&billing_pod], "cluster.local")
-                .unwrap()
-                .unwrap(),
-            "uid-billing",
+        let earlier = injected_pod("check-1", "check", &[("wsgate.dev/secret", "wsgate-check-out")]);
+        let theirs = manifest(
+            &desired_for(&earlier, [&earlier], "cluster.local").unwrap().unwrap(),
+            "uid-check",
             &InjectSettings::example(),
         );
         let api = tokio::spawn(async move {
-            expect(&mut handle, "GET", SA_PATH, 200, &service_account("checkout", "uid-1")).await;
-            expect(&mut handle, "GET", CERT_PATH, 200, &billing).await;
+            let sa = "/api/v1/namespaces/shop/serviceaccounts/check-out";
+            expect(&mut handle, "GET", sa, 200, &service_account("check-out", "uid-1")).await;
+            let cert = "/apis/cert-manager.io/v1/namespaces/shop/certificates/wsgate-check-out";
+            expect(&mut handle, "GET", cert, 200, &theirs).await;
             let event = expect_event(&mut handle).await;
             (handle, event)
         });
         reconcile(Arc::new(pod), ctx.clone()).await.unwrap();
         let (mut handle, event) = api.await.unwrap();
         assert_eq!(event["reason"], "SecretClaimed");
-        assert!(event["note"].as_str().unwrap().contains("billing"), "{event}");
+        assert!(
+            event["note"].as_str().unwrap().contains("service account check:"),
+            "{event}"
+        );
         assert_eq!(reconciles(&metrics, "conflict"), Some(1.0));
         drop(ctx);
         assert!(
             handle.next_request().await.is_none(),
-            "billing's Certificate is not rewritten"
+            "the other service account's Certificate is not rewritten"
         );
     }
 
     #[tokio::test]
     async fn pods_of_two_service_accounts_on_one_secret_get_an_event_each_and_no_call_else() {
-        let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "shared")]);
-        let b = injected_pod("b", "billing", &[("wsgate.dev/secret", "shared")]);
+        let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "wsgate-checkout-v2")]);
+        let b = injected_pod("b", "checkout-v2", &[]);
         let (ctx, mut handle, metrics) = context(&[a.clone(), b.clone()]);
         let api = tokio::spawn(async move {
             let first = expect_event(&mut handle).await;
