@@ -1,13 +1,16 @@
 //! Watches the certificate directories and installs each new valid set; keeps the last good one.
 //!
 //! `notify` watches the directories (never the files: the kubelet swaps `..data`, the visible
-//! symlinks never change). Events are debounced, then the whole set is read (`source`) and
-//! validated (`bundle`). A set identical to the one being served is ignored; a new valid set is
+//! symlinks never change). The kubelet's update ends with one atomic rename onto `..data`: that
+//! event means the new set is complete, so it is read at once. Other events (a plain directory
+//! rewritten file by file) are debounced. Then the whole set is read (`source`) and validated
+//! (`bundle`). A set identical to the one being served is ignored; a new valid set is
 //! handed to the [`ReloadSink`]; a bad or half-written set is reported and retried with back-off
 //! while the previous set keeps serving. A periodic re-check catches any missed event, and the
 //! directories may not exist at start (the kubelet may mount them later).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::{RecursiveMode, Watcher as _};
@@ -133,8 +136,11 @@ pub fn log_report(report: &ReloadReport, still_serving: Option<&str>) {
 /// Timings of the certificate watcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReloadTiming {
-    /// Quiet time after a file event before the set is read (the kubelet writes several entries).
+    /// Quiet time after a file event before the set is read, for files written one by one. The
+    /// kubelet's rename onto `..data` is read at once.
     pub debounce: Duration,
+    /// Longest wait for file events to stop before reading anyway.
+    pub max_debounce: Duration,
     /// Re-read the set this often even without events, to catch a missed one.
     pub recheck: Duration,
     /// First retry delay after a bad set; doubles up to `max_backoff`.
@@ -147,6 +153,7 @@ impl Default for ReloadTiming {
     fn default() -> Self {
         Self {
             debounce: Duration::from_millis(100),
+            max_debounce: Duration::from_secs(2),
             recheck: Duration::from_secs(30),
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -154,8 +161,26 @@ impl Default for ReloadTiming {
     }
 }
 
-/// Longest wait for file events to stop before reading anyway.
-const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+/// The name the kubelet renames each new generation of a Secret or ConfigMap volume onto.
+const DATA_LINK: &str = "..data";
+
+/// Whether `event` is the kubelet's commit of a new generation: `..data_tmp` renamed onto
+/// `..data` (inotify reports the rename's target as a name change or, on some platforms, a
+/// create). After it every file of the new set is in place.
+fn commits_generation(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    use notify::event::{ModifyKind, RenameMode};
+    let lands_on_data = event
+        .paths
+        .iter()
+        .any(|p| p.file_name().is_some_and(|n| n == DATA_LINK));
+    lands_on_data
+        && matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both | RenameMode::Any))
+        )
+}
 
 /// The certificate watcher for one source.
 pub struct CertWatcher {
@@ -205,12 +230,17 @@ impl CertWatcher {
             .min(self.timing.max_backoff)
     }
 
-    fn start_notify(&self, wake: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-        let wake = wake.clone();
+    fn start_notify(&self, wake: &Arc<Notify>, committed: &Arc<AtomicBool>) -> Option<notify::RecommendedWatcher> {
+        let (wake, committed) = (wake.clone(), committed.clone());
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // Reading the files is an event too (inotify reports opens): only changes count, or
             // a plain file or directory would make every reload trigger the next.
-            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            if let Ok(event) = res
+                && !matches!(event.kind, notify::EventKind::Access(_))
+            {
+                if commits_generation(&event) {
+                    committed.store(true, Ordering::Release);
+                }
                 wake.notify_one();
             }
         })
@@ -228,13 +258,14 @@ impl CertWatcher {
     pub async fn run<S: ReloadSink>(self, mut sink: S, cancel: CancellationToken) {
         let this = Arc::new(self);
         let wake = Arc::new(Notify::new());
+        let committed = Arc::new(AtomicBool::new(false));
         let mut fs_watch = None;
         let mut served: Option<[u8; 32]> = None;
         let mut failures: u32 = 0;
         let mut trigger = Trigger::Start;
         loop {
             if fs_watch.is_none() {
-                fs_watch = this.start_notify(&wake);
+                fs_watch = this.start_notify(&wake, &committed);
             }
             let started = SystemTime::now();
             let t0 = Instant::now();
@@ -297,10 +328,11 @@ impl CertWatcher {
                 _ = cancel.cancelled() => return,
                 _ = wake.notified() => {
                     trigger = Trigger::Event;
-                    // Debounce: the kubelet creates a directory, a symlink, renames it and removes
-                    // the old directory; wait until the events stop, but not for ever.
-                    let give_up = tokio::time::Instant::now() + MAX_DEBOUNCE;
-                    loop {
+                    // The kubelet's rename onto `..data` completes a set: read it now. Anything
+                    // else (files rewritten one by one) is debounced: wait until the events stop,
+                    // or a commit arrives, but not for ever.
+                    let give_up = tokio::time::Instant::now() + this.timing.max_debounce;
+                    while !committed.swap(false, Ordering::AcqRel) {
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(this.timing.debounce) => break,
@@ -335,6 +367,40 @@ mod tests {
             },
             crate::tls::provider(),
         )
+    }
+
+    #[test]
+    fn only_the_rename_onto_data_commits_a_generation() {
+        use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+        use notify::{Event, EventKind};
+        let at = |kind: EventKind, names: &[&str]| {
+            names
+                .iter()
+                .fold(Event::new(kind), |e, n| e.add_path(format!("/vol/{n}").into()))
+        };
+        let rename = |mode| EventKind::Modify(ModifyKind::Name(mode));
+        assert!(commits_generation(&at(rename(RenameMode::To), &["..data"])));
+        assert!(commits_generation(&at(
+            rename(RenameMode::Both),
+            &["..data_tmp", "..data"]
+        )));
+        assert!(commits_generation(&at(EventKind::Create(CreateKind::Any), &["..data"])));
+        // The steps before it, and plain files rewritten one by one, are debounced.
+        assert!(!commits_generation(&at(rename(RenameMode::From), &["..data_tmp"])));
+        assert!(!commits_generation(&at(
+            EventKind::Create(CreateKind::Folder),
+            &["..2026_12_01_12_00_00.1"]
+        )));
+        assert!(!commits_generation(&at(
+            EventKind::Create(CreateKind::Any),
+            &["..data_tmp"]
+        )));
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        assert!(!commits_generation(&at(write, &["tls.crt"])));
+        assert!(!commits_generation(&at(
+            EventKind::Remove(RemoveKind::Any),
+            &["..data"]
+        )));
     }
 
     #[test]

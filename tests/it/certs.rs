@@ -495,3 +495,61 @@ async fn the_watcher_does_not_wake_itself_up_by_reading_a_plain_directory() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// The kubelet's rename onto `..data` completes a set, so it is read at once, without waiting
+/// for the debounce: with a debounce (and re-check) of an hour, a rotation written the kubelet's
+/// way is still installed, and the reload is reported as an event.
+#[tokio::test]
+async fn a_kubelet_swap_is_read_on_its_rename_without_waiting_for_the_debounce() {
+    use std::sync::{Arc, Mutex};
+    use wsgate::certs::watch::{CertWatcher, ReloadReport, ReloadSink, Trigger};
+    struct Installs(Arc<Mutex<Vec<(String, Trigger)>>>);
+    impl ReloadSink for Installs {
+        fn install(&mut self, _: wsgate::certs::CertBundle) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            Ok(())
+        }
+        fn report(&mut self, report: &ReloadReport) {
+            if let Ok(installed) = &report.result {
+                self.0.lock().unwrap().push((installed.serial.clone(), report.trigger));
+            }
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let vol = SecretVolume::new(tmp.path().join("tls")).unwrap();
+    let pki = Pki::new();
+    let first = pki.server();
+    write_set(&vol, &first, &pki.ca);
+    let hour = Duration::from_secs(3600);
+    let timing = wsgate::certs::ReloadTiming {
+        debounce: hour,
+        max_debounce: hour,
+        recheck: hour,
+        ..Default::default()
+    };
+    let watcher = CertWatcher::new(
+        wsgate::certs::SecretSource {
+            cert_dir: vol.path().to_path_buf(),
+            trust_bundle: None,
+        },
+        wsgate::certs::Usage::Server,
+        timing,
+        wsgate::tls::provider(),
+    );
+    let installs: Arc<Mutex<Vec<(String, Trigger)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watcher.run(Installs(installs.clone()), stop.clone()));
+    let seen = || installs.lock().unwrap().clone();
+    until("the first set", DEADLINE, seen, |i| i.len() == 1).await;
+    let second = pki.server();
+    write_set(&vol, &second, &pki.ca);
+    let all = until("the rotated set", DEADLINE, seen, |i| i.len() == 2).await;
+    assert_eq!(
+        all,
+        [
+            (first.serial.clone(), Trigger::Start),
+            (second.serial.clone(), Trigger::Event)
+        ]
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
