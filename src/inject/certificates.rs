@@ -79,7 +79,7 @@ pub struct Desired {
     pub secret: String,
     /// The service account the pods run as.
     pub service_account: String,
-    /// DNS SANs, sorted and deduplicated (only names of the namespace's own Services).
+    /// DNS SANs, lowercase, sorted and deduplicated (only names of the namespace's own Services).
     pub dns_names: Vec<String>,
     /// DNS names asked for but refused (not the namespace's own).
     pub refused_dns_names: Vec<String>,
@@ -135,7 +135,8 @@ pub fn desired_for<'a>(
         if let Some(names) = p.metadata.annotations.as_ref().and_then(|a| a.get(DNS_NAMES)) {
             for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 if dns_name_allowed(name, &namespace, cluster_domain) {
-                    dns.insert(name.to_owned());
+                    // DNS is case-insensitive; the approval policy admits lowercase names only.
+                    dns.insert(name.to_ascii_lowercase());
                 } else {
                     refused.insert(name.to_owned());
                 }

@@ -2041,7 +2041,7 @@ fn approval_policy_guards_the_workload_issuer() {
     assert_eq!(allowed["dnsNames"]["values"], json!(["*.svc", "*.svc.cluster.local"]));
     assert_eq!(
         allowed["dnsNames"]["validations"][0]["rule"],
-        "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?[.]' + cr.namespace + '[.]svc([.]cluster[.]local)?$')"
+        "self.matches('^([*]|[a-z0-9]([-a-z0-9]*[a-z0-9])?)[.]' + cr.namespace + '[.]svc([.]cluster[.]local)?$')"
     );
     assert_eq!(
         allowed["usages"],
@@ -2091,6 +2091,246 @@ fn approval_policy_guards_the_workload_issuer() {
         json!(["*.svc", "*.svc.k8s.internal"])
     );
     assert_eq!(spec["constraints"]["maxDuration"], "48h");
+}
+
+/// approver-policy's `values` match (pkg/internal/util/wildcard.go): `*` stands for any run of
+/// characters, the empty one, dots and slashes included; everything else matches itself.
+fn wildcard_matches(pattern: &str, s: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let Some(mut rest) = s.strip_prefix(parts.next().unwrap_or_default()) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
+}
+
+/// What approver-policy decides for one SAN of a CertificateRequest, per
+/// pkg/internal/approver/allowed/evaluator.go (evaluateSlice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verdict {
+    /// It matches one of the attribute's `values`.
+    values: bool,
+    /// Every CEL rule of the attribute's `validations` is true for it.
+    rules: bool,
+}
+
+impl Verdict {
+    /// Approved: both (an evaluation error counts as a denial there; here it fails the test).
+    fn admitted(self) -> bool {
+        self.values && self.rules
+    }
+}
+
+/// approver-policy's verdict on each `(namespace, SAN)`: the SAN asked for by a CertificateRequest
+/// in that namespace, under `attribute` (a policy's `allowed.uris` or `allowed.dnsNames`), its
+/// rules evaluated with real CEL (`K8sTools::eval_cel`). Panics when a rule does not compile, is
+/// not a bool, or fails to evaluate: approver-policy would deny, but the rule is broken.
+fn verdicts(attribute: &Value, asks: &[(&str, &str)]) -> Vec<Verdict> {
+    let values: Vec<&str> = attribute["values"].as_array().unwrap().iter().map(str_of).collect();
+    let rules: Vec<&str> = attribute["validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| str_of(&v["rule"]))
+        .collect();
+    assert!(!rules.is_empty(), "no validations in {attribute}");
+    // What approver-policy puts in `cr` (validation/certificaterequest.proto): the request's
+    // name, namespace and creator (cert-manager's controller for a Certificate's requests).
+    let requests: Vec<(&str, Value)> = asks
+        .iter()
+        .map(|(namespace, san)| {
+            let cr = json!({"name": "wsgate-api-1", "namespace": namespace,
+                "username": "system:serviceaccount:cert-manager:cert-manager"});
+            (*san, cr)
+        })
+        .collect();
+    let results = tools().eval_cel(&rules, &requests);
+    asks.iter()
+        .enumerate()
+        .map(|(i, (namespace, san))| Verdict {
+            values: values.iter().any(|p| wildcard_matches(p, san)),
+            rules: rules.iter().zip(&results).all(|(rule, per_request)| {
+                per_request[i]
+                    .clone()
+                    .unwrap_or_else(|e| panic!("rule {rule} for {san:?} from {namespace}: {e}"))
+            }),
+        })
+        .collect()
+}
+
+/// The approval policy's CEL rules, evaluated for real (cel-cpp through scripts/eval-cel.py, with
+/// approver-policy's variables `self` and `cr` and RE2 `matches`), admit for a CertificateRequest
+/// in `dev` exactly `dev`'s SPIFFE IDs and `dev`'s Service names: every other namespace's
+/// identity, longer paths, other trust domains and names that merely contain `dev.svc` are
+/// refused by the rules themselves (not only by the `values` wildcards, which admit
+/// `spiffe://TD/ns/payments/sa/api` and `x.dev.svc.b.svc.cluster.local`). And what the certificate
+/// controller asks for is admitted. (A namespace whose name holds a regular expression's
+/// metacharacter, which `cr.namespace` would inject into the pattern, cannot exist: namespace
+/// names are RFC 1123 labels, `[a-z0-9]([-a-z0-9]*[a-z0-9])?`.)
+#[test]
+fn approval_policy_rules_admit_only_the_requesting_namespaces_own_identity() {
+    use wsgate::inject::certificates::{desired_for, manifest};
+    use wsgate::inject::settings::InjectSettings;
+
+    let variant = [
+        "--set",
+        "sidecar.trustDomain=prod.example.com",
+        "--set",
+        "sidecar.clusterDomain=k8s.internal",
+    ];
+    for (args, td, cd, other_td, other_cd) in [
+        (
+            &[][..],
+            "cluster.local",
+            "cluster.local",
+            "prod.example.com",
+            "k8s.internal",
+        ),
+        (
+            &variant[..],
+            "prod.example.com",
+            "k8s.internal",
+            "cluster.local",
+            "cluster.local",
+        ),
+    ] {
+        let docs = render(args);
+        let allowed = &one(&docs, "CertificateRequestPolicy")["spec"]["allowed"];
+        let id = |ns: &str, sa: &str| format!("spiffe://{td}/ns/{ns}/sa/{sa}");
+        // A dot of the trust domain or cluster domain read as "any character" would admit these.
+        let td_dotless = td.replace('.', "x");
+        let cd_dotless = cd.replace('.', "x");
+
+        let good_uris = [
+            ("dev", id("dev", "api")),
+            ("dev", id("dev", "api.v2")),
+            ("dev", id("dev", "a")),
+            ("payments", id("payments", "api")),
+        ];
+        let bad_uris: Vec<String> = vec![
+            id("payments", "api"),
+            id("dev", "api/extra"),
+            id("dev-x", "api"),
+            id("de", "api"),
+            id("dev", ""),
+            id("dev", "-api"),
+            id("dev", "api?x=1"),
+            id("dev", "api#x"),
+            id("dev", "api%2Fx"),
+            id("dev", "../../payments/sa/api"),
+            id("dev", "api\n"),
+            format!("{}/", id("dev", "api")),
+            format!("spiffe://{td}/ns/dev/sa"),
+            format!("spiffe://{td}/ns/dev/api"),
+            format!("spiffe://{td}/ns//sa/api"),
+            format!("spiffe://{td}/ns/payments/sa/dev/ns/dev/sa/api"),
+            "spiffe://evil.example/ns/dev/sa/api".into(),
+            format!("spiffe://{other_td}/ns/dev/sa/api"),
+            format!("spiffe://{td_dotless}/ns/dev/sa/api"),
+            format!("spiffe://{td}.evil.example/ns/dev/sa/api"),
+            format!("spiffe://x@{td}/ns/dev/sa/api"),
+            format!("https://{td}/ns/dev/sa/api"),
+        ];
+        let good_dns: Vec<String> = vec![
+            "api.dev.svc".into(),
+            format!("api.dev.svc.{cd}"),
+            "a-b.dev.svc".into(),
+            "*.dev.svc".into(),
+            format!("*.dev.svc.{cd}"),
+        ];
+        let bad_dns: Vec<String> = vec![
+            format!("x.dev.svc.b.svc.{cd}"),
+            "api.dev.svc.attacker.example".into(),
+            "api.payments.svc".into(),
+            format!("api.payments.svc.{cd}"),
+            format!("api.dev.svc.{cd}."),
+            format!("api.dev.svc.{cd}.evil"),
+            format!("api.dev.svc.{other_cd}"),
+            format!("api.dev.svc.{cd_dotless}"),
+            "api.dev.svc.".into(),
+            "api.dev.svc\n".into(),
+            "x.y.dev.svc".into(),
+            "dev.svc".into(),
+            ".dev.svc".into(),
+            "api.dev-x.svc".into(),
+            "api.xdev.svc".into(),
+            "api.dev.svcx".into(),
+            "api.devxsvc".into(),
+            "-api.dev.svc".into(),
+            "api-.dev.svc".into(),
+            "*.svc".into(),
+            "**.dev.svc".into(),
+            "*.*.dev.svc".into(),
+        ];
+
+        let uris = &allowed["uris"];
+        let asks: Vec<(&str, &str)> = good_uris.iter().map(|(ns, u)| (*ns, u.as_str())).collect();
+        for ((ns, uri), v) in asks.iter().zip(verdicts(uris, &asks)) {
+            assert!(v.admitted(), "{td}: {uri:?} refused for a request in {ns}: {v:?}");
+        }
+        let asks: Vec<(&str, &str)> = bad_uris.iter().map(|u| ("dev", u.as_str())).collect();
+        for ((_, uri), v) in asks.iter().zip(verdicts(uris, &asks)) {
+            assert!(!v.rules, "{td}: the rules admit {uri:?} for a request in dev ({v:?})");
+        }
+        let dns = &allowed["dnsNames"];
+        let asks: Vec<(&str, &str)> = good_dns.iter().map(|n| ("dev", n.as_str())).collect();
+        for ((_, name), v) in asks.iter().zip(verdicts(dns, &asks)) {
+            assert!(v.admitted(), "{cd}: {name:?} refused for a request in dev: {v:?}");
+        }
+        let asks: Vec<(&str, &str)> = bad_dns.iter().map(|n| ("dev", n.as_str())).collect();
+        for ((_, name), v) in asks.iter().zip(verdicts(dns, &asks)) {
+            assert!(!v.rules, "{cd}: the rules admit {name:?} for a request in dev ({v:?})");
+        }
+        // A request from payments gets none of dev's names.
+        let asks = [("payments", "api.dev.svc"), ("payments", good_uris[0].1.as_str())];
+        assert!(!verdicts(dns, &asks[..1])[0].rules && !verdicts(uris, &asks[1..])[0].rules);
+
+        // The certificate controller's Certificate for a pod in dev asking for every name above
+        // (some in upper case): cert-manager puts its uris and dnsNames in the request's CSR.
+        let names: Vec<String> = good_dns
+            .iter()
+            .chain(&bad_dns)
+            .filter(|n| !n.contains('\n'))
+            .cloned()
+            .chain([format!("API.Dev.SVC.{}", cd.to_uppercase())])
+            .collect();
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "api-1", "namespace": "dev", "labels": {"wsgate.dev/injected": "true"},
+                "annotations": {"wsgate.dev/dns-names": names.join(",")}},
+            "spec": {"serviceAccountName": "api", "containers": [{"name": "app", "image": "app"}]},
+        }))
+        .unwrap();
+        let desired = desired_for(&pod, [&pod], cd).unwrap().unwrap();
+        let settings = InjectSettings {
+            trust_domain: td.into(),
+            cluster_domain: cd.into(),
+            ..InjectSettings::example()
+        };
+        let spec = &manifest(&desired, "uid", &settings)["spec"];
+        for (attribute, asked) in [(uris, &spec["uris"]), (dns, &spec["dnsNames"])] {
+            let asked: Vec<(&str, &str)> = asked.as_array().unwrap().iter().map(|v| ("dev", str_of(v))).collect();
+            for ((_, san), v) in asked.iter().zip(verdicts(attribute, &asked)) {
+                assert!(
+                    v.admitted(),
+                    "the controller asks for {san:?}, which the policy refuses ({v:?})"
+                );
+            }
+        }
+        let mut expected: Vec<String> = good_dns.clone();
+        expected.push(format!("api.dev.svc.{cd}"));
+        expected.sort();
+        expected.dedup();
+        assert_eq!(spec["dnsNames"], json!(expected), "{cd}");
+    }
 }
 
 #[test]

@@ -1341,7 +1341,7 @@ mod controller {
     use kube::client::Body;
     use kube::runtime::reflector;
     use kube::runtime::watcher;
-    use wsgate::inject::certificates::{Conflict, Context, desired_for, manifest, reconcile};
+    use wsgate::inject::certificates::{Conflict, Context, Desired, desired_for, manifest, reconcile};
     use wsgate::inject::metrics::InjectMetrics;
 
     use super::*;
@@ -1610,34 +1610,40 @@ mod controller {
         assert!(handle.next_request().await.is_none());
     }
 
+    /// What the controller asks for a pod of service account checkout in shop whose
+    /// `wsgate.dev/dns-names` is `names`.
+    fn desired_dns(names: &str, cluster_domain: &str) -> Desired {
+        let pod = injected_pod("a", "checkout", &[("wsgate.dev/dns-names", names)]);
+        desired_for(&pod, [&pod], cluster_domain).unwrap().unwrap()
+    }
+
+    #[test]
+    fn dns_names_are_asked_for_in_lowercase() {
+        // DNS is case-insensitive and the approval policy admits lowercase names only.
+        let d = desired_dns(
+            "Checkout.SHOP.svc,checkout.shop.svc,*.Shop.SVC.Cluster.Local",
+            "cluster.local",
+        );
+        assert_eq!(d.dns_names, vec!["*.shop.svc.cluster.local", "checkout.shop.svc"]);
+        assert!(d.refused_dns_names.is_empty());
+    }
+
     #[test]
     fn dns_names_of_other_namespaces_and_shared_secrets_are_refused() {
         // The injected label can be set by hand, bypassing the webhook: the controller checks again.
-        let greedy = injected_pod(
-            "a",
-            "checkout",
-            &[("wsgate.dev/dns-names", "api.prod.svc,checkout.shop.svc,*.example.com")],
-        );
-        let d = desired_for(&greedy, [&greedy], "cluster.local").unwrap().unwrap();
+        let d = desired_dns("api.prod.svc,checkout.shop.svc,*.example.com", "cluster.local");
         assert_eq!(d.dns_names, vec!["checkout.shop.svc"]);
         assert_eq!(d.refused_dns_names, vec!["*.example.com", "api.prod.svc"]);
         // Names that merely contain `NS.svc` somewhere, followed by something else.
-        let sneaky = injected_pod(
-            "a",
-            "checkout",
-            &[(
-                "wsgate.dev/dns-names",
-                "x.shop.svc.b.svc.cluster.local,api.shop.svc.attacker.example,api.shop.svc,api.shop.svc.cluster.local",
-            )],
-        );
-        let d = desired_for(&sneaky, [&sneaky], "cluster.local").unwrap().unwrap();
+        let sneaky =
+            "x.shop.svc.b.svc.cluster.local,api.shop.svc.attacker.example,api.shop.svc,api.shop.svc.cluster.local";
+        let d = desired_dns(sneaky, "cluster.local");
         assert_eq!(d.dns_names, vec!["api.shop.svc", "api.shop.svc.cluster.local"]);
         assert_eq!(
             d.refused_dns_names,
             vec!["api.shop.svc.attacker.example", "x.shop.svc.b.svc.cluster.local"]
         );
-        let other_domain = desired_for(&sneaky, [&sneaky], "k8s.corp").unwrap().unwrap();
-        assert_eq!(other_domain.dns_names, vec!["api.shop.svc"]);
+        assert_eq!(desired_dns(sneaky, "k8s.corp").dns_names, vec!["api.shop.svc"]);
         // checkout's `wsgate-checkout-v2` is also the default name of service account checkout-v2.
         let a = injected_pod("a", "checkout", &[("wsgate.dev/secret", "wsgate-checkout-v2")]);
         let b = injected_pod("b", "checkout-v2", &[]);

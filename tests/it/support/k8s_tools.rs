@@ -1,5 +1,5 @@
 //! Installs and locates the Kubernetes tool chain the chart tests need (helm, kubernetes-validate,
-//! hadolint, the npm schema validators): runs `scripts/k8s-tools.sh` once per test process (it is
+//! hadolint, the npm schema validators, a CEL evaluator): runs `scripts/k8s-tools.sh` once per test process (it is
 //! idempotent, takes a lock, and returns at once when everything is in place) and hands out the
 //! paths, plus helpers to run helm and the project's manifest validator.
 
@@ -16,7 +16,7 @@ pub struct K8sTools {
     pub dir: PathBuf,
     pub helm: PathBuf,
     pub hadolint: PathBuf,
-    /// The venv's python: kubernetes-validate, jsonschema, PyYAML.
+    /// The venv's python: kubernetes-validate, jsonschema, PyYAML, cel-expr-python.
     pub python: PathBuf,
     /// node_modules with @kubernetes-models/{cert-manager,prometheus-operator}.
     pub node_modules: PathBuf,
@@ -149,5 +149,31 @@ impl K8sTools {
         }
         args.extend_from_slice(files);
         self.run(&self.python, &args, stdin, &[])
+    }
+    /// Evaluates approver-policy validation `rules` (CEL) for each request `(self, cr)` with
+    /// scripts/eval-cel.py (cel-expr-python, CEL's C++ implementation with RE2, in approver-policy's
+    /// environment): per rule, per request, its value, or why it has none (it does not compile,
+    /// is not a bool, or failed to evaluate).
+    pub fn eval_cel(&self, rules: &[&str], requests: &[(&str, serde_json::Value)]) -> Vec<Vec<Result<bool, String>>> {
+        let requests: Vec<_> = requests
+            .iter()
+            .map(|(value, cr)| serde_json::json!({"self": value, "cr": cr}))
+            .collect();
+        let job = serde_json::json!({"rules": rules, "requests": requests});
+        let script = self.path("scripts/eval-cel.py");
+        let ran = self.run(&self.python, &[script.to_str().unwrap()], &job.to_string(), &[]);
+        assert!(ran.ok, "scripts/eval-cel.py failed:\n{}", ran.stderr);
+        let out: Vec<Vec<serde_json::Value>> = serde_json::from_str(&ran.stdout).unwrap();
+        out.into_iter()
+            .map(|per_rule| {
+                per_rule
+                    .into_iter()
+                    .map(|v| match v {
+                        serde_json::Value::Bool(b) => Ok(b),
+                        other => Err(other.as_str().map_or_else(|| other.to_string(), str::to_owned)),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 }
