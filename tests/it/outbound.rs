@@ -308,7 +308,7 @@ async fn a_remote_whose_certificate_lacks_the_dialled_name_is_refused_with_502()
     let out = Outbound::start(&tmp, &pki, &pki.client("client"), &remote(inbound.listen), &[]).await;
     let (status, body) = refusal(dial(out.local, "/", &[]).await);
     assert_eq!(status, 502, "{body}");
-    assert!(body.contains("TLS handshake") && body.contains("NotValidForName"), "{body}");
+    assert!(body.contains("TLS handshake") && body.contains("not valid for name"), "{body}");
     let text = out.metrics().await;
     assert_eq!(
         metric(
