@@ -499,3 +499,165 @@ async fn a_non_loopback_local_listens_only_when_allowed() {
         "{started}"
     );
 }
+
+/// An in-process proxy presenting `leaf` from a fresh volume under `tmp`: inbound in front of
+/// `app` when given, with `routes` (`LOCAL=REMOTE`) and `expects` outbound.
+async fn in_process(
+    tmp: &tempfile::TempDir,
+    name: &str,
+    pki: &Pki,
+    leaf: &Leaf,
+    app: Option<SocketAddr>,
+    routes: &[String],
+    expects: &[String],
+    tweak: impl FnOnce(&mut wsgate::proxy::settings::ProxyConfig),
+) -> (wsgate::proxy::ProxyHandle, SecretVolume) {
+    let vol = SecretVolume::new(tmp.path().join(name)).unwrap();
+    write_set(&vol, leaf, &pki.ca);
+    let mut cfg = crate::support::proxy_config(
+        vol.path(),
+        app.unwrap_or_else(|| "127.0.0.1:1".parse().unwrap()),
+        &["spiffe://test.wsgate.local/ns/shop/sa/frontend"],
+    );
+    if app.is_none() {
+        cfg.upstream = None;
+    }
+    cfg.outbound.routes = wsgate::proxy::settings::Outbound::parse_routes(routes, expects, false).unwrap();
+    cfg.outbound.dial_timeout = Duration::from_secs(5);
+    cfg.outbound.max_per_destination = 100;
+    tweak(&mut cfg);
+    let proxy = wsgate::proxy::start(cfg).await.unwrap();
+    crate::support::wait_serial(&proxy, &leaf.serial).await;
+    (proxy, vol)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_span_is_a_client_span_that_continues_the_apps_trace_to_the_remote() {
+    use crate::support::otlp::{Val, grpc_receiver};
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT_ID: &str = "00f067aa0ba902b7";
+    let (endpoint, received) = grpc_receiver().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let server = pki.server();
+    let client = pki.client("client");
+    let app = TestApp::start().await;
+    let (inbound, _vin) = in_process(&tmp, "in", &pki, &server, Some(app.addr), &[], &[], |cfg| {
+        cfg.policy = wsgate::authz::Policy::new(&[spiffe("client")], false).unwrap();
+    })
+    .await;
+    let route = format!("127.0.0.1:0=wss://localhost:{}", inbound.listen_addr.port());
+    let expect = format!("127.0.0.1:0={}", spiffe("app"));
+    let lookup = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+    ];
+    let (out, _vout) = in_process(&tmp, "out", &pki, &client, None, &[route], &[expect], |cfg| {
+        cfg.otel = wsgate::telemetry::OtelSettings::from_lookup(|k| {
+            lookup.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        });
+    })
+    .await;
+    let local = out.outbound_addrs[0];
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let (mut ws, _) = dial(local, "/traced", &[("traceparent", &traceparent)]).await.unwrap();
+    echo(&mut ws, Message::text("traced")).await;
+    let span = received
+        .wait_for("the outbound handshake", |s| s.name == "wsgate.handshake")
+        .await;
+    assert_eq!(span.kind, 3, "CLIENT");
+    assert_eq!(span.status_code, 0);
+    assert_eq!(span.trace_id, TRACE_ID);
+    assert_eq!(span.parent_span_id, PARENT_ID);
+    assert_eq!(span.attr("server.address"), &Val::Str("localhost".into()));
+    assert_eq!(
+        span.attr("server.port"),
+        &Val::Int(i64::from(inbound.listen_addr.port()))
+    );
+    assert_eq!(span.attr("client.address"), &Val::Str("127.0.0.1".into()));
+    assert_eq!(span.attr("tls.protocol.version"), &Val::Str("1.3".into()));
+    assert_eq!(span.attr("tls.established"), &Val::Bool(true));
+    assert_eq!(span.attr("tls.server.subject"), &Val::Str("CN=app".into()));
+    assert_eq!(span.attr("tls.server.issuer"), &Val::Str("CN=wsgate test CA".into()));
+    assert_eq!(
+        span.attr("tls.server.hash.sha256"),
+        &Val::Str(sha256_hex(&server.cert_der).to_ascii_uppercase())
+    );
+    assert_eq!(span.attr("wsgate.server.spiffe_id"), &Val::Str(spiffe("app")));
+    assert_eq!(span.attr("wsgate.authz.decision"), &Val::Str("allow".into()));
+    assert_eq!(
+        span.attr("wsgate.client.certificate.serial"),
+        &Val::Str(client.serial.clone())
+    );
+    assert_eq!(span.attr("http.response.status_code"), &Val::Int(101));
+    assert_eq!(span.attr("url.path"), &Val::Str("/traced".into()));
+    // The remote got a traceparent whose parent is the outbound span, in the app's trace.
+    let seen = app.last_seen();
+    assert_eq!(
+        seen.header("traceparent"),
+        vec![format!("00-{TRACE_ID}-{}-01", span.span_id).as_str()]
+    );
+
+    // A refusal is a CLIENT span too, with its error.type.
+    app.set_mode(crate::support::Mode::Refuse(503, "maintenance"));
+    let (status, _) = refusal(dial(local, "/refused", &[]).await);
+    assert_eq!(status, 503);
+    let failed = received
+        .wait_for("the refused handshake", |s| s.error_type().is_some())
+        .await;
+    assert_eq!(failed.kind, 3);
+    assert_eq!(failed.error_type(), Some("upstream_rejected"));
+    assert_eq!(failed.attr("http.response.status_code"), &Val::Int(503));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_serves_inbound_and_outbound_and_a_drain_closes_both_with_1001() {
+    use crate::support::{Env, connect, roundtrip};
+    let tmp = tempfile::tempdir().unwrap();
+    // The remote: another pod's inbound sidecar admitting this pod's identity.
+    let remote_env = Env::start(&[spiffe("app").as_str()]).await;
+    let pki = &remote_env.pki;
+    let own_app = TestApp::start().await;
+    let route = format!("127.0.0.1:0=wss://localhost:{}", remote_env.proxy.listen_addr.port());
+    // This pod's certificate serves inbound (server auth) and dials out (client auth).
+    let leaf = pki.server();
+    let (proxy, _vol) = in_process(&tmp, "both", pki, &leaf, Some(own_app.addr), &[route], &[], |_| {}).await;
+
+    // Inbound: a client in another pod reaches this pod's app.
+    let frontend = pki.client("frontend");
+    let (mut inbound_ws, _) = connect(proxy.listen_addr, pki.client_config(Some(&frontend)), "localhost", "/in")
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(&mut inbound_ws, "in".into()).await.to_text().unwrap(), "in");
+    // Outbound: this pod's app reaches the remote app, as this pod's identity.
+    let (mut outbound_ws, _) = dial(proxy.outbound_addrs[0], "/out", &[]).await.unwrap();
+    echo(&mut outbound_ws, Message::text("out")).await;
+    let xfcc = remote_env.app.last_seen().header("x-forwarded-client-cert")[0].to_owned();
+    assert!(xfcc.contains(&format!("URI={}", spiffe("app"))), "{xfcc}");
+    let text = proxy.metrics.encode();
+    assert_eq!(metric(&text, "wsgate_connections_open{direction=\"inbound\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "wsgate_connections_open{direction=\"outbound\"}"), Some(1.0), "{text}");
+
+    // Drain: both get Close 1001, and the outbound listener stops accepting.
+    proxy.drain();
+    match next_data(&mut outbound_ws).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected Close 1001 on the outbound connection, got {other:?}"),
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), inbound_ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1001);
+                break;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected Close 1001 on the inbound connection, got {other:?}"),
+        }
+    }
+    let _ = outbound_ws.close(None).await;
+    let _ = inbound_ws.close(None).await;
+    let local = proxy.outbound_addrs[0];
+    tokio::time::timeout(Duration::from_secs(15), proxy.wait()).await.unwrap();
+    assert!(TcpStream::connect(local).await.is_err(), "the outbound listener is closed");
+}
