@@ -418,7 +418,12 @@ pub struct ProxyArgs {
     /// dials plain ws:// on LOCAL (IP:PORT, loopback) and wsgate forwards each upgrade to REMOTE
     /// (wss://HOST:PORT) over mTLS with the pod's certificate, e.g.
     /// 127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443.
-    #[arg(long = "outbound", env = "WSGATE_OUTBOUND", value_delimiter = ',', value_name = "LOCAL=REMOTE")]
+    #[arg(
+        long = "outbound",
+        env = "WSGATE_OUTBOUND",
+        value_delimiter = ',',
+        value_name = "LOCAL=REMOTE"
+    )]
     pub outbound: Vec<String>,
     /// Identity the remote of the route on LOCAL must carry (repeatable: any of them;
     /// comma-separated in the environment), same patterns as --allow, e.g.
@@ -518,11 +523,7 @@ pub struct ProxyArgs {
 impl ProxyArgs {
     /// Validates the flags into settings.
     pub fn into_config(self) -> Result<ProxyConfig, CliError> {
-        let routes = Outbound::parse_routes(
-            &self.outbound,
-            &self.outbound_expect,
-            self.allow_remote_outbound_listen,
-        )?;
+        let routes = Outbound::parse_routes(&self.outbound, &self.outbound_expect, self.allow_remote_outbound_listen)?;
         let upstream = match self.upstream.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
             Some(url) => Some(Upstream::parse(url, self.allow_remote_upstream)?),
             None if routes.is_empty() => {

@@ -32,9 +32,9 @@ use super::trust::{self, TrustRegistry, Untrusted};
 use super::upgrade::{self, IdentityHeaderError, NotUpgrade};
 use crate::authz::{Decision, Denied, Policy};
 use crate::telemetry::metrics::{CloseLabels, INBOUND};
-use opentelemetry::trace::SpanKind;
 use crate::telemetry::{Metrics, Telemetry};
 use crate::tls::{PeerIdentity, TlsStore};
+use opentelemetry::trace::SpanKind;
 use rustls_pki_types::CertificateDer;
 
 /// Read buffer of the client's leg (a TLS leg). rustls already holds the decrypted bytes, so reading them out
@@ -283,7 +283,11 @@ impl Inbound {
         rec.upgrade_read_time = Some(tls_done.elapsed());
         rec.path = Some(pending.request.uri().path().to_owned());
         // The trace is fixed first, so that refusals join the client's trace too.
-        let trace_headers = match self.telemetry.tracer.start_handshake(pending.request.headers(), SpanKind::Server) {
+        let trace_headers = match self
+            .telemetry
+            .tracer
+            .start_handshake(pending.request.headers(), SpanKind::Server)
+        {
             Some((trace, headers)) => {
                 rec.trace = Some(trace);
                 headers

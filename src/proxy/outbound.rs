@@ -268,8 +268,8 @@ impl Outbound {
                 })
             })
             .and_then(|remote| {
-                let (answer, subprotocol) = upgrade::switching_response(pending.request.headers(), &remote.headers)
-                    .map_err(DialError::from)?;
+                let (answer, subprotocol) =
+                    upgrade::switching_response(pending.request.headers(), &remote.headers).map_err(DialError::from)?;
                 Ok((remote, answer, subprotocol))
             });
         let (remote, answer, subprotocol) = match dialed {

@@ -148,15 +148,19 @@ impl HandshakeRecord {
             }
         }
         let elapsed = self.started.elapsed();
-        telemetry
-            .metrics
-            .handshake_done(self.flow.as_str(), self.failure.as_ref().map(|(k, _)| k.as_str()), elapsed);
+        telemetry.metrics.handshake_done(
+            self.flow.as_str(),
+            self.failure.as_ref().map(|(k, _)| k.as_str()),
+            elapsed,
+        );
         self.log(elapsed);
         let trace = self.trace.take();
         let failed = self.failure.as_ref().map(|(k, r)| (k.as_str(), r.as_str()));
         telemetry
             .tracer
-            .end_handshake(trace, failed, self.started_at, self.flow.span_kind(), || self.attributes());
+            .end_handshake(trace, failed, self.started_at, self.flow.span_kind(), || {
+                self.attributes()
+            });
     }
 
     fn log(&self, elapsed: Duration) {
@@ -229,11 +233,8 @@ impl HandshakeRecord {
         }
         if let Some(id) = &self.identity {
             // Inbound the peer is the TLS client; outbound it is the TLS server.
-            let [subject, issuer, not_after, hash, spiffe_id, uri_sans, dns_sans] = if outbound {
-                attr::PEER_SERVER
-            } else {
-                attr::PEER_CLIENT
-            };
+            let [subject, issuer, not_after, hash, spiffe_id, uri_sans, dns_sans] =
+                if outbound { attr::PEER_SERVER } else { attr::PEER_CLIENT };
             a.push(KeyValue::new(subject, id.cert.subject.clone()));
             a.push(KeyValue::new(issuer, id.cert.issuer.clone()));
             a.push(KeyValue::new(not_after, rfc3339(id.cert.not_after)));

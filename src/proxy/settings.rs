@@ -264,7 +264,9 @@ impl Remote {
             Some(other) => {
                 return Err(SettingsError::invalid(
                     flag,
-                    format!("remote '{url}': scheme {other} is not supported, the remote is dialled over mTLS: write wss://HOST:PORT"),
+                    format!(
+                        "remote '{url}': scheme {other} is not supported, the remote is dialled over mTLS: write wss://HOST:PORT"
+                    ),
                 ));
             }
             None => {
@@ -278,14 +280,19 @@ impl Remote {
             .authority()
             .ok_or_else(|| SettingsError::invalid(flag, format!("remote '{url}' has no host")))?;
         if authority.as_str().contains('@') {
-            return Err(SettingsError::invalid(flag, format!("remote '{url}': user info is not supported")));
+            return Err(SettingsError::invalid(
+                flag,
+                format!("remote '{url}': user info is not supported"),
+            ));
         }
         if let Some(pq) = uri.path_and_query()
             && (pq.as_str() != "/" && !pq.as_str().is_empty())
         {
             return Err(SettingsError::invalid(
                 flag,
-                format!("remote '{url}' has a path or query: the app's own path and query are forwarded, write wss://HOST:PORT"),
+                format!(
+                    "remote '{url}' has a path or query: the app's own path and query are forwarded, write wss://HOST:PORT"
+                ),
             ));
         }
         let port = match authority.port() {
@@ -496,14 +503,20 @@ mod tests {
     #[test]
     fn outbound_routes_parse_with_their_expectations() {
         let r = routes(
-            &["127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443", "[::1]:9002=wss://10.0.0.7"],
+            &[
+                "127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443",
+                "[::1]:9002=wss://10.0.0.7",
+            ],
             &["127.0.0.1:9001=spiffe://cluster.local/ns/shop/sa/chat"],
         )
         .unwrap();
         assert_eq!(r[0].local, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(r[0].remote.target.authority(), "chat.shop.svc.cluster.local:8443");
         assert_eq!(r[0].remote.target.addr, None);
-        assert_eq!(r[0].expect.as_ref().unwrap().1, ["spiffe://cluster.local/ns/shop/sa/chat"]);
+        assert_eq!(
+            r[0].expect.as_ref().unwrap().1,
+            ["spiffe://cluster.local/ns/shop/sa/chat"]
+        );
         assert_eq!(r[1].remote.target.addr, Some("10.0.0.7:443".parse().unwrap()));
         assert!(r[1].expect.is_none());
     }

@@ -593,7 +593,12 @@ mod tests {
         assert_eq!(h.get("host").unwrap(), "chat.shop.svc:8443");
         assert_eq!(h.get("sec-websocket-protocol").unwrap(), "chat, superchat");
         assert_eq!(h.get("x-app").unwrap(), "kept");
-        for gone in ["x-forwarded-client-cert", "x_wsgate_client_not_after", "x-forwarded-for", "keep-alive"] {
+        for gone in [
+            "x-forwarded-client-cert",
+            "x_wsgate_client_not_after",
+            "x-forwarded-for",
+            "keep-alive",
+        ] {
             assert!(!h.contains_key(gone), "{gone}");
         }
         assert_eq!(h.get("upgrade").unwrap(), "websocket");

@@ -351,7 +351,12 @@ impl Metrics {
 
     /// Counts one finished handshake attempt (`error_type` is `None` on success) of
     /// `direction` and its duration.
-    pub fn handshake_done(&self, direction: &'static str, error_type: Option<&'static str>, elapsed: std::time::Duration) {
+    pub fn handshake_done(
+        &self,
+        direction: &'static str,
+        error_type: Option<&'static str>,
+        elapsed: std::time::Duration,
+    ) {
         let labels = HandshakeLabels {
             result: if error_type.is_some() { "failure" } else { "success" },
             error_type: error_type.unwrap_or(""),

@@ -23,7 +23,10 @@ async fn healthz_readyz_and_metrics_answer() {
         DEADLINE,
         || env.metrics(),
         |text| {
-            metric(text, "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}") == Some(1.0)
+            metric(
+                text,
+                "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}",
+            ) == Some(1.0)
                 && metric(text, "wsgate_certificate_reloads_total{result=\"success\"}") == Some(1.0)
         },
     )
@@ -36,7 +39,10 @@ async fn healthz_readyz_and_metrics_answer() {
     );
     assert!(text.ends_with("# EOF\n"), "OpenMetrics exposition ends with # EOF");
     assert_eq!(
-        metric(&text, "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}"),
+        metric(
+            &text,
+            "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(
@@ -69,7 +75,8 @@ async fn metrics_are_strict_openmetrics_with_every_registered_family() {
     let expected = [
         (format!("wsgate_handshakes_total{ok}"), 2.0),
         (
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\",direction=\"inbound\"}".into(),
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\",direction=\"inbound\"}"
+                .into(),
             1.0,
         ),
         (format!("wsgate_handshake_duration_seconds_count{ok}"), 2.0),

@@ -227,7 +227,12 @@ async fn a_hostile_subject_and_forged_headers_in_any_spelling_leave_exactly_the_
     assert_eq!(cgi("x-real-ip"), Vec::<&str>::new());
     assert_eq!(cgi("x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(cgi("host"), vec!["localhost"]);
-    counted(&env, "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}", 1.0).await;
+    counted(
+        &env,
+        "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

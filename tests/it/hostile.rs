@@ -408,7 +408,11 @@ async fn under_every_flood_at_once_a_good_client_is_served_and_memory_stays_boun
     let forged_made = forged.await.unwrap();
     let hwm = proc_kib(pid, "VmHWM");
     let text = metrics(admin).await.expect("/metrics after the attack");
-    let refused_per_ip = metric(&text, "wsgate_connections_refused_total{reason=\"max_pending_per_ip\",direction=\"inbound\"}").unwrap();
+    let refused_per_ip = metric(
+        &text,
+        "wsgate_connections_refused_total{reason=\"max_pending_per_ip\",direction=\"inbound\"}",
+    )
+    .unwrap();
     let report = log.lock().unwrap().clone();
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(

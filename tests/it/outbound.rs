@@ -17,6 +17,8 @@ use crate::support::raw::{http, metric};
 use crate::support::{Leaf, LeafSpec, Pki, SecretVolume, TestApp, spiffe, write_set};
 
 type Ws = WebSocketStream<TcpStream>;
+/// What the plain client's upgrade returns.
+type Dialed = Result<(Ws, http::Response<Option<Vec<u8>>>), WsError>;
 
 /// The inbound side: the echo app behind a wsgate serving `server`.
 struct Inbound {
@@ -78,7 +80,12 @@ impl Outbound {
             .unwrap_or_else(|| panic!("no outbound route in {started}"));
         let admin = started["admin"].as_str().unwrap().parse().unwrap();
         ready(admin).await;
-        Self { proc, local, admin, vol }
+        Self {
+            proc,
+            local,
+            admin,
+            vol,
+        }
     }
 
     async fn metrics(&self) -> String {
@@ -110,7 +117,7 @@ async fn dial(
     local: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<(Ws, http::Response<Option<Vec<u8>>>), WsError> {
+) -> Dialed {
     let tcp = TcpStream::connect(local).await?;
     let mut req = format!("ws://{local}{path}").into_client_request()?;
     for (k, v) in headers {
@@ -121,7 +128,7 @@ async fn dial(
 }
 
 /// The status and body of a refused upgrade.
-fn refusal(result: Result<(Ws, http::Response<Option<Vec<u8>>>), WsError>) -> (u16, String) {
+fn refusal(result: Dialed) -> (u16, String) {
     match result {
         Err(WsError::Http(resp)) => (
             resp.status().as_u16(),
@@ -308,7 +315,10 @@ async fn a_remote_whose_certificate_lacks_the_dialled_name_is_refused_with_502()
     let out = Outbound::start(&tmp, &pki, &pki.client("client"), &remote(inbound.listen), &[]).await;
     let (status, body) = refusal(dial(out.local, "/", &[]).await);
     assert_eq!(status, 502, "{body}");
-    assert!(body.contains("TLS handshake") && body.contains("not valid for name"), "{body}");
+    assert!(
+        body.contains("TLS handshake") && body.contains("not valid for name"),
+        "{body}"
+    );
     let text = out.metrics().await;
     assert_eq!(
         metric(
@@ -329,7 +339,10 @@ async fn the_remotes_own_refusal_reaches_the_app() {
     let out = Outbound::start(&tmp, &pki, &pki.client("client"), &remote(inbound.listen), &[]).await;
     let (status, body) = refusal(dial(out.local, "/", &[]).await);
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains(&spiffe("client")) && body.contains("not allowed"), "{body}");
+    assert!(
+        body.contains(&spiffe("client")) && body.contains("not allowed"),
+        "{body}"
+    );
     let text = out.metrics().await;
     assert_eq!(
         metric(
@@ -347,12 +360,18 @@ async fn a_remote_that_is_down_gives_502_quickly_and_one_that_never_answers_504(
     let pki = Pki::new();
     let client = pki.client("client");
     // Refused: a port with nobody listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let out = Outbound::start(&tmp, &pki, &client, &format!("wss://127.0.0.1:{}", dead.port()), &[]).await;
     let t0 = Instant::now();
     let (status, body) = refusal(dial(out.local, "/", &[]).await);
     assert_eq!(status, 502, "{body}");
-    assert!(body.contains("connecting to the remote") && body.contains("refused"), "{body}");
+    assert!(
+        body.contains("connecting to the remote") && body.contains("refused"),
+        "{body}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
     drop(out);
 
@@ -372,7 +391,10 @@ async fn a_remote_that_is_down_gives_502_quickly_and_one_that_never_answers_504(
     let took = t0.elapsed();
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("did not answer within 0.7s"), "{body}");
-    assert!(took >= Duration::from_millis(650) && took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
     let text = out.metrics().await;
     assert_eq!(
         metric(
@@ -440,22 +462,46 @@ fn usage_error(args: &[&str]) -> String {
 fn bad_outbound_flags_exit_64_naming_the_problem() {
     let cases: [(&[&str], &[&str]); 9] = [
         (&["--outbound", "127.0.0.1:9001"], &["--outbound", "no '='"]),
-        (&["--outbound", "127.0.0.1:9001=ws://chat:8443"], &["--outbound", "wss://"]),
-        (&["--outbound", "127.0.0.1:99999=wss://chat:8443"], &["99999", "not a port"]),
+        (
+            &["--outbound", "127.0.0.1:9001=ws://chat:8443"],
+            &["--outbound", "wss://"],
+        ),
+        (
+            &["--outbound", "127.0.0.1:99999=wss://chat:8443"],
+            &["99999", "not a port"],
+        ),
         (&["--outbound", "127.0.0.1:9001=wss://chat:0"], &["not a port"]),
         (
-            &["--outbound", "127.0.0.1:9001=wss://a:1", "--outbound", "127.0.0.1:9001=wss://b:1"],
+            &[
+                "--outbound",
+                "127.0.0.1:9001=wss://a:1",
+                "--outbound",
+                "127.0.0.1:9001=wss://b:1",
+            ],
             &["127.0.0.1:9001", "twice"],
         ),
         (
-            &["--outbound", "127.0.0.1:9001=wss://a:1", "--outbound-expect", "127.0.0.1:9002=spiffe://td/x"],
+            &[
+                "--outbound",
+                "127.0.0.1:9001=wss://a:1",
+                "--outbound-expect",
+                "127.0.0.1:9002=spiffe://td/x",
+            ],
             &["--outbound-expect", "127.0.0.1:9002"],
         ),
         (
-            &["--outbound", "127.0.0.1:9001=wss://a:1", "--outbound-expect", "127.0.0.1:9001=spiffe://td/fr*nt"],
+            &[
+                "--outbound",
+                "127.0.0.1:9001=wss://a:1",
+                "--outbound-expect",
+                "127.0.0.1:9001=spiffe://td/fr*nt",
+            ],
             &["--outbound-expect", "fr*nt"],
         ),
-        (&["--outbound", "10.1.2.3:9001=wss://a:1"], &["--allow-remote-outbound-listen"]),
+        (
+            &["--outbound", "10.1.2.3:9001=wss://a:1"],
+            &["--allow-remote-outbound-listen"],
+        ),
         (&[], &["--upstream", "--outbound"]),
     ];
     for (args, words) in cases {
@@ -500,6 +546,7 @@ async fn a_non_loopback_local_listens_only_when_allowed() {
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 /// An in-process proxy presenting `leaf` from a fresh volume under `tmp`: inbound in front of
 /// `app` when given, with `routes` (`LOCAL=REMOTE`) and `expects` outbound.
 async fn in_process(
@@ -626,9 +673,14 @@ async fn one_process_serves_inbound_and_outbound_and_a_drain_closes_both_with_10
 
     // Inbound: a client in another pod reaches this pod's app.
     let frontend = pki.client("frontend");
-    let (mut inbound_ws, _) = connect(proxy.listen_addr, pki.client_config(Some(&frontend)), "localhost", "/in")
-        .await
-        .unwrap();
+    let (mut inbound_ws, _) = connect(
+        proxy.listen_addr,
+        pki.client_config(Some(&frontend)),
+        "localhost",
+        "/in",
+    )
+    .await
+    .unwrap();
     assert_eq!(roundtrip(&mut inbound_ws, "in".into()).await.to_text().unwrap(), "in");
     // Outbound: this pod's app reaches the remote app, as this pod's identity.
     let (mut outbound_ws, _) = dial(proxy.outbound_addrs[0], "/out", &[]).await.unwrap();
@@ -636,17 +688,29 @@ async fn one_process_serves_inbound_and_outbound_and_a_drain_closes_both_with_10
     let xfcc = remote_env.app.last_seen().header("x-forwarded-client-cert")[0].to_owned();
     assert!(xfcc.contains(&format!("URI={}", spiffe("app"))), "{xfcc}");
     let text = proxy.metrics.encode();
-    assert_eq!(metric(&text, "wsgate_connections_open{direction=\"inbound\"}"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "wsgate_connections_open{direction=\"outbound\"}"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "wsgate_connections_open{direction=\"inbound\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "wsgate_connections_open{direction=\"outbound\"}"),
+        Some(1.0),
+        "{text}"
+    );
 
     // Drain: both get Close 1001, and the outbound listener stops accepting.
+    let t0 = Instant::now();
     proxy.drain();
     match next_data(&mut outbound_ws).await {
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
         other => panic!("expected Close 1001 on the outbound connection, got {other:?}"),
     }
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), inbound_ws.next()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), inbound_ws.next())
+            .await
+            .unwrap()
+        {
             Some(Ok(Message::Close(Some(frame)))) => {
                 assert_eq!(u16::from(frame.code), 1001);
                 break;
@@ -655,9 +719,20 @@ async fn one_process_serves_inbound_and_outbound_and_a_drain_closes_both_with_10
             other => panic!("expected Close 1001 on the inbound connection, got {other:?}"),
         }
     }
-    let _ = outbound_ws.close(None).await;
-    let _ = inbound_ws.close(None).await;
+    // Reading on completes the close handshakes (tungstenite flushes its Close reply).
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), outbound_ws.next()).await {}
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), inbound_ws.next()).await {}
     let local = proxy.outbound_addrs[0];
-    tokio::time::timeout(Duration::from_secs(15), proxy.wait()).await.unwrap();
-    assert!(TcpStream::connect(local).await.is_err(), "the outbound listener is closed");
+    tokio::time::timeout(Duration::from_secs(15), proxy.wait())
+        .await
+        .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the drain waited for nothing: {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        TcpStream::connect(local).await.is_err(),
+        "the outbound listener is closed"
+    );
 }

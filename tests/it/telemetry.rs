@@ -624,7 +624,8 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
     while let Some(Ok(_)) = ws.next().await {}
     eventually("closed", Duration::from_secs(5), || {
         m("wsgate_connections_open{direction=\"inbound\"}") == Some(0.0)
-            && m("wsgate_connections_closed_total{code=\"none\",initiator=\"client\",direction=\"inbound\"}") == Some(1.0)
+            && m("wsgate_connections_closed_total{code=\"none\",initiator=\"client\",direction=\"inbound\"}")
+                == Some(1.0)
     })
     .await;
     assert_eq!(
@@ -727,7 +728,10 @@ async fn the_binary_keeps_serving_with_flat_memory_while_the_collector_is_a_blac
     let dropped = metric(&text, "wsgate_otel_spans_dropped_total").unwrap();
     assert!(dropped >= 1000.0, "only {dropped} spans counted as dropped");
     assert_eq!(
-        metric(&text, "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}"),
+        metric(
+            &text,
+            "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}"
+        ),
         Some(4400.0)
     );
     // 4000 unexported spans would take about 4.5 MiB; a bounded queue keeps the growth noise-sized.

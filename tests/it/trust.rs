@@ -135,7 +135,10 @@ async fn rotating_to_a_new_ca_closes_the_removed_cas_clients_within_a_second_and
     }
     assert_eq!(metric(&env, UNTRUSTED), Some(5.0));
     assert_eq!(env.app.closes.lock().unwrap().len(), 5);
-    assert_eq!(metric(&env, "wsgate_connections_open{direction=\"inbound\"}"), Some(2.0));
+    assert_eq!(
+        metric(&env, "wsgate_connections_open{direction=\"inbound\"}"),
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
