@@ -113,11 +113,7 @@ fn remote(listen: SocketAddr) -> String {
 }
 
 /// The plain app's WebSocket to its sidecar, with extra request headers.
-async fn dial(
-    local: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Dialed {
+async fn dial(local: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Dialed {
     let tcp = TcpStream::connect(local).await?;
     let mut req = format!("ws://{local}{path}").into_client_request()?;
     for (k, v) in headers {
