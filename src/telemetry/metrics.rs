@@ -164,7 +164,7 @@ impl Metrics {
         let handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
             "handshakes",
-            "TLS + WebSocket handshakes attempted, by result and error.type",
+            "TLS + WebSocket handshakes attempted, by result, error.type and direction (inbound or outbound)",
             handshakes.clone(),
         );
         let handshake_duration = Family::<HandshakeLabels, Histogram>::new_with_constructor(|| {
@@ -194,7 +194,7 @@ impl Metrics {
         }
         registry.register(
             "connections_refused",
-            "Connections refused by a limit, by reason",
+            "Connections refused by a limit, by reason and direction",
             connections_refused.clone(),
         );
         let budget_used = Gauge::default();
@@ -214,7 +214,7 @@ impl Metrics {
         let connections_closed = Family::<CloseLabels, Counter>::default();
         registry.register(
             "connections_closed",
-            "Proxied WebSocket connections closed, by first close code and who sent it",
+            "Proxied WebSocket connections closed, by first close code, who sent it and direction",
             connections_closed.clone(),
         );
         let connections_untrusted = Counter::default();

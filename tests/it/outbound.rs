@@ -732,3 +732,99 @@ async fn one_process_serves_inbound_and_outbound_and_a_drain_closes_both_with_10
         "the outbound listener is closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_limits_apply_per_destination_and_to_the_apps_request_and_metrics_parse_strictly() {
+    use crate::support::raw::exchange;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let app = TestApp::start().await;
+    let (inbound, _vin) = in_process(&tmp, "in", &pki, &pki.server(), Some(app.addr), &[], &[], |cfg| {
+        cfg.policy = wsgate::authz::Policy::new(&[spiffe("client")], false).unwrap();
+    })
+    .await;
+    let route = format!("127.0.0.1:0=wss://localhost:{}", inbound.listen_addr.port());
+    let (out, _vout) = in_process(&tmp, "out", &pki, &pki.client("client"), None, &[route], &[], |cfg| {
+        cfg.outbound.max_per_destination = 2;
+    })
+    .await;
+    let local = out.outbound_addrs[0];
+    let m = |series: &str| metric(&out.metrics.encode(), series);
+
+    // Two connections to the remote; the third is answered 429 and counted; a freed slot is free.
+    let (mut one, _) = dial(local, "/1", &[]).await.unwrap();
+    let (mut two, _) = dial(local, "/2", &[]).await.unwrap();
+    echo(&mut two, Message::text("two")).await;
+    let (status, body) = refusal(dial(local, "/3", &[]).await);
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("--outbound-max-connections-per-destination"), "{body}");
+    assert_eq!(
+        m("wsgate_connections_refused_total{reason=\"max_connections_per_destination\",direction=\"outbound\"}"),
+        Some(1.0)
+    );
+    one.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), one.next()).await {}
+    let t0 = Instant::now();
+    let mut three = loop {
+        match dial(local, "/3", &[]).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(10), "slot never freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    echo(&mut three, Message::text("three")).await;
+
+    // The app's request head is bounded like a client's: hyper answers 431 before any dial.
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = String::from_utf8_lossy(&exchange(local, huge.as_bytes()).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // Not an upgrade: 426, nothing dialled.
+    let answer = String::from_utf8_lossy(&exchange(local, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert_eq!(
+        m("wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\",direction=\"outbound\"}"),
+        Some(1.0)
+    );
+
+    // The outbound series pass the strict OpenMetrics parser with the rest (the registered
+    // families are checked by admin.rs, with an inbound client connected).
+    let families = crate::support::openmetrics::check_admin_metrics(out.admin_addr, &[]).await;
+    let open = &families["wsgate_connections_open"];
+    assert!(
+        open.samples
+            .iter()
+            .any(|s| s.labels.get("direction").map(String::as_str) == Some("outbound")),
+        "{open:?}"
+    );
+    drop((two, three));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_certificate_the_app_gets_503_and_nothing_is_dialled() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A remote that would accept anything: nothing may reach it.
+    let remote = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let route = format!("127.0.0.1:0=wss://localhost:{}", remote.local_addr().unwrap().port());
+    let mut cfg = crate::support::proxy_config(
+        &tmp.path().join("not-mounted-yet"),
+        "127.0.0.1:1".parse().unwrap(),
+        &["cn:x"],
+    );
+    cfg.upstream = None;
+    cfg.outbound.routes = wsgate::proxy::settings::Outbound::parse_routes(&[route], &[], false).unwrap();
+    cfg.outbound.dial_timeout = Duration::from_secs(5);
+    cfg.outbound.max_per_destination = 10;
+    let out = wsgate::proxy::start(cfg).await.unwrap();
+    let (status, body) = refusal(dial(out.outbound_addrs[0], "/", &[]).await);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no valid client certificate"), "{body}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), remote.accept())
+            .await
+            .is_err(),
+        "the remote was dialled"
+    );
+}
