@@ -104,7 +104,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the inbound mTLS WebSocket sidecar.
+    /// Run the mTLS WebSocket sidecar (inbound, and outbound with --outbound).
     Proxy(Box<ProxyArgs>),
     /// Run the admission webhook that injects the sidecar, and the certificate controller.
     Inject(Box<InjectArgs>),
