@@ -828,3 +828,46 @@ async fn without_a_certificate_the_app_gets_503_and_nothing_is_dialled() {
         "the remote was dialled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_stops_answering_pings_is_closed_after_the_idle_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let app = TestApp::start().await;
+    let (inbound, _vin) = in_process(&tmp, "in", &pki, &pki.server(), Some(app.addr), &[], &[], |cfg| {
+        cfg.policy = wsgate::authz::Policy::new(&[spiffe("client")], false).unwrap();
+    })
+    .await;
+    let route = format!("127.0.0.1:0=wss://localhost:{}", inbound.listen_addr.port());
+    let (out, _vout) = in_process(&tmp, "out", &pki, &pki.client("client"), None, &[route], &[], |cfg| {
+        cfg.limits.keepalive = Some(wsgate::proxy::pump::Keepalive {
+            ping_interval: Duration::from_millis(100),
+            idle_timeout: Duration::from_millis(400),
+        });
+    })
+    .await;
+    let (mut ws, _) = dial(out.outbound_addrs[0], "/idle", &[]).await.unwrap();
+    echo(&mut ws, Message::text("hello")).await;
+    // The app reads nothing (so answers no ping) for a while; then it finds pings and a Close.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut pings = 0;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Close(frame))) => break frame,
+            other => panic!("expected pings then a Close, got {other:?}"),
+        }
+    };
+    assert!(pings >= 1, "no ping was sent to the app");
+    let frame = close.expect("a close code");
+    assert_eq!(u16::from(frame.code), 1001);
+    assert_eq!(frame.reason.as_str(), "idle timeout");
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+    crate::support::metric_becomes(
+        "the idle close counted",
+        || out.metrics.encode(),
+        "wsgate_connections_closed_total{code=\"1001\",initiator=\"proxy\",direction=\"outbound\"}",
+        1.0,
+    )
+    .await;
+}
