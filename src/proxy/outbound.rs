@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -92,6 +92,9 @@ pub enum OutboundError {
     /// The remote could not be reached, or refused (502 or its own answer).
     #[error(transparent)]
     Dial(#[from] DialError),
+    /// The remote's 101 cannot be passed on to the app (502).
+    #[error("the remote's 101 cannot be passed on: {0}")]
+    BadAnswer(upgrade::BadAnswer),
 }
 
 impl Failure for OutboundError {
@@ -105,6 +108,7 @@ impl Failure for OutboundError {
             Self::Secure(e) => e.kind(),
             Self::Unexpected { .. } => FailureKind::IdentityNotAllowed,
             Self::Dial(e) => e.kind(),
+            Self::BadAnswer(_) => FailureKind::UpstreamUnavailable,
         }
     }
 }
@@ -119,7 +123,7 @@ impl OutboundError {
             Self::Exchange(_) => StatusCode::BAD_REQUEST,
             Self::NotUpgrade(_) => StatusCode::UPGRADE_REQUIRED,
             Self::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Secure(_) | Self::Unexpected { .. } => StatusCode::BAD_GATEWAY,
+            Self::Secure(_) | Self::Unexpected { .. } | Self::BadAnswer(_) => StatusCode::BAD_GATEWAY,
             Self::Dial(e) => e.status(),
         }
     }
@@ -174,6 +178,14 @@ struct Established {
     _slot: IdentitySlot,
 }
 
+/// An upgrade request cleared to dial: the destination's slot, and the client config (with the
+/// serial of the certificate it presents) taken once for this connection.
+struct Ready {
+    slot: IdentitySlot,
+    serial: String,
+    config: Arc<rustls::ClientConfig>,
+}
+
 impl Outbound {
     /// Serves one connection accepted on the route's local listener to its end.
     pub async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
@@ -225,7 +237,6 @@ impl Outbound {
             Ok(read) => read?,
             Err(_) => return Err(OutboundError::RequestTimeout(timeout)),
         };
-        let read_at = Instant::now();
         rec.upgrade_read_time = Some(rec.started.elapsed());
         rec.path = Some(pending.request.uri().path().to_owned());
         // The app's trace continues to the remote through this (CLIENT) span.
@@ -245,21 +256,20 @@ impl Outbound {
             let answer = e.take_answer();
             (e, answer)
         };
-        let checked = self.check(&pending.request);
-        let (slot, serving) = match checked {
-            Ok(ok) => ok,
+        let ready = match self.check(&pending.request) {
+            Ok(ready) => ready,
             Err(e) => {
                 let (e, answer) = refuse(rec, e);
                 pending.refuse(answer).await;
                 return Err(e);
             }
         };
-        rec.serving_serial = Some(serving.0.clone());
+        rec.serving_serial = Some(ready.serial);
 
         // Stages 2-5, bounded by the dial timeout: TCP, TLS, expectation, the remote's upgrade.
         let target = &self.route.remote.target;
         let request = upgrade::remote_request(&pending.request, &target.authority(), &trace_headers);
-        let dialed = tokio::time::timeout(self.dial_timeout, self.dial(serving.1, request, rec))
+        let dialed = tokio::time::timeout(self.dial_timeout, self.dial(ready.config, request, rec))
             .await
             .unwrap_or_else(|_| {
                 Err(OutboundError::DialTimeout {
@@ -281,7 +291,6 @@ impl Outbound {
             }
         };
         rec.subprotocol = subprotocol;
-        tracing::trace!(target: "wsgate::outbound", elapsed_ms = read_at.elapsed().as_secs_f64() * 1e3, "remote upgraded");
 
         // The app's 101.
         rec.status = Some(101);
@@ -289,16 +298,12 @@ impl Outbound {
         Ok(Established {
             app,
             remote: remote.io,
-            _slot: slot,
+            _slot: ready.slot,
         })
     }
 
     /// What is decided before dialling: draining, the request, a certificate, the cap.
-    #[allow(clippy::type_complexity)]
-    fn check<B>(
-        &self,
-        request: &http::Request<B>,
-    ) -> Result<(IdentitySlot, (String, Arc<rustls::ClientConfig>)), OutboundError> {
+    fn check<B>(&self, request: &http::Request<B>) -> Result<Ready, OutboundError> {
         if self.drain.is_cancelled() {
             return Err(OutboundError::Draining);
         }
@@ -307,7 +312,11 @@ impl Outbound {
         let serving = self.store.current().ok_or(OutboundError::NotReady)?;
         let client = serving.client.clone().ok_or(OutboundError::NotReady)?;
         let slot = self.admission.destination(&self.route.remote.target.authority())?;
-        Ok((slot, (serving.leaf.serial.clone(), client)))
+        Ok(Ready {
+            slot,
+            serial: serving.leaf.serial.clone(),
+            config: client,
+        })
     }
 
     /// TCP, TLS and the expectation, then the remote's upgrade.
