@@ -173,6 +173,15 @@ impl Policy {
         })
     }
 
+    /// A policy that admits nobody: the inbound side of an outbound-only proxy, which has no
+    /// inbound listener.
+    pub fn nobody() -> Self {
+        Self {
+            rules: Vec::new(),
+            any_authenticated: false,
+        }
+    }
+
     /// Checks that a pattern parses, without building a policy (for admission-time validation).
     pub fn check_pattern(pattern: &str) -> Result<(), PolicyError> {
         parse_rule(pattern).map(|_| ())

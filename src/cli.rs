@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::authz::Policy;
 use crate::certs::ReloadTiming;
 use crate::inject::settings::{IssuerKind, NativeSidecar, PullPolicy};
-use crate::proxy::settings::{Limits, ProxyConfig, SettingsError, Upstream};
+use crate::proxy::settings::{Limits, Outbound, ProxyConfig, SettingsError, Upstream};
 use crate::telemetry::LogFormat;
 use crate::telemetry::otel::Protocol;
 use crate::tls::TlsMinVersion;
@@ -104,7 +104,7 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the inbound mTLS WebSocket sidecar.
+    /// Run the mTLS WebSocket sidecar (inbound, and outbound with --outbound).
     Proxy(Box<ProxyArgs>),
     /// Run the admission webhook that injects the sidecar, and the certificate controller.
     Inject(Box<InjectArgs>),
@@ -407,12 +407,45 @@ pub struct ProxyArgs {
     /// Address of the mTLS listener.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "0.0.0.0:8443", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// The app, as ws://HOST:PORT (loopback unless --allow-remote-upstream).
+    /// The app, as ws://HOST:PORT (loopback unless --allow-remote-upstream). Required unless
+    /// --outbound is given: without it the proxy is outbound only and binds no mTLS listener.
     #[arg(long, env = "WSGATE_UPSTREAM", value_name = "URL")]
-    pub upstream: String,
+    pub upstream: Option<String>,
     /// Allow an upstream that is not on loopback.
     #[arg(long, env = "WSGATE_ALLOW_REMOTE_UPSTREAM")]
     pub allow_remote_upstream: bool,
+    /// Outbound route LOCAL=REMOTE (repeatable; comma-separated in the environment): the app
+    /// dials plain ws:// on LOCAL (IP:PORT, loopback) and wsgate forwards each upgrade to REMOTE
+    /// (wss://HOST:PORT) over mTLS with the pod's certificate, e.g.
+    /// 127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443.
+    #[arg(
+        long = "outbound",
+        env = "WSGATE_OUTBOUND",
+        value_delimiter = ',',
+        value_name = "LOCAL=REMOTE"
+    )]
+    pub outbound: Vec<String>,
+    /// Identity the remote of the route on LOCAL must carry (repeatable: any of them;
+    /// comma-separated in the environment), same patterns as --allow, e.g.
+    /// 127.0.0.1:9001=spiffe://cluster.local/ns/shop/sa/chat.
+    #[arg(
+        long = "outbound-expect",
+        env = "WSGATE_OUTBOUND_EXPECT",
+        value_delimiter = ',',
+        value_name = "LOCAL=PATTERN"
+    )]
+    pub outbound_expect: Vec<String>,
+    /// Allow an --outbound LOCAL that is not on loopback.
+    #[arg(long, env = "WSGATE_ALLOW_REMOTE_OUTBOUND_LISTEN")]
+    pub allow_remote_outbound_listen: bool,
+    /// Longest time to connect to an outbound remote, finish TLS and get its answer to the
+    /// upgrade; the app gets 504 after it.
+    #[arg(long, env = "WSGATE_OUTBOUND_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub outbound_dial_timeout: Duration,
+    /// Most outbound connections open at once to one remote (host:port); the next is answered
+    /// 429 (default: a tenth of --max-connections).
+    #[arg(long, env = "WSGATE_OUTBOUND_MAX_CONNECTIONS_PER_DESTINATION", value_name = "N")]
+    pub outbound_max_connections_per_destination: Option<usize>,
     /// The mounted Secret volume holding tls.crt, tls.key and ca.crt.
     #[arg(
         long,
@@ -426,7 +459,7 @@ pub struct ProxyArgs {
     pub trust_bundle: Option<PathBuf>,
     /// Client identity allowed in (repeatable; comma-separated in the environment):
     /// a URI SAN such as spiffe://cluster.local/ns/shop/sa/* ('*' one segment, '**' any),
-    /// dns:NAME ('*' one label) or cn:NAME.
+    /// dns:NAME ('*' one label) or cn:NAME. Checked but unused without --upstream.
     #[arg(long = "allow", env = "WSGATE_ALLOW", value_delimiter = ',', value_name = "PATTERN")]
     pub allow: Vec<String>,
     /// Admit every client whose certificate chains to the trust roots.
@@ -490,9 +523,28 @@ pub struct ProxyArgs {
 impl ProxyArgs {
     /// Validates the flags into settings.
     pub fn into_config(self) -> Result<ProxyConfig, CliError> {
-        let upstream = Upstream::parse(&self.upstream, self.allow_remote_upstream)?;
-        let policy = Policy::new(&self.allow, self.allow_any_authenticated)
-            .map_err(|e| CliError::invalid("--allow", e.to_string()))?;
+        let routes = Outbound::parse_routes(&self.outbound, &self.outbound_expect, self.allow_remote_outbound_listen)?;
+        let upstream = match self.upstream.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => Some(Upstream::parse(url, self.allow_remote_upstream)?),
+            None if routes.is_empty() => {
+                return Err(CliError::invalid(
+                    "--upstream",
+                    "is required (the app, ws://HOST:PORT) unless --outbound routes are given",
+                ));
+            }
+            None => None,
+        };
+        let policy = match (&upstream, self.allow.is_empty() && !self.allow_any_authenticated) {
+            (Some(_), _) => Policy::new(&self.allow, self.allow_any_authenticated)
+                .map_err(|e| CliError::invalid("--allow", e.to_string()))?,
+            // Outbound only: there is no inbound listener to admit anyone to.
+            (None, true) => Policy::nobody(),
+            (None, false) => {
+                Policy::new(&self.allow, self.allow_any_authenticated)
+                    .map_err(|e| CliError::invalid("--allow", e.to_string()))?;
+                Policy::nobody()
+            }
+        };
         if self.max_frame_size > self.max_message_size {
             return Err(CliError::invalid(
                 "--max-frame-size",
@@ -568,9 +620,27 @@ impl ProxyArgs {
         if self.reload_interval < Duration::from_secs(1) {
             return Err(CliError::invalid("--reload-interval", "must be at least 1s"));
         }
+        if self.outbound_dial_timeout.is_zero() {
+            return Err(CliError::invalid("--outbound-dial-timeout", "must be more than 0"));
+        }
+        let max_per_destination = match self.outbound_max_connections_per_destination {
+            None => crate::proxy::settings::default_max_connections_per_identity(max_connections),
+            Some(0) => {
+                return Err(CliError::invalid(
+                    "--outbound-max-connections-per-destination",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n,
+        };
         Ok(ProxyConfig {
             listen: self.listen,
             upstream,
+            outbound: Outbound {
+                routes,
+                dial_timeout: self.outbound_dial_timeout,
+                max_per_destination,
+            },
             cert_dir: self.cert_dir,
             trust_bundle: self.trust_bundle,
             policy,

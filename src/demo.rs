@@ -118,7 +118,8 @@ pub async fn run() -> Result<(), DemoError> {
     let app = echo::start().await.map_err(step)?;
     let cfg = ProxyConfig {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        upstream: Upstream::parse(&format!("ws://{app}"), false).map_err(step)?,
+        upstream: Some(Upstream::parse(&format!("ws://{app}"), false).map_err(step)?),
+        outbound: crate::proxy::settings::Outbound::default(),
         cert_dir: vol.path().to_path_buf(),
         trust_bundle: None,
         policy: Policy::new(&[spiffe("client")], false).map_err(step)?,

@@ -277,7 +277,9 @@ pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<In
     let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
     let reloader = Reloader::new(
         store.clone(),
-        Box::new(crate::tls::server::server_config_no_client_auth),
+        Box::new(|bundle| {
+            crate::tls::server::server_config_no_client_auth(bundle).map(crate::tls::Configs::server_only)
+        }),
         WebhookHooks {
             metrics: metrics.clone(),
         },

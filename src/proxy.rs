@@ -7,7 +7,8 @@
 //! the shared set of `error.type` values, `record` the one record per attempt, `upgrade` the
 //! pure header rules, `settings` the typed configuration, `trust` the registry of open
 //! connections verified again when the trust roots change. The stages do not import one another;
-//! `inbound` composes them per connection; this file composes the process. Depends on every
+//! `inbound` composes them per connection; `outbound` composes them in the other order for the
+//! `--outbound` routes (with `secure`, the TLS client step); this file composes the process. Depends on every
 //! module below it: `net`, `lifecycle`, `admin`, `certs`, `tls`, `authz`, `telemetry`, `x509`.
 
 pub mod accept;
@@ -16,9 +17,11 @@ pub mod budget;
 pub mod dial;
 pub mod exchange;
 pub mod inbound;
+pub mod outbound;
 pub mod outcome;
 pub mod pump;
 pub mod record;
+pub mod secure;
 pub mod settings;
 pub mod trust;
 pub mod upgrade;
@@ -37,7 +40,7 @@ use crate::lifecycle::Lifecycle;
 use crate::telemetry::spans::attr;
 use crate::telemetry::{Metrics, Telemetry, Tracer};
 use crate::tls::reloader::{ReloadHooks, Reloader};
-use crate::tls::{Serving, ServingNow, TlsStore};
+use crate::tls::{Configs, Serving, ServingNow, TlsStore};
 use crate::x509::rfc3339;
 use settings::ProxyConfig;
 
@@ -180,8 +183,11 @@ impl ReloadHooks for InboundHooks {
 
 /// A running proxy.
 pub struct ProxyHandle {
-    /// Where the mTLS listener is bound.
+    /// Where the mTLS listener is bound (the configured `--listen`, unbound, when the proxy is
+    /// outbound only).
     pub listen_addr: SocketAddr,
+    /// Where each `--outbound` route's local listener is bound, in the order given.
+    pub outbound_addrs: Vec<SocketAddr>,
     /// Where the admin server is bound.
     pub admin_addr: SocketAddr,
     /// The TLS store (tests and the demo read the serving serial from it).
@@ -215,19 +221,35 @@ impl ProxyHandle {
 
 /// Binds the ports and starts everything; returns once the ports are bound.
 pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| ProxyError::Bind {
-        what: "listener",
-        addr: cfg.listen,
-        source,
-    })?;
-    let admin_listener = TcpListener::bind(cfg.admin).await.map_err(|source| ProxyError::Bind {
-        what: "admin",
-        addr: cfg.admin,
-        source,
-    })?;
-    let listen_addr = listener.local_addr().unwrap_or(cfg.listen);
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind { what, addr, source })
+    };
+    // No upstream: a client-only pod, with no inbound listener at all.
+    let listener = match &cfg.upstream {
+        Some(_) => Some(bind("listener", cfg.listen).await?),
+        None => None,
+    };
+    let mut outbound_listeners = Vec::with_capacity(cfg.outbound.routes.len());
+    for route in &cfg.outbound.routes {
+        outbound_listeners.push(bind("outbound listener", route.local).await?);
+    }
+    let admin_listener = bind("admin", cfg.admin).await?;
+    let listen_addr = listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(cfg.listen);
+    let outbound_addrs: Vec<SocketAddr> = outbound_listeners
+        .iter()
+        .zip(&cfg.outbound.routes)
+        .map(|(l, r)| l.local_addr().unwrap_or(r.local))
+        .collect();
     let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
     let metrics = Metrics::new();
+    if !cfg.outbound.routes.is_empty() {
+        metrics.outbound_configured();
+    }
     let life = Lifecycle::new();
     let (tracer, exporter_task) = Tracer::start(&cfg.otel, metrics.clone(), life.stop_token())?;
     let telemetry = Arc::new(Telemetry {
@@ -247,12 +269,28 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         cert_dir: cfg.cert_dir.clone(),
         trust_bundle: cfg.trust_bundle.clone(),
     };
-    let watcher = CertWatcher::new(source, Usage::Server, cfg.reload, crate::tls::provider());
+    let dials_out = !cfg.outbound.routes.is_empty();
+    // The leaf must allow what it is used for: server auth inbound, client auth outbound.
+    let usage = match (cfg.upstream.is_some(), dials_out) {
+        (true, true) => Usage::Both,
+        (false, true) => Usage::Client,
+        _ => Usage::Server,
+    };
+    let watcher = CertWatcher::new(source, usage, cfg.reload, crate::tls::provider());
     let min_version = cfg.tls_min_version;
     let trust = trust::TrustRegistry::new();
     let reloader = Reloader::new(
         store.clone(),
-        Box::new(move |bundle| crate::tls::server::server_config(bundle, min_version)),
+        // Both configs from the same set, installed together: a rotation swaps both.
+        Box::new(move |bundle| {
+            let server = crate::tls::server::server_config(bundle, min_version)?;
+            let client = if dials_out {
+                Some(crate::tls::client::client_config(bundle, min_version)?)
+            } else {
+                None
+            };
+            Ok(Configs { server, client })
+        }),
         InboundHooks {
             telemetry: telemetry.clone(),
             trust: trust.clone(),
@@ -263,35 +301,74 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
 
     // Fires when the drain timeout has passed: connections still open are dropped.
     let kill = tokio_util::sync::CancellationToken::new();
-    let inbound = Arc::new(inbound::Inbound {
-        store: store.clone(),
-        policy: cfg.policy.clone(),
-        upstream: cfg.upstream.clone(),
-        limits: cfg.limits,
-        handshake_timeout: cfg.handshake_timeout,
-        telemetry,
-        drain: life.drain_token(),
-        kill: kill.clone(),
-        admission: admission::Admission::new(admission::AdmissionLimits {
-            max_pending: cfg.limits.max_pending,
-            max_pending_per_ip: cfg.limits.max_pending_per_ip,
-            max_per_identity: cfg.limits.max_connections_per_identity,
-        }),
-        budget: memory_budget,
-        trust,
-    });
     let connections = TaskTracker::new();
-    let accept = tokio::spawn(crate::net::accept_loop(
-        listener,
-        cfg.limits.max_connections,
-        life.drain_token(),
-        connections.clone(),
-        move |stream, peer, permit| inbound.clone().handle(stream, peer, permit),
-    ));
+    let mut accepts = Vec::new();
+    if let (Some(listener), Some(upstream)) = (listener, cfg.upstream.clone()) {
+        let inbound = Arc::new(inbound::Inbound {
+            store: store.clone(),
+            policy: cfg.policy.clone(),
+            upstream,
+            limits: cfg.limits,
+            handshake_timeout: cfg.handshake_timeout,
+            telemetry: telemetry.clone(),
+            drain: life.drain_token(),
+            kill: kill.clone(),
+            admission: admission::Admission::new(admission::AdmissionLimits {
+                max_pending: cfg.limits.max_pending,
+                max_pending_per_ip: cfg.limits.max_pending_per_ip,
+                max_per_identity: cfg.limits.max_connections_per_identity,
+            }),
+            budget: memory_budget.clone(),
+            trust,
+        });
+        accepts.push(tokio::spawn(crate::net::accept_loop(
+            listener,
+            cfg.limits.max_connections,
+            life.drain_token(),
+            connections.clone(),
+            move |stream, peer, permit| inbound.clone().handle(stream, peer, permit),
+        )));
+    }
+    // One keeper for every route: handshakes in all (every app connects from loopback, so no
+    // per-address share), connections per destination.
+    let outbound_admission = admission::Admission::new(admission::AdmissionLimits {
+        max_pending: cfg.limits.max_pending,
+        max_pending_per_ip: cfg.limits.max_pending,
+        max_per_identity: cfg.outbound.max_per_destination,
+    });
+    for (listener, route) in outbound_listeners.into_iter().zip(cfg.outbound.routes.iter().cloned()) {
+        let outbound = Arc::new(outbound::Outbound {
+            route,
+            store: store.clone(),
+            limits: cfg.limits,
+            handshake_timeout: cfg.handshake_timeout,
+            dial_timeout: cfg.outbound.dial_timeout,
+            telemetry: telemetry.clone(),
+            drain: life.drain_token(),
+            kill: kill.clone(),
+            admission: outbound_admission.clone(),
+            budget: memory_budget.clone(),
+        });
+        accepts.push(tokio::spawn(crate::net::accept_loop(
+            listener,
+            cfg.limits.max_connections,
+            life.drain_token(),
+            connections.clone(),
+            move |stream, peer, permit| outbound.clone().handle(stream, peer, permit),
+        )));
+    }
+    let routes: Vec<String> = cfg
+        .outbound
+        .routes
+        .iter()
+        .zip(&outbound_addrs)
+        .map(|(r, a)| format!("{a}={}", r.remote.url))
+        .collect();
     tracing::info!(
-        listen = %listen_addr,
+        listen = %cfg.upstream.as_ref().map_or_else(|| "none".to_owned(), |_| listen_addr.to_string()),
         admin = %admin_addr,
-        upstream = %cfg.upstream.authority(),
+        upstream = %cfg.upstream.as_ref().map_or_else(|| "none".to_owned(), |u| u.authority()),
+        outbound = %routes.join(","),
         cert_dir = %cfg.cert_dir.display(),
         "wsgate proxy started"
     );
@@ -299,7 +376,9 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let sequence = life.clone();
     life.spawn(async move {
         sequence.drained().await;
-        let _ = accept.await;
+        for accept in accepts {
+            let _ = accept.await;
+        }
         connections.close();
         tracing::info!(
             open = connections.len(),
@@ -322,6 +401,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     });
     Ok(ProxyHandle {
         listen_addr,
+        outbound_addrs,
         admin_addr,
         store,
         metrics,

@@ -1,7 +1,8 @@
-//! TLS: rustls configs built from a validated bundle, the one swappable store, peer identity.
+//! TLS: rustls configs (server and outbound client) built from a validated bundle, the one swappable store, peer identity.
 //!
 //! One crypto provider (ring) everywhere, so no second one is linked in.
 
+pub mod client;
 pub mod identity;
 pub mod reloader;
 pub mod server;
@@ -12,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::crypto::CryptoProvider;
 
 pub use identity::{PeerIdentity, TlsFacts};
-pub use store::{NotServing, Serving, ServingNow, TlsStore};
+pub use store::{Configs, NotServing, Serving, ServingNow, TlsStore};
 
 /// Why a rustls config could not be built from a bundle.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum TlsError {
     /// The client verifier could not be built from the roots.
     #[error("building the client-certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The server verifier (outbound) could not be built from the roots.
+    #[error("building the server-certificate verifier: {0}")]
+    ServerVerifier(rustls::server::VerifierBuilderError),
 }
 
 /// The process-wide crypto provider (ring).

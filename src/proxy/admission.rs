@@ -32,6 +32,14 @@ pub enum Refusal {
         /// The limit.
         limit: usize,
     },
+    /// Too many open outbound connections to this remote.
+    #[error("{limit} connections to {destination} already open (--outbound-max-connections-per-destination)")]
+    PerDestination {
+        /// The remote's `host:port`.
+        destination: String,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl Refusal {
@@ -41,6 +49,7 @@ impl Refusal {
             Self::Pending(_) => "max_pending",
             Self::PendingPerIp { .. } => "max_pending_per_ip",
             Self::PerIdentity { .. } => "max_connections_per_identity",
+            Self::PerDestination { .. } => "max_connections_per_destination",
         }
     }
 }
@@ -134,6 +143,19 @@ impl Admission {
         Ok(IdentitySlot {
             admission: self.clone(),
             identity: identity.to_owned(),
+        })
+    }
+
+    /// A slot for one more open outbound connection to `destination` (an outbound keeper counts
+    /// destinations where an inbound one counts identities; its `max_per_identity` is the
+    /// per-destination limit), or why not.
+    pub fn destination(self: &Arc<Self>, destination: &str) -> Result<IdentitySlot, Refusal> {
+        self.identity(destination).map_err(|refusal| match refusal {
+            Refusal::PerIdentity { identity, limit } => Refusal::PerDestination {
+                destination: identity,
+                limit,
+            },
+            other => other,
         })
     }
 

@@ -31,16 +31,17 @@ use super::settings::{Limits, Upstream};
 use super::trust::{self, TrustRegistry, Untrusted};
 use super::upgrade::{self, IdentityHeaderError, NotUpgrade};
 use crate::authz::{Decision, Denied, Policy};
-use crate::telemetry::metrics::CloseLabels;
+use crate::telemetry::metrics::{CloseLabels, INBOUND};
 use crate::telemetry::{Metrics, Telemetry};
 use crate::tls::{PeerIdentity, TlsStore};
+use opentelemetry::trace::SpanKind;
 use rustls_pki_types::CertificateDer;
 
-/// Read buffer of the client's leg. rustls already holds the decrypted bytes, so reading them out
+/// Read buffer of the client's leg (a TLS leg). rustls already holds the decrypted bytes, so reading them out
 /// in smaller pieces costs copies, not system calls; a sidecar holds many idle connections.
-const CLIENT_READ_BUFFER: usize = 2 * 1024;
+pub(super) const CLIENT_READ_BUFFER: usize = 2 * 1024;
 /// Read buffer of the app's leg (plain TCP: each read is a system call).
-const APP_READ_BUFFER: usize = 4 * 1024;
+pub(super) const APP_READ_BUFFER: usize = 4 * 1024;
 /// Bytes buffered before tungstenite writes on its own (the pump flushes earlier when idle).
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -161,14 +162,41 @@ impl RelayMeter for Metrics {
     }
 }
 
+/// The WebSocket settings of one leg: its read buffer, the shared write buffer, the size limits.
+/// Shared with the outbound root.
+pub(super) fn ws_config(limits: &Limits, read_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + limits.max_message_size + 64)
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_frame_size))
+}
+
+/// Counts and logs a relayed connection's end (shared with the outbound root).
+pub(super) fn closed(metrics: &Metrics, direction: &'static str, summary: &pump::CloseSummary, peer: SocketAddr) {
+    metrics
+        .connections_closed
+        .get_or_create(&CloseLabels {
+            code: summary.code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
+            initiator: summary.initiator.as_str(),
+            direction,
+        })
+        .inc();
+    tracing::debug!(
+        target: "wsgate::connection",
+        direction,
+        peer = %peer,
+        initiator = summary.initiator.as_str(),
+        code = summary.code.unwrap_or(0),
+        reason = %summary.reason,
+        "connection closed"
+    );
+}
+
 impl Inbound {
     fn ws_config(&self, read_buffer: usize) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(read_buffer)
-            .write_buffer_size(WRITE_BUFFER)
-            .max_write_buffer_size(WRITE_BUFFER + self.limits.max_message_size + 64)
-            .max_message_size(Some(self.limits.max_message_size))
-            .max_frame_size(Some(self.limits.max_frame_size))
+        ws_config(&self.limits, read_buffer)
     }
 
     /// Serves one accepted connection to its end.
@@ -180,7 +208,7 @@ impl Inbound {
             match self.admission.pending(peer.ip()) {
                 Ok(slot) => Some(slot),
                 Err(refusal) => {
-                    self.telemetry.metrics.refused(refusal.label());
+                    self.telemetry.metrics.refused(INBOUND, refusal.label());
                     tracing::debug!(target: "wsgate::limits", %peer, reason = %refusal, "connection refused");
                     return;
                 }
@@ -190,7 +218,7 @@ impl Inbound {
         };
         let mut rec = HandshakeRecord::start(peer, server_port, self.upstream.authority());
         let result = if permit.is_none() {
-            self.telemetry.metrics.refused("max_connections");
+            self.telemetry.metrics.refused(INBOUND, "max_connections");
             Err(HandshakeError::TooManyConnections(self.limits.max_connections))
         } else if self.drain.is_cancelled() {
             Err(HandshakeError::Draining)
@@ -212,7 +240,7 @@ impl Inbound {
             }
             Err(e) => {
                 if let HandshakeError::Limit(refusal) = &e {
-                    self.telemetry.metrics.refused(refusal.label());
+                    self.telemetry.metrics.refused(INBOUND, refusal.label());
                 }
                 rec.finish(Err(&e), &self.telemetry);
                 return;
@@ -255,7 +283,11 @@ impl Inbound {
         rec.upgrade_read_time = Some(tls_done.elapsed());
         rec.path = Some(pending.request.uri().path().to_owned());
         // The trace is fixed first, so that refusals join the client's trace too.
-        let trace_headers = match self.telemetry.tracer.start_handshake(pending.request.headers()) {
+        let trace_headers = match self
+            .telemetry
+            .tracer
+            .start_handshake(pending.request.headers(), SpanKind::Server)
+        {
             Some((trace, headers)) => {
                 rec.trace = Some(trace);
                 headers
@@ -376,7 +408,8 @@ impl Inbound {
         } = legs;
         let metrics = &self.telemetry.metrics;
         let client_not_after = client_expiry.map(crate::x509::to_unix);
-        metrics.connections_open.inc();
+        let open = metrics.open(INBOUND);
+        open.inc();
         if let Some(t) = client_not_after {
             metrics.client_connected(t);
         }
@@ -418,24 +451,10 @@ impl Inbound {
                 reason: "drain timeout: connection dropped".into(),
             },
         };
-        metrics.connections_open.dec();
+        open.dec();
         if let Some(t) = client_not_after {
             metrics.client_disconnected(t);
         }
-        metrics
-            .connections_closed
-            .get_or_create(&CloseLabels {
-                code: summary.code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
-                initiator: summary.initiator.as_str(),
-            })
-            .inc();
-        tracing::debug!(
-            target: "wsgate::connection",
-            peer = %peer,
-            initiator = summary.initiator.as_str(),
-            code = summary.code.unwrap_or(0),
-            reason = %summary.reason,
-            "connection closed"
-        );
+        closed(metrics, INBOUND, &summary, peer);
     }
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use opentelemetry::trace::SpanKind;
 use opentelemetry::{Array, KeyValue, StringValue, Value};
 
 use super::outcome::FailureKind;
@@ -27,22 +28,54 @@ pub trait Failure: std::fmt::Display {
     }
 }
 
+/// Which way an attempt goes: a label on its metrics, its log line and the kind of its span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// An mTLS client to the app (span kind SERVER).
+    Inbound,
+    /// The local app to a remote over mTLS (span kind CLIENT).
+    Outbound,
+}
+
+impl Flow {
+    /// The `direction` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::Inbound => crate::telemetry::metrics::INBOUND,
+            Flow::Outbound => crate::telemetry::metrics::OUTBOUND,
+        }
+    }
+
+    /// The span kind.
+    pub fn span_kind(self) -> SpanKind {
+        match self {
+            Flow::Inbound => SpanKind::Server,
+            Flow::Outbound => SpanKind::Client,
+        }
+    }
+}
+
 /// Everything known about one handshake attempt.
 #[derive(Debug)]
 pub struct HandshakeRecord {
+    /// Inbound or outbound.
+    pub flow: Flow,
+    /// Outbound: the remote's host and port (`server.address`, `server.port`).
+    pub remote: Option<(String, u16)>,
     /// When the TCP connection was accepted (monotonic).
     pub started: Instant,
     /// When the TCP connection was accepted (wall clock, for spans).
     pub started_at: SystemTime,
-    /// The client's address.
+    /// The client's address (outbound: the local app's).
     pub peer: SocketAddr,
     /// The listener's port.
     pub server_port: u16,
     /// TLS parameters, once TLS completed.
     pub tls: Option<TlsFacts>,
-    /// The verified client identity, once TLS completed.
+    /// The verified peer identity, once TLS completed: the client's (inbound), the remote's
+    /// (outbound).
     pub identity: Option<Arc<PeerIdentity>>,
-    /// Serial of the certificate the proxy presented.
+    /// Serial of the certificate the proxy presented (as server inbound, as client outbound).
     pub serving_serial: Option<String>,
     /// `allow` or `deny`, once decided.
     pub decision: Option<&'static str>,
@@ -72,6 +105,8 @@ impl HandshakeRecord {
     /// Starts a record at TCP accept.
     pub fn start(peer: SocketAddr, server_port: u16, upstream: String) -> Self {
         Self {
+            flow: Flow::Inbound,
+            remote: None,
             started: Instant::now(),
             started_at: SystemTime::now(),
             peer,
@@ -93,6 +128,15 @@ impl HandshakeRecord {
         }
     }
 
+    /// Starts the record of an outbound attempt at the local accept: `peer` is the app,
+    /// `local_port` the outbound listener's port, the remote is `host:port`.
+    pub fn start_outbound(peer: SocketAddr, local_port: u16, host: &str, port: u16, authority: String) -> Self {
+        let mut rec = Self::start(peer, local_port, authority);
+        rec.flow = Flow::Outbound;
+        rec.remote = Some((host.to_owned(), port));
+        rec
+    }
+
     /// Records the attempt's result (the one place a failure is written), then emits the log
     /// line, the metrics and the span. Consumes the record: called exactly once.
     pub fn finish(mut self, result: Result<(), &dyn Failure>, telemetry: &Telemetry) {
@@ -104,15 +148,19 @@ impl HandshakeRecord {
             }
         }
         let elapsed = self.started.elapsed();
-        telemetry
-            .metrics
-            .handshake_done(self.failure.as_ref().map(|(k, _)| k.as_str()), elapsed);
+        telemetry.metrics.handshake_done(
+            self.flow.as_str(),
+            self.failure.as_ref().map(|(k, _)| k.as_str()),
+            elapsed,
+        );
         self.log(elapsed);
         let trace = self.trace.take();
         let failed = self.failure.as_ref().map(|(k, r)| (k.as_str(), r.as_str()));
         telemetry
             .tracer
-            .end_handshake(trace, failed, self.started_at, || self.attributes());
+            .end_handshake(trace, failed, self.started_at, self.flow.span_kind(), || {
+                self.attributes()
+            });
     }
 
     fn log(&self, elapsed: Duration) {
@@ -130,11 +178,13 @@ impl HandshakeRecord {
             ($level:ident) => {
                 tracing::$level!(
                     target: "wsgate::handshake",
+                    direction = self.flow.as_str(),
                     peer = %self.peer,
                     identity,
                     tls.version = version,
                     tls.cipher = cipher,
                     path = self.path.as_deref().unwrap_or(""),
+                    upstream = self.upstream.as_str(),
                     status = self.status.unwrap_or(0),
                     outcome,
                     error.type = error_type,
@@ -156,9 +206,19 @@ impl HandshakeRecord {
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
         let strings = |v: &[String]| Value::Array(Array::String(v.iter().cloned().map(StringValue::from).collect()));
         let mut a = Vec::with_capacity(32);
-        a.push(KeyValue::new(attr::NETWORK_PEER_ADDRESS, self.peer.ip().to_string()));
-        a.push(KeyValue::new(attr::NETWORK_PEER_PORT, i64::from(self.peer.port())));
-        a.push(KeyValue::new(attr::SERVER_PORT, i64::from(self.server_port)));
+        let outbound = self.flow == Flow::Outbound;
+        if let Some((host, port)) = &self.remote {
+            // A CLIENT span: the remote is the server, the local app the client.
+            a.push(KeyValue::new(attr::SERVER_ADDRESS, host.clone()));
+            a.push(KeyValue::new(attr::SERVER_PORT, i64::from(*port)));
+            a.push(KeyValue::new(attr::CLIENT_ADDRESS, self.peer.ip().to_string()));
+            a.push(KeyValue::new(attr::CLIENT_PORT, i64::from(self.peer.port())));
+            a.push(KeyValue::new(attr::LOCAL_PORT, i64::from(self.server_port)));
+        } else {
+            a.push(KeyValue::new(attr::NETWORK_PEER_ADDRESS, self.peer.ip().to_string()));
+            a.push(KeyValue::new(attr::NETWORK_PEER_PORT, i64::from(self.peer.port())));
+            a.push(KeyValue::new(attr::SERVER_PORT, i64::from(self.server_port)));
+        }
         a.push(KeyValue::new(attr::TLS_PROTOCOL_NAME, "tls"));
         a.push(KeyValue::new(attr::TLS_ESTABLISHED, self.tls.is_some()));
         a.push(KeyValue::new(attr::UPSTREAM_ADDRESS, self.upstream.clone()));
@@ -172,21 +232,21 @@ impl HandshakeRecord {
             a.push(KeyValue::new(attr::TLS_NEXT_PROTOCOL, "http/1.1"));
         }
         if let Some(id) = &self.identity {
-            a.push(KeyValue::new(attr::TLS_CLIENT_SUBJECT, id.cert.subject.clone()));
-            a.push(KeyValue::new(attr::TLS_CLIENT_ISSUER, id.cert.issuer.clone()));
-            a.push(KeyValue::new(attr::TLS_CLIENT_NOT_AFTER, rfc3339(id.cert.not_after)));
-            a.push(KeyValue::new(
-                attr::TLS_CLIENT_HASH_SHA256,
-                id.sha256_hex().to_ascii_uppercase(),
-            ));
+            // Inbound the peer is the TLS client; outbound it is the TLS server.
+            let [subject, issuer, not_after, hash, spiffe_id, uri_sans, dns_sans] =
+                if outbound { attr::PEER_SERVER } else { attr::PEER_CLIENT };
+            a.push(KeyValue::new(subject, id.cert.subject.clone()));
+            a.push(KeyValue::new(issuer, id.cert.issuer.clone()));
+            a.push(KeyValue::new(not_after, rfc3339(id.cert.not_after)));
+            a.push(KeyValue::new(hash, id.sha256_hex().to_ascii_uppercase()));
             if let Some(spiffe) = id.cert.spiffe_id() {
-                a.push(KeyValue::new(attr::CLIENT_SPIFFE_ID, spiffe.to_owned()));
+                a.push(KeyValue::new(spiffe_id, spiffe.to_owned()));
             }
             if !id.cert.uri_sans.is_empty() {
-                a.push(KeyValue::new(attr::CLIENT_URI_SANS, strings(&id.cert.uri_sans)));
+                a.push(KeyValue::new(uri_sans, strings(&id.cert.uri_sans)));
             }
             if !id.cert.dns_sans.is_empty() {
-                a.push(KeyValue::new(attr::CLIENT_DNS_SANS, strings(&id.cert.dns_sans)));
+                a.push(KeyValue::new(dns_sans, strings(&id.cert.dns_sans)));
             }
         }
         if let Some(decision) = self.decision {
@@ -205,7 +265,12 @@ impl HandshakeRecord {
             a.push(KeyValue::new(attr::SUBPROTOCOL, sub.clone()));
         }
         if let Some(serial) = &self.serving_serial {
-            a.push(KeyValue::new(attr::SERVER_CERT_SERIAL, serial.clone()));
+            let key = if outbound {
+                attr::CLIENT_CERT_SERIAL
+            } else {
+                attr::SERVER_CERT_SERIAL
+            };
+            a.push(KeyValue::new(key, serial.clone()));
         }
         for (key, value) in [
             (attr::PHASE_TLS_MS, ms(self.tls_time)),

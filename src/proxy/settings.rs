@@ -211,10 +211,13 @@ impl Default for Limits {
 /// Everything `wsgate proxy` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    /// Where the mTLS listener binds.
+    /// Where the mTLS listener binds (not bound when there is no upstream: outbound only).
     pub listen: SocketAddr,
-    /// The app behind the proxy.
-    pub upstream: Upstream,
+    /// The app behind the proxy; `None` for a client-only pod (outbound only, no inbound
+    /// listener).
+    pub upstream: Option<Upstream>,
+    /// The outbound routes (`--outbound`) and their limits.
+    pub outbound: Outbound,
     /// The mounted Secret volume: `tls.crt`, `tls.key`, `ca.crt`.
     pub cert_dir: PathBuf,
     /// A PEM file or mounted ConfigMap directory that replaces `ca.crt` as the trust roots.
@@ -235,6 +238,201 @@ pub struct ProxyConfig {
     pub reload: ReloadTiming,
     /// OpenTelemetry export (from the `OTEL_*` variables); off by default.
     pub otel: OtelSettings,
+}
+
+/// Where an outbound route dials: `wss://HOST:PORT`, verified as `HOST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The URL as given.
+    pub url: String,
+    /// Host, port, and the address when the host is an IP literal (else resolved at each dial).
+    pub target: Upstream,
+    /// The name the remote's certificate must carry (a DNS SAN, or an IP SAN for a literal).
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl Remote {
+    /// Parses `wss://HOST[:PORT]` (port 443 by default). The app's own path and query are
+    /// forwarded, so the URL takes none; plain `ws://` is refused: the remote is dialled over
+    /// mTLS.
+    pub fn parse(flag: &'static str, url: &str) -> Result<Self, SettingsError> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| SettingsError::invalid(flag, format!("remote '{url}' is not a URL: {e}")))?;
+        match uri.scheme_str() {
+            Some("wss") => {}
+            Some(other) => {
+                return Err(SettingsError::invalid(
+                    flag,
+                    format!(
+                        "remote '{url}': scheme {other} is not supported, the remote is dialled over mTLS: write wss://HOST:PORT"
+                    ),
+                ));
+            }
+            None => {
+                return Err(SettingsError::invalid(
+                    flag,
+                    format!("remote '{url}' has no scheme: write wss://HOST:PORT"),
+                ));
+            }
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| SettingsError::invalid(flag, format!("remote '{url}' has no host")))?;
+        if authority.as_str().contains('@') {
+            return Err(SettingsError::invalid(
+                flag,
+                format!("remote '{url}': user info is not supported"),
+            ));
+        }
+        if let Some(pq) = uri.path_and_query()
+            && (pq.as_str() != "/" && !pq.as_str().is_empty())
+        {
+            return Err(SettingsError::invalid(
+                flag,
+                format!(
+                    "remote '{url}' has a path or query: the app's own path and query are forwarded, write wss://HOST:PORT"
+                ),
+            ));
+        }
+        let port = match authority.port() {
+            None => 443,
+            Some(p) => match p.as_str().parse::<u16>() {
+                Ok(0) | Err(_) => {
+                    return Err(SettingsError::invalid(
+                        flag,
+                        format!("remote '{url}': '{}' is not a port (1-65535)", p.as_str()),
+                    ));
+                }
+                Ok(n) => n,
+            },
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let server_name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| SettingsError::invalid(flag, format!("remote '{url}': '{host}' is not a host name: {e}")))?;
+        let addr = host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, port));
+        Ok(Self {
+            url: url.to_owned(),
+            target: Upstream { host, port, addr },
+            server_name,
+        })
+    }
+}
+
+/// One `--outbound LOCAL=REMOTE` route: a plain `ws://` listener for the app, dialling the
+/// remote over mTLS.
+#[derive(Debug, Clone)]
+pub struct OutboundRoute {
+    /// Where the app connects (loopback unless `--allow-remote-outbound-listen`).
+    pub local: SocketAddr,
+    /// Where it is forwarded.
+    pub remote: Remote,
+    /// The identities the remote's certificate must carry one of (`--outbound-expect`), with
+    /// the patterns as given; `None`: any certificate that chains to the roots and names the host.
+    pub expect: Option<(Policy, Vec<String>)>,
+}
+
+/// The outbound direction: its routes and the limits that apply to outbound connections only.
+#[derive(Debug, Clone, Default)]
+pub struct Outbound {
+    /// The routes; empty when the proxy only serves inbound.
+    pub routes: Vec<OutboundRoute>,
+    /// Longest time to connect to the remote, finish TLS and get its answer to the upgrade
+    /// (504 after it).
+    pub dial_timeout: Duration,
+    /// Most connections open at once to one remote (`host:port`); the next gets 429.
+    pub max_per_destination: usize,
+}
+
+/// Default `--outbound-dial-timeout`.
+pub const DEFAULT_OUTBOUND_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Outbound {
+    /// Parses the `--outbound LOCAL=REMOTE` and `--outbound-expect LOCAL=PATTERN` flags. Every
+    /// message names the flag and the value: a missing `=`, a LOCAL that is not `IP:PORT` or not
+    /// on loopback (unless `allow_remote_listen`), a remote that is not `wss://HOST:PORT`, a LOCAL
+    /// given twice, an expectation for a LOCAL no route has, or a bad pattern.
+    pub fn parse_routes(
+        routes: &[String],
+        expects: &[String],
+        allow_remote_listen: bool,
+    ) -> Result<Vec<OutboundRoute>, SettingsError> {
+        const FLAG: &str = "--outbound";
+        const EXPECT: &str = "--outbound-expect";
+        let mut out: Vec<OutboundRoute> = Vec::with_capacity(routes.len());
+        for spec in routes.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let (local, remote) = spec.split_once('=').ok_or_else(|| {
+                SettingsError::invalid(
+                    FLAG,
+                    format!("'{spec}' has no '=': write LOCAL=REMOTE, e.g. 127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443"),
+                )
+            })?;
+            let local = parse_local(FLAG, spec, local.trim())?;
+            if !local.ip().is_loopback() && !allow_remote_listen {
+                return Err(SettingsError::invalid(
+                    FLAG,
+                    format!(
+                        "'{spec}': LOCAL {local} is not on loopback: the app dials its own sidecar; pass --allow-remote-outbound-listen to listen there anyway"
+                    ),
+                ));
+            }
+            if out.iter().any(|r| r.local == local) {
+                return Err(SettingsError::invalid(
+                    FLAG,
+                    format!("'{spec}': LOCAL {local} is given twice"),
+                ));
+            }
+            let remote = Remote::parse(FLAG, remote.trim())?;
+            out.push(OutboundRoute {
+                local,
+                remote,
+                expect: None,
+            });
+        }
+        let mut patterns: Vec<Vec<String>> = vec![Vec::new(); out.len()];
+        for spec in expects.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let (local, pattern) = spec.split_once('=').ok_or_else(|| {
+                SettingsError::invalid(
+                    EXPECT,
+                    format!("'{spec}' has no '=': write LOCAL=PATTERN, e.g. 127.0.0.1:9001=spiffe://cluster.local/ns/shop/sa/chat"),
+                )
+            })?;
+            let local = parse_local(EXPECT, spec, local.trim())?;
+            let Some(i) = out.iter().position(|r| r.local == local) else {
+                return Err(SettingsError::invalid(
+                    EXPECT,
+                    format!("'{spec}': no --outbound route listens on {local}"),
+                ));
+            };
+            let pattern = pattern.trim();
+            Policy::check_pattern(pattern).map_err(|e| SettingsError::invalid(EXPECT, format!("'{spec}': {e}")))?;
+            patterns[i].push(pattern.to_owned());
+        }
+        for (route, patterns) in out.iter_mut().zip(patterns) {
+            if !patterns.is_empty() {
+                let policy =
+                    Policy::new(&patterns, false).map_err(|e| SettingsError::invalid(EXPECT, e.to_string()))?;
+                route.expect = Some((policy, patterns));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn parse_local(flag: &'static str, spec: &str, local: &str) -> Result<SocketAddr, SettingsError> {
+    local.parse::<SocketAddr>().map_err(|_| {
+        let why = match local.rsplit_once(':') {
+            Some((host, port)) if host.parse::<IpAddr>().is_ok() || host.starts_with('[') => {
+                format!("'{port}' is not a port (0-65535)")
+            }
+            Some(_) | None => "write an IP address and a port, e.g. 127.0.0.1:9001".to_owned(),
+        };
+        SettingsError::invalid(flag, format!("'{spec}': LOCAL '{local}' is not IP:PORT: {why}"))
+    })
 }
 
 #[cfg(test)]
@@ -294,5 +492,48 @@ mod tests {
                 .contains("path")
         );
         assert!(Upstream::parse("not a url", false).is_err());
+    }
+
+    fn routes(r: &[&str], e: &[&str]) -> Result<Vec<OutboundRoute>, SettingsError> {
+        let r: Vec<String> = r.iter().map(|s| s.to_string()).collect();
+        let e: Vec<String> = e.iter().map(|s| s.to_string()).collect();
+        Outbound::parse_routes(&r, &e, false)
+    }
+
+    #[test]
+    fn outbound_routes_parse_with_their_expectations() {
+        let r = routes(
+            &[
+                "127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443",
+                "[::1]:9002=wss://10.0.0.7",
+            ],
+            &["127.0.0.1:9001=spiffe://cluster.local/ns/shop/sa/chat"],
+        )
+        .unwrap();
+        assert_eq!(r[0].local, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(r[0].remote.target.authority(), "chat.shop.svc.cluster.local:8443");
+        assert_eq!(r[0].remote.target.addr, None);
+        assert_eq!(
+            r[0].expect.as_ref().unwrap().1,
+            ["spiffe://cluster.local/ns/shop/sa/chat"]
+        );
+        assert_eq!(r[1].remote.target.addr, Some("10.0.0.7:443".parse().unwrap()));
+        assert!(r[1].expect.is_none());
+    }
+
+    #[test]
+    fn bad_outbound_routes_are_refused_naming_the_problem() {
+        let err = |r: &[&str], e: &[&str]| routes(r, e).unwrap_err().to_string();
+        assert!(err(&["127.0.0.1:9001"], &[]).contains("no '='"));
+        assert!(err(&["127.0.0.1:9001=ws://a:1"], &[]).contains("wss://"));
+        assert!(err(&["127.0.0.1:99999=wss://a:1"], &[]).contains("not a port"));
+        assert!(err(&["127.0.0.1:9001=wss://a:0"], &[]).contains("not a port"));
+        assert!(err(&["127.0.0.1:9001=wss://a:1/chat"], &[]).contains("path"));
+        assert!(err(&["10.0.0.1:9001=wss://a:1"], &[]).contains("--allow-remote-outbound-listen"));
+        assert!(err(&["127.0.0.1:9001=wss://a:1", "127.0.0.1:9001=wss://b:1"], &[]).contains("twice"));
+        assert!(err(&["127.0.0.1:9001=wss://a:1"], &["127.0.0.1:9002=spiffe://td/x"]).contains("no --outbound route"));
+        assert!(err(&["127.0.0.1:9001=wss://a:1"], &["127.0.0.1:9001=spiffe://td/fr*nt"]).contains("fr*nt"));
+        let ok = Outbound::parse_routes(&["0.0.0.0:9001=wss://a:1".into()], &[], true).unwrap();
+        assert_eq!(ok[0].local.port(), 9001);
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 WebSocket upgrade on both legs, and header hygiene.
 //!
-//! Pure functions over `http` types: check the client's request, build the app's request (strip
+//! Pure functions over `http` types: check the client's request, build the app's request or an
+//! outbound remote's (strip
 //! hop-by-hop headers, extensions wsgate does not relay, and any header the client tried to forge
 //! that wsgate sets or that names the client: in any case and with `_` for `-`, since WSGI, Rack
 //! and CGI read both spellings as one variable; add the verified identity), check the app's 101
@@ -207,27 +208,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Builds the upgrade request for the app: the client's path, query, subprotocols, key and
-/// ordinary headers; no hop-by-hop headers, no extensions (frames are relayed one by one, so
-/// none can be negotiated end to end); every client-sent `X-Forwarded-Client-Cert`,
-/// `x-wsgate-*`, `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded` and `X-Real-IP` removed
-/// whatever its case or `_` spelling; then the verified identity and the hop wsgate saw added.
-/// `X-Forwarded-For` is replaced, not appended to: wsgate is the pod's first hop and the client's
-/// list cannot be verified. Fails, rather than forward a request without the identity, when
-/// the identity cannot be written as a header value.
-pub fn upstream_request<B>(
-    req: &Request<B>,
-    identity: &PeerIdentity,
-    peer: IpAddr,
-    extra: &[(HeaderName, HeaderValue)],
-) -> Result<Request<Empty<Bytes>>, IdentityHeaderError> {
-    let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| IdentityHeaderError::Xfcc(e.to_string()))?;
-    let not_after = HeaderValue::from_str(&identity.not_after_rfc3339())
-        .map_err(|e| IdentityHeaderError::NotAfter(e.to_string()))?;
+/// The client's headers as they may be forwarded: no hop-by-hop headers, no extensions
+/// (frames are relayed one by one, so none can be negotiated end to end), no body headers,
+/// and none of the headers wsgate sets or that name the client (`X-Forwarded-Client-Cert`,
+/// `x-wsgate-*`, `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`, `X-Real-IP`) whatever
+/// their case or `_` spelling; `Connection: Upgrade` and `Upgrade: websocket` set.
+fn forwarded_headers<B>(req: &Request<B>) -> HeaderMap {
     let mut headers = req.headers().clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(SEC_WEBSOCKET_EXTENSIONS);
-    // An upgrade GET has no body; a client-sent length or Expect would make the app wait for
+    // An upgrade GET has no body; a client-sent length or Expect would make the peer wait for
     // (or read WebSocket frames as) a body that never comes.
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::EXPECT);
@@ -237,6 +227,34 @@ pub fn upstream_request<B>(
     }
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers
+}
+
+/// A GET for the client's path and query with `headers`.
+fn get_request<B>(req: &Request<B>, headers: HeaderMap) -> Request<Empty<Bytes>> {
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut out = Request::new(Empty::new());
+    *out.method_mut() = Method::GET;
+    *out.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Builds the upgrade request for the app: the client's path, query, subprotocols, key and
+/// ordinary headers, cleaned as [`forwarded_headers`] says; then the verified identity and the
+/// hop wsgate saw added. `X-Forwarded-For` is replaced, not appended to: wsgate is the pod's
+/// first hop and the client's list cannot be verified. Fails, rather than forward a request
+/// without the identity, when the identity cannot be written as a header value.
+pub fn upstream_request<B>(
+    req: &Request<B>,
+    identity: &PeerIdentity,
+    peer: IpAddr,
+    extra: &[(HeaderName, HeaderValue)],
+) -> Result<Request<Empty<Bytes>>, IdentityHeaderError> {
+    let xfcc = HeaderValue::from_str(&identity.xfcc()).map_err(|e| IdentityHeaderError::Xfcc(e.to_string()))?;
+    let not_after = HeaderValue::from_str(&identity.not_after_rfc3339())
+        .map_err(|e| IdentityHeaderError::NotAfter(e.to_string()))?;
+    let mut headers = forwarded_headers(req);
     headers.insert(X_FORWARDED_FOR, peer_value(peer));
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     headers.insert(XFCC, xfcc);
@@ -244,12 +262,27 @@ pub fn upstream_request<B>(
     for (k, v) in extra {
         headers.insert(k.clone(), v.clone());
     }
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut out = Request::new(Empty::new());
-    *out.method_mut() = Method::GET;
-    *out.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-    *out.headers_mut() = headers;
-    Ok(out)
+    Ok(get_request(req, headers))
+}
+
+/// Builds the upgrade request for an outbound route's remote from the local app's: the app's
+/// path, query, subprotocols, key and ordinary headers, cleaned as [`forwarded_headers`] says
+/// (so the app can forge no identity header: the remote's wsgate derives the identity from the
+/// TLS client certificate), `Host` set to the remote's `authority`, and `extra` (the trace
+/// context) added.
+pub fn remote_request<B>(
+    req: &Request<B>,
+    authority: &str,
+    extra: &[(HeaderName, HeaderValue)],
+) -> Request<Empty<Bytes>> {
+    let mut headers = forwarded_headers(req);
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, host);
+    }
+    for (k, v) in extra {
+        headers.insert(k.clone(), v.clone());
+    }
+    get_request(req, headers)
 }
 
 /// The peer's address as a header value (digits, dots, colons and hex: always valid).
@@ -541,5 +574,33 @@ mod tests {
     fn the_identity_header_error_names_the_header() {
         let e = IdentityHeaderError::Xfcc("invalid".into());
         assert!(e.to_string().contains("X-Forwarded-Client-Cert"), "{e}");
+    }
+
+    #[test]
+    fn the_remote_request_keeps_path_and_subprotocols_and_drops_forged_identity() {
+        let req = upgrade_req()
+            .header("sec-websocket-protocol", "chat, superchat")
+            .header("x-forwarded-client-cert", "Hash=forged")
+            .header("x_wsgate_client_not_after", "never")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("keep-alive", "5")
+            .header("x-app", "kept")
+            .body(())
+            .unwrap();
+        let out = remote_request(&req, "chat.shop.svc:8443", &[]);
+        let h = out.headers();
+        assert_eq!(out.uri(), "/chat?room=1");
+        assert_eq!(h.get("host").unwrap(), "chat.shop.svc:8443");
+        assert_eq!(h.get("sec-websocket-protocol").unwrap(), "chat, superchat");
+        assert_eq!(h.get("x-app").unwrap(), "kept");
+        for gone in [
+            "x-forwarded-client-cert",
+            "x_wsgate_client_not_after",
+            "x-forwarded-for",
+            "keep-alive",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
     }
 }

@@ -22,7 +22,21 @@ pub struct HandshakeLabels {
     pub result: &'static str,
     /// The failure's `error.type`, empty on success.
     pub error_type: &'static str,
+    /// `inbound` (mTLS clients to the app) or `outbound` (the app to a remote over mTLS).
+    pub direction: &'static str,
 }
+
+/// The `direction` label alone (`inbound` or `outbound`), of `wsgate_connections_open`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+}
+
+/// The `direction` label of a connection served by the inbound listener.
+pub const INBOUND: &str = "inbound";
+/// The `direction` label of a connection accepted on an `--outbound` listener.
+pub const OUTBOUND: &str = "outbound";
 
 /// Labels of the relay counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,16 +50,21 @@ pub struct DirectionLabels {
 pub struct CloseLabels {
     /// The WebSocket close code seen first (`1000`, `1001`, …), or `none` when the peer vanished.
     pub code: String,
-    /// Who closed first: `client`, `upstream` or `proxy`.
+    /// Who closed first: `client`, `upstream` or `proxy` (outbound: the client is the local
+    /// app, the upstream the remote).
     pub initiator: &'static str,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
 }
 
 /// Labels of `wsgate_connections_refused_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
     /// Which limit refused it: `max_connections`, `max_pending`, `max_pending_per_ip`,
-    /// `max_connections_per_identity`.
+    /// `max_connections_per_identity` (inbound), `max_connections_per_destination` (outbound).
     pub reason: &'static str,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
 }
 
 /// Labels of `wsgate_certificate_reloads_total`.
@@ -71,6 +90,16 @@ pub struct BuildLabels {
     pub version: &'static str,
 }
 
+/// The limits that refuse inbound connections (`reason` of `wsgate_connections_refused_total`).
+const INBOUND_LIMITS: [&str; 4] = [
+    "max_connections",
+    "max_pending",
+    "max_pending_per_ip",
+    "max_connections_per_identity",
+];
+/// The limits that refuse outbound connections.
+const OUTBOUND_LIMITS: [&str; 3] = ["max_connections", "max_pending", "max_connections_per_destination"];
+
 /// Every metric wsgate exports, with the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -78,8 +107,8 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     /// Duration from TCP accept to the 101 or the refusal.
     pub handshake_duration: Family<HandshakeLabels, Histogram>,
-    /// Proxied WebSocket connections open now.
-    pub connections_open: Gauge,
+    /// Proxied WebSocket connections open now, by direction.
+    pub connections_open: Family<FlowLabels, Gauge>,
     /// Connections closed, by close code and initiator.
     pub connections_closed: Family<CloseLabels, Counter>,
     /// Connections refused by a limit, by the limit (never by identity or address).
@@ -135,7 +164,7 @@ impl Metrics {
         let handshakes = Family::<HandshakeLabels, Counter>::default();
         registry.register(
             "handshakes",
-            "TLS + WebSocket handshakes attempted, by result and error.type",
+            "TLS + WebSocket handshakes attempted, by result, error.type and direction (inbound or outbound)",
             handshakes.clone(),
         );
         let handshake_duration = Family::<HandshakeLabels, Histogram>::new_with_constructor(|| {
@@ -147,25 +176,25 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             handshake_duration.clone(),
         );
-        let connections_open = Gauge::default();
+        let connections_open = Family::<FlowLabels, Gauge>::default();
+        // Inbound from the start (0, not absent); outbound once an outbound listener exists.
+        drop(connections_open.get_or_create(&FlowLabels { direction: INBOUND }));
         registry.register(
             "connections_open",
-            "Proxied WebSocket connections open now",
+            "Proxied WebSocket connections open now, by direction",
             connections_open.clone(),
         );
         let connections_refused = Family::<RefusedLabels, Counter>::default();
-        // Every reason from the start: a limit never hit reads 0, not absent.
-        for reason in [
-            "max_connections",
-            "max_pending",
-            "max_pending_per_ip",
-            "max_connections_per_identity",
-        ] {
-            drop(connections_refused.get_or_create(&RefusedLabels { reason }));
+        // Every inbound reason from the start: a limit never hit reads 0, not absent.
+        for reason in INBOUND_LIMITS {
+            drop(connections_refused.get_or_create(&RefusedLabels {
+                reason,
+                direction: INBOUND,
+            }));
         }
         registry.register(
             "connections_refused",
-            "Connections refused by a limit, by reason",
+            "Connections refused by a limit, by reason and direction",
             connections_refused.clone(),
         );
         let budget_used = Gauge::default();
@@ -185,7 +214,7 @@ impl Metrics {
         let connections_closed = Family::<CloseLabels, Counter>::default();
         registry.register(
             "connections_closed",
-            "Proxied WebSocket connections closed, by first close code and who sent it",
+            "Proxied WebSocket connections closed, by first close code, who sent it and direction",
             connections_closed.clone(),
         );
         let connections_untrusted = Counter::default();
@@ -303,12 +332,35 @@ impl Metrics {
         })
     }
 
-    /// Counts one finished handshake attempt (`error_type` is `None` on success) and its
-    /// duration.
-    pub fn handshake_done(&self, error_type: Option<&'static str>, elapsed: std::time::Duration) {
+    /// Creates the outbound series (open connections, refusal reasons) at 0, for a proxy with
+    /// `--outbound` routes: a limit never hit reads 0, not absent.
+    pub fn outbound_configured(&self) {
+        drop(self.connections_open.get_or_create(&FlowLabels { direction: OUTBOUND }));
+        for reason in OUTBOUND_LIMITS {
+            drop(self.connections_refused.get_or_create(&RefusedLabels {
+                reason,
+                direction: OUTBOUND,
+            }));
+        }
+    }
+
+    /// The open-connections gauge of `direction`.
+    pub fn open(&self, direction: &'static str) -> Gauge {
+        self.connections_open.get_or_create_owned(&FlowLabels { direction })
+    }
+
+    /// Counts one finished handshake attempt (`error_type` is `None` on success) of
+    /// `direction` and its duration.
+    pub fn handshake_done(
+        &self,
+        direction: &'static str,
+        error_type: Option<&'static str>,
+        elapsed: std::time::Duration,
+    ) {
         let labels = HandshakeLabels {
             result: if error_type.is_some() { "failure" } else { "success" },
             error_type: error_type.unwrap_or(""),
+            direction,
         };
         self.handshakes.get_or_create(&labels).inc();
         self.handshake_duration
@@ -385,9 +437,11 @@ impl Metrics {
         encode(&self.registry)
     }
 
-    /// Counts one connection refused by the limit named `reason`.
-    pub fn refused(&self, reason: &'static str) {
-        self.connections_refused.get_or_create(&RefusedLabels { reason }).inc();
+    /// Counts one connection of `direction` refused by the limit named `reason`.
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { reason, direction })
+            .inc();
     }
 
     /// Counts one certificate reload by result.

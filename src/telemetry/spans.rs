@@ -33,8 +33,16 @@ pub mod attr {
     pub const NETWORK_PEER_ADDRESS: &str = "network.peer.address";
     /// Client port.
     pub const NETWORK_PEER_PORT: &str = "network.peer.port";
-    /// Listener port.
+    /// Listener port (inbound); the remote's port (outbound).
     pub const SERVER_PORT: &str = "server.port";
+    /// The remote's host as dialled (outbound).
+    pub const SERVER_ADDRESS: &str = "server.address";
+    /// The local app's address (outbound).
+    pub const CLIENT_ADDRESS: &str = "client.address";
+    /// The local app's port (outbound).
+    pub const CLIENT_PORT: &str = "client.port";
+    /// The outbound listener's port the app dialled (outbound).
+    pub const LOCAL_PORT: &str = "wsgate.outbound.local_port";
     /// Always `tls`.
     pub const TLS_PROTOCOL_NAME: &str = "tls.protocol.name";
     /// `1.2` or `1.3`.
@@ -57,6 +65,43 @@ pub mod attr {
     pub const TLS_CLIENT_NOT_AFTER: &str = "tls.client.not_after";
     /// SHA-256 of the client certificate's DER, uppercase hex.
     pub const TLS_CLIENT_HASH_SHA256: &str = "tls.client.hash.sha256";
+    /// Server certificate subject (outbound: the remote's).
+    pub const TLS_SERVER_SUBJECT: &str = "tls.server.subject";
+    /// Server certificate issuer.
+    pub const TLS_SERVER_ISSUER: &str = "tls.server.issuer";
+    /// Server certificate not-after, RFC 3339.
+    pub const TLS_SERVER_NOT_AFTER: &str = "tls.server.not_after";
+    /// SHA-256 of the server certificate's DER, uppercase hex.
+    pub const TLS_SERVER_HASH_SHA256: &str = "tls.server.hash.sha256";
+    /// The remote's SPIFFE ID (outbound).
+    pub const SERVER_SPIFFE_ID: &str = "wsgate.server.spiffe_id";
+    /// The remote's URI SANs (outbound).
+    pub const SERVER_URI_SANS: &str = "wsgate.server.uri_sans";
+    /// The remote's DNS SANs (outbound).
+    pub const SERVER_DNS_SANS: &str = "wsgate.server.dns_sans";
+    /// Serial of the certificate wsgate presented as a TLS client (outbound).
+    pub const CLIENT_CERT_SERIAL: &str = "wsgate.client.certificate.serial";
+    /// The peer-certificate attributes of an inbound span: subject, issuer, not-after, hash,
+    /// SPIFFE ID, URI SANs, DNS SANs.
+    pub const PEER_CLIENT: [&str; 7] = [
+        TLS_CLIENT_SUBJECT,
+        TLS_CLIENT_ISSUER,
+        TLS_CLIENT_NOT_AFTER,
+        TLS_CLIENT_HASH_SHA256,
+        CLIENT_SPIFFE_ID,
+        CLIENT_URI_SANS,
+        CLIENT_DNS_SANS,
+    ];
+    /// The same of an outbound span (the remote is the TLS server).
+    pub const PEER_SERVER: [&str; 7] = [
+        TLS_SERVER_SUBJECT,
+        TLS_SERVER_ISSUER,
+        TLS_SERVER_NOT_AFTER,
+        TLS_SERVER_HASH_SHA256,
+        SERVER_SPIFFE_ID,
+        SERVER_URI_SANS,
+        SERVER_DNS_SANS,
+    ];
     /// Request path.
     pub const URL_PATH: &str = "url.path";
     /// Status sent to the client.
@@ -249,8 +294,13 @@ impl Tracer {
 
     /// Reads the parent from the upgrade request, fixes this handshake's trace and span ids and
     /// the sampling decision for success, and returns the headers to send to the app
-    /// (`traceparent`, `tracestate`, `baggage`), which replace any the client sent.
-    pub fn start_handshake(&self, request: &HeaderMap) -> Option<(TraceStart, Vec<(HeaderName, HeaderValue)>)> {
+    /// (`traceparent`, `tracestate`, `baggage`), which replace any the client sent. `kind` is
+    /// SERVER inbound, CLIENT outbound (where the headers go to the remote).
+    pub fn start_handshake(
+        &self,
+        request: &HeaderMap,
+        kind: SpanKind,
+    ) -> Option<(TraceStart, Vec<(HeaderName, HeaderValue)>)> {
         if !self.enabled() {
             return None;
         }
@@ -265,7 +315,7 @@ impl Tracer {
             parent.as_ref().map(|_| &parent_cx),
             trace_id,
             HANDSHAKE_SPAN,
-            &SpanKind::Server,
+            &kind,
             &[],
             &[],
         );
@@ -294,6 +344,7 @@ impl Tracer {
         trace: Option<TraceStart>,
         failed: Option<(&'static str, &str)>,
         started_at: SystemTime,
+        kind: SpanKind,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) {
         let Some(queue) = &self.queue else { return };
@@ -305,7 +356,7 @@ impl Tracer {
                 let sampled = failed.is_some()
                     || self
                         .sampler
-                        .should_sample(None, trace_id, HANDSHAKE_SPAN, &SpanKind::Server, &[], &[])
+                        .should_sample(None, trace_id, HANDSHAKE_SPAN, &kind, &[], &[])
                         .decision
                         == SamplingDecision::RecordAndSample;
                 let flags = if sampled {
@@ -337,7 +388,7 @@ impl Tracer {
         let span = self.span(
             own,
             parent,
-            SpanKind::Server,
+            kind,
             HANDSHAKE_SPAN,
             started_at,
             attributes,

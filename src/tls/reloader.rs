@@ -1,15 +1,13 @@
 //! The one writer of a [`TlsStore`]: turns each validated certificate set the watcher hands
-//! over into a served config, and remembers why a set was refused.
+//! over into the served configs (server, and outbound client), and remembers why a set was refused.
 //!
 //! The proxy and the webhook differ only in how a config is built and what they report, so
 //! both pass those in. Depends on `certs` (the watcher's sink and report) and `tls::store`.
 
 use std::sync::Arc;
 
-use rustls::ServerConfig;
-
 use super::TlsError;
-use super::store::{Serving, TlsStore};
+use super::store::{Configs, Serving, TlsStore};
 use crate::certs::CertBundle;
 use crate::certs::watch::{ReloadReport, ReloadSink, log_report};
 
@@ -30,8 +28,8 @@ pub trait ReloadHooks: Send + 'static {
     }
 }
 
-/// Builds a server config from a validated set.
-pub type Build = Box<dyn Fn(&CertBundle) -> Result<Arc<ServerConfig>, TlsError> + Send>;
+/// Builds the configs (server, and client when dialling out) from a validated set.
+pub type Build = Box<dyn Fn(&CertBundle) -> Result<Configs, TlsError> + Send>;
 
 /// The store's only writer.
 pub struct Reloader<H> {
@@ -49,9 +47,10 @@ impl<H: ReloadHooks> Reloader<H> {
 
 impl<H: ReloadHooks> ReloadSink for Reloader<H> {
     fn install(&mut self, bundle: CertBundle) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let server = (self.build)(&bundle)?;
+        // Both configs or neither: a set is installed whole, so a rotation swaps both.
+        let configs = (self.build)(&bundle)?;
         self.hooks.installed(&bundle);
-        self.store.install(Serving::new(server, bundle));
+        self.store.install(Serving::new(configs, bundle));
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
-use rustls::ServerConfig;
+use rustls::{ClientConfig, ServerConfig};
 
 use crate::certs::ReloadError;
 use crate::x509::{CertSummary, rfc3339};
@@ -52,11 +52,30 @@ impl std::fmt::Display for ServingNow {
     }
 }
 
+/// The configs built from one validated set: the server config, and the outbound client config
+/// when the command dials out (the proxy with `--outbound`).
+#[derive(Debug, Clone)]
+pub struct Configs {
+    /// The inbound server config.
+    pub server: Arc<ServerConfig>,
+    /// The outbound client config.
+    pub client: Option<Arc<ClientConfig>>,
+}
+
+impl Configs {
+    /// A server config alone (the webhook).
+    pub fn server_only(server: Arc<ServerConfig>) -> Self {
+        Self { server, client: None }
+    }
+}
+
 /// What is being served now.
 #[derive(Debug)]
 pub struct Serving {
     /// The inbound server config.
     pub server: Arc<ServerConfig>,
+    /// The outbound client config, built from the same set (swapped with the server config).
+    pub client: Option<Arc<ClientConfig>>,
     /// The leaf it presents.
     pub leaf: CertSummary,
     /// When it was installed.
@@ -68,10 +87,11 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// What serving `bundle` with `server` looks like, installed now.
-    pub fn new(server: Arc<ServerConfig>, bundle: crate::certs::CertBundle) -> Self {
+    /// What serving `bundle` with `configs` looks like, installed now.
+    pub fn new(configs: Configs, bundle: crate::certs::CertBundle) -> Self {
         Self {
-            server,
+            server: configs.server,
+            client: configs.client,
             leaf: bundle.leaf,
             installed_at: SystemTime::now(),
             fingerprint: bundle.fingerprint,

@@ -23,7 +23,10 @@ async fn healthz_readyz_and_metrics_answer() {
         DEADLINE,
         || env.metrics(),
         |text| {
-            metric(text, "wsgate_handshakes_total{result=\"success\",error_type=\"\"}") == Some(1.0)
+            metric(
+                text,
+                "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}",
+            ) == Some(1.0)
                 && metric(text, "wsgate_certificate_reloads_total{result=\"success\"}") == Some(1.0)
         },
     )
@@ -36,7 +39,10 @@ async fn healthz_readyz_and_metrics_answer() {
     );
     assert!(text.ends_with("# EOF\n"), "OpenMetrics exposition ends with # EOF");
     assert_eq!(
-        metric(&text, "wsgate_handshakes_total{result=\"success\",error_type=\"\"}"),
+        metric(
+            &text,
+            "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(
@@ -65,11 +71,12 @@ async fn metrics_are_strict_openmetrics_with_every_registered_family() {
     assert!(env.connect_as("intruder", "/").await.is_err());
     let mut open = env.connect_as("frontend", "/").await.unwrap();
     roundtrip(&mut open, "open".into()).await;
-    let ok = "{result=\"success\",error_type=\"\"}";
+    let ok = "{result=\"success\",error_type=\"\",direction=\"inbound\"}";
     let expected = [
         (format!("wsgate_handshakes_total{ok}"), 2.0),
         (
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\"}".into(),
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\",direction=\"inbound\"}"
+                .into(),
             1.0,
         ),
         (format!("wsgate_handshake_duration_seconds_count{ok}"), 2.0),
@@ -82,10 +89,10 @@ async fn metrics_are_strict_openmetrics_with_every_registered_family() {
             11.0,
         ),
         (
-            "wsgate_connections_closed_total{code=\"none\",initiator=\"client\"}".into(),
+            "wsgate_connections_closed_total{code=\"none\",initiator=\"client\",direction=\"inbound\"}".into(),
             1.0,
         ),
-        ("wsgate_connections_open".into(), 1.0),
+        ("wsgate_connections_open{direction=\"inbound\"}".into(), 1.0),
         ("wsgate_certificate_reloads_total{result=\"success\"}".into(), 1.0),
     ];
     // Some of these are counted just after the client saw the answer: poll.

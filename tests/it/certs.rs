@@ -215,7 +215,7 @@ async fn a_missing_directory_is_waited_for_and_nothing_is_served_meanwhile() {
     metric_becomes(
         "the refusal counted",
         || proxy.metrics.encode(),
-        "wsgate_handshakes_total{result=\"failure\",error_type=\"not_ready\"}",
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"not_ready\",direction=\"inbound\"}",
         1.0,
     )
     .await;

@@ -92,7 +92,7 @@ async fn messages_are_echoed_through_the_proxy_in_order() {
         [
             "wsgate_messages_relayed_total{direction=\"client_to_upstream\"}",
             "wsgate_messages_relayed_total{direction=\"upstream_to_client\"}",
-            "wsgate_connections_open",
+            "wsgate_connections_open{direction=\"inbound\"}",
         ]
         .map(|series| metric(text, series))
     };
@@ -227,7 +227,12 @@ async fn a_hostile_subject_and_forged_headers_in_any_spelling_leave_exactly_the_
     assert_eq!(cgi("x-real-ip"), Vec::<&str>::new());
     assert_eq!(cgi("x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(cgi("host"), vec!["localhost"]);
-    counted(&env, "wsgate_handshakes_total{result=\"success\",error_type=\"\"}", 1.0).await;
+    counted(
+        &env,
+        "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}",
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +274,7 @@ async fn an_identity_outside_the_allow_list_gets_403_with_a_reason() {
     assert_eq!(body.trim_end().lines().count(), 1, "{body}");
     counted(
         &env,
-        "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\"}",
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"identity_not_allowed\",direction=\"inbound\"}",
         1.0,
     )
     .await;
@@ -285,7 +290,7 @@ async fn an_app_that_refuses_the_tcp_connection_gives_502_without_hanging() {
         .local_addr()
         .unwrap();
     let env = Env::start_with(&[a[0].as_str()], |cfg| {
-        cfg.upstream = wsgate::proxy::settings::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
+        cfg.upstream = Some(wsgate::proxy::settings::Upstream::parse(&format!("ws://{dead}"), false).unwrap());
     })
     .await;
     let t0 = std::time::Instant::now();
@@ -294,7 +299,7 @@ async fn an_app_that_refuses_the_tcp_connection_gives_502_without_hanging() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     counted(
         &env,
-        "wsgate_handshakes_total{result=\"failure\",error_type=\"upstream_unavailable\"}",
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"upstream_unavailable\",direction=\"inbound\"}",
         1.0,
     )
     .await;
@@ -323,7 +328,7 @@ async fn a_request_that_is_not_an_upgrade_gets_426() {
     assert!(text.to_ascii_lowercase().contains("upgrade: websocket"), "{text}");
     counted(
         &env,
-        "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\"}",
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\",direction=\"inbound\"}",
         1.0,
     )
     .await;
@@ -357,7 +362,7 @@ async fn app_close_reaches_the_client_with_code_and_reason() {
     crate::support::eventually("connection counted as closed", Duration::from_secs(5), || {
         metric(
             &env.metrics(),
-            "wsgate_connections_closed_total{code=\"4002\",initiator=\"upstream\"}",
+            "wsgate_connections_closed_total{code=\"4002\",initiator=\"upstream\",direction=\"inbound\"}",
         ) == Some(1.0)
     })
     .await;
@@ -421,7 +426,7 @@ async fn oversized_request_headers_get_431_and_count_as_limit_exceeded() {
     crate::support::eventually("counted", Duration::from_secs(5), || {
         metric(
             &env.metrics(),
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"limit_exceeded\"}",
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"limit_exceeded\",direction=\"inbound\"}",
         ) == Some(1.0)
     })
     .await;
@@ -435,7 +440,7 @@ async fn a_malformed_request_gets_400_and_counts_as_not_websocket() {
     crate::support::eventually("counted", Duration::from_secs(5), || {
         metric(
             &env.metrics(),
-            "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\"}",
+            "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\",direction=\"inbound\"}",
         ) == Some(1.0)
     })
     .await;
@@ -455,7 +460,7 @@ async fn an_app_that_vanishes_is_reported_as_such_and_the_client_gets_1001() {
         || {
             metric(
                 &env.metrics(),
-                "wsgate_connections_closed_total{code=\"none\",initiator=\"upstream\"}",
+                "wsgate_connections_closed_total{code=\"none\",initiator=\"upstream\",direction=\"inbound\"}",
             ) == Some(1.0)
         },
     )

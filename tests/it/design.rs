@@ -252,7 +252,7 @@ fn the_leaf_modules_depend_on_no_other_module_of_the_crate() {
 fn the_proxy_stages_do_not_import_one_another() {
     let g = graph();
     let (_, next) = level(&g, &["proxy".to_owned()]);
-    let stages = ["accept", "exchange", "dial", "pump"];
+    let stages = ["accept", "exchange", "dial", "secure", "pump"];
     for stage in stages {
         let uses = next.get(stage).cloned().unwrap_or_default();
         for other in stages {
@@ -260,9 +260,21 @@ fn the_proxy_stages_do_not_import_one_another() {
         }
     }
     let root = next.get("inbound").cloned().unwrap_or_default();
-    for stage in stages {
+    for stage in ["accept", "exchange", "dial", "pump"] {
         assert!(root.contains(stage), "the composition root wires {stage}: {root:?}");
     }
+    // The outbound root composes the same stages in the other order, with TLS as a client.
+    let outbound = next.get("outbound").cloned().unwrap_or_default();
+    for stage in ["exchange", "dial", "secure", "pump"] {
+        assert!(
+            outbound.contains(stage),
+            "the outbound root wires {stage}: {outbound:?}"
+        );
+    }
+    assert!(
+        !outbound.contains("accept"),
+        "outbound accepts plain TCP, no TLS server"
+    );
     // The trust registry is a helper of the root: it ends connections through a closure.
     let trust = next.get("trust").cloned().unwrap_or_default();
     for stage in stages {

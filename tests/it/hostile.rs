@@ -328,7 +328,7 @@ async fn under_every_flood_at_once_a_good_client_is_served_and_memory_stays_boun
     }
     series_until(
         admin,
-        "wsgate_connections_refused_total{reason=\"max_pending_per_ip\"}",
+        "wsgate_connections_refused_total{reason=\"max_pending_per_ip\",direction=\"inbound\"}",
         |v| v >= (150 - per_ip) as f64,
     )
     .await;
@@ -388,7 +388,7 @@ async fn under_every_flood_at_once_a_good_client_is_served_and_memory_stays_boun
         .collect();
     let closed_1013 = series_until(
         admin,
-        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\"}",
+        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\",direction=\"inbound\"}",
         |v| v >= closed.len() as f64 && v + held as f64 >= 150.0,
     )
     .await;
@@ -408,7 +408,11 @@ async fn under_every_flood_at_once_a_good_client_is_served_and_memory_stays_boun
     let forged_made = forged.await.unwrap();
     let hwm = proc_kib(pid, "VmHWM");
     let text = metrics(admin).await.expect("/metrics after the attack");
-    let refused_per_ip = metric(&text, "wsgate_connections_refused_total{reason=\"max_pending_per_ip\"}").unwrap();
+    let refused_per_ip = metric(
+        &text,
+        "wsgate_connections_refused_total{reason=\"max_pending_per_ip\",direction=\"inbound\"}",
+    )
+    .unwrap();
     let report = log.lock().unwrap().clone();
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
@@ -452,7 +456,7 @@ async fn under_every_flood_at_once_a_good_client_is_served_and_memory_stays_boun
     assert_eq!(
         metric(
             &text,
-            "wsgate_connections_refused_total{reason=\"max_connections_per_identity\"}"
+            "wsgate_connections_refused_total{reason=\"max_connections_per_identity\",direction=\"inbound\"}"
         ),
         Some(OVER as f64),
         "{text}"

@@ -950,7 +950,7 @@ mod sidecar_command_line {
         assert_eq!(cfg.admin, text("admin").parse().unwrap(), "{label}");
         assert_eq!(
             cfg.upstream,
-            wsgate::proxy::settings::Upstream::parse(&text("upstream"), false).unwrap(),
+            Some(wsgate::proxy::settings::Upstream::parse(&text("upstream"), false).unwrap()),
             "{label}"
         );
         assert_eq!(cfg.cert_dir, PathBuf::from(TLS_MOUNT), "{label}");

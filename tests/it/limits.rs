@@ -67,7 +67,7 @@ async fn unfinished_handshakes_from_one_address_do_not_keep_another_address_out(
     metric_becomes(
         "the flood beyond one address's share refused",
         || env.metrics(),
-        "wsgate_connections_refused_total{reason=\"max_pending_per_ip\"}",
+        "wsgate_connections_refused_total{reason=\"max_pending_per_ip\",direction=\"inbound\"}",
         150.0 - per_ip,
     )
     .await;
@@ -108,7 +108,7 @@ async fn an_identity_over_its_connection_limit_gets_429_and_others_are_served() 
     metric_becomes(
         "the refusal counted",
         || env.metrics(),
-        "wsgate_connections_refused_total{reason=\"max_connections_per_identity\"}",
+        "wsgate_connections_refused_total{reason=\"max_connections_per_identity\",direction=\"inbound\"}",
         1.0,
     )
     .await;
@@ -165,7 +165,7 @@ async fn a_quiet_live_client_is_kept_and_a_dead_one_is_closed_at_the_idle_timeou
     metric_becomes(
         "the idle close counted",
         || env.metrics(),
-        "wsgate_connections_closed_total{code=\"1001\",initiator=\"proxy\"}",
+        "wsgate_connections_closed_total{code=\"1001\",initiator=\"proxy\",direction=\"inbound\"}",
         1.0,
     )
     .await;
@@ -208,7 +208,7 @@ async fn stalled_large_frames_hit_the_memory_budget_while_small_messages_flow() 
     metric_becomes(
         "the 1013 closes counted",
         || env.metrics(),
-        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\"}",
+        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\",direction=\"inbound\"}",
         refused as f64,
     )
     .await;
@@ -299,7 +299,7 @@ async fn a_client_that_sends_big_messages_but_never_reads_is_closed_with_1013_wi
     metric_becomes(
         "the deaf client's connection closed with 1013",
         || env.metrics(),
-        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\"}",
+        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\",direction=\"inbound\"}",
         1.0,
     )
     .await;

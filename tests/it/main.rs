@@ -15,6 +15,7 @@ mod hostile;
 mod inject;
 mod inject_limits;
 mod limits;
+mod outbound;
 mod rotation;
 mod support;
 mod telemetry;

@@ -339,7 +339,7 @@ async fn every_failure_that_can_happen_on_one_machine_has_its_exact_error_type()
     let s = settings.clone();
     let unreachable = Env::start_with(&[allow.as_str()], move |cfg| {
         cfg.otel = s;
-        cfg.upstream = wsgate::proxy::settings::Upstream::parse(&format!("ws://{dead}"), false).unwrap();
+        cfg.upstream = Some(wsgate::proxy::settings::Upstream::parse(&format!("ws://{dead}"), false).unwrap());
     })
     .await;
     attempt_with(&unreachable, Some(&unreachable.pki.client("frontend"))).await;
@@ -527,7 +527,7 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
     let allow = spiffe("frontend");
     let env = Env::start(&[allow.as_str()]).await;
     let m = |series: &str| metric(&env.metrics(), series);
-    assert_eq!(m("wsgate_connections_open"), Some(0.0));
+    assert_eq!(m("wsgate_connections_open{direction=\"inbound\"}"), Some(0.0));
     assert_eq!(
         m("wsgate_client_certificate_earliest_not_after_seconds"),
         None,
@@ -562,8 +562,8 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
         roundtrip(&mut ws, Message::text("12345")).await;
     }
     eventually("open and counted", Duration::from_secs(5), || {
-        m("wsgate_connections_open") == Some(1.0)
-            && m("wsgate_handshakes_total{result=\"success\",error_type=\"\"}") == Some(1.0)
+        m("wsgate_connections_open{direction=\"inbound\"}") == Some(1.0)
+            && m("wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}") == Some(1.0)
             && m("wsgate_messages_relayed_total{direction=\"client_to_upstream\"}") == Some(3.0)
             && m("wsgate_messages_relayed_total{direction=\"upstream_to_client\"}") == Some(3.0)
             && m("wsgate_payload_relayed_bytes_total{direction=\"client_to_upstream\"}") == Some(15.0)
@@ -574,7 +574,7 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
         Some(client_not_after as f64)
     );
     assert_eq!(
-        m("wsgate_handshake_duration_seconds_count{result=\"success\",error_type=\"\"}"),
+        m("wsgate_handshake_duration_seconds_count{result=\"success\",error_type=\"\",direction=\"inbound\"}"),
         Some(1.0)
     );
 
@@ -623,8 +623,9 @@ async fn metrics_move_with_handshakes_rotations_and_closes() {
     ws.send(Message::Close(None)).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     eventually("closed", Duration::from_secs(5), || {
-        m("wsgate_connections_open") == Some(0.0)
-            && m("wsgate_connections_closed_total{code=\"none\",initiator=\"client\"}") == Some(1.0)
+        m("wsgate_connections_open{direction=\"inbound\"}") == Some(0.0)
+            && m("wsgate_connections_closed_total{code=\"none\",initiator=\"client\",direction=\"inbound\"}")
+                == Some(1.0)
     })
     .await;
     assert_eq!(
@@ -727,7 +728,10 @@ async fn the_binary_keeps_serving_with_flat_memory_while_the_collector_is_a_blac
     let dropped = metric(&text, "wsgate_otel_spans_dropped_total").unwrap();
     assert!(dropped >= 1000.0, "only {dropped} spans counted as dropped");
     assert_eq!(
-        metric(&text, "wsgate_handshakes_total{result=\"success\",error_type=\"\"}"),
+        metric(
+            &text,
+            "wsgate_handshakes_total{result=\"success\",error_type=\"\",direction=\"inbound\"}"
+        ),
         Some(4400.0)
     );
     // 4000 unexported spans would take about 4.5 MiB; a bounded queue keeps the growth noise-sized.

@@ -28,7 +28,7 @@ fn alert(err: &ClientError) -> Option<AlertDescription> {
 fn failures(env: &Env, error_type: &str) -> f64 {
     metric(
         &env.metrics(),
-        &format!("wsgate_handshakes_total{{result=\"failure\",error_type=\"{error_type}\"}}"),
+        &format!("wsgate_handshakes_total{{result=\"failure\",error_type=\"{error_type}\",direction=\"inbound\"}}"),
     )
     .unwrap_or(0.0)
 }

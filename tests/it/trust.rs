@@ -135,7 +135,10 @@ async fn rotating_to_a_new_ca_closes_the_removed_cas_clients_within_a_second_and
     }
     assert_eq!(metric(&env, UNTRUSTED), Some(5.0));
     assert_eq!(env.app.closes.lock().unwrap().len(), 5);
-    assert_eq!(metric(&env, "wsgate_connections_open"), Some(2.0));
+    assert_eq!(
+        metric(&env, "wsgate_connections_open{direction=\"inbound\"}"),
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,5 +184,5 @@ async fn a_trust_bundle_that_adds_a_ca_closes_nobody() {
     // And the new roots are in use: a client of B is admitted now.
     let mut ws = open(proxy.listen_addr, &b.client("frontend"), &[&a]).await;
     assert_eq!(roundtrip(&mut ws, Message::text("b")).await.to_text().unwrap(), "b");
-    assert_eq!(metric("wsgate_connections_open"), Some(6.0));
+    assert_eq!(metric("wsgate_connections_open{direction=\"inbound\"}"), Some(6.0));
 }

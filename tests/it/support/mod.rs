@@ -163,7 +163,8 @@ pub fn proxy_config(cert_dir: &std::path::Path, app: SocketAddr, allow: &[&str])
     let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
     ProxyConfig {
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        upstream: Upstream::parse(&format!("ws://{app}"), false).unwrap(),
+        upstream: Some(Upstream::parse(&format!("ws://{app}"), false).unwrap()),
+        outbound: wsgate::proxy::settings::Outbound::default(),
         cert_dir: cert_dir.to_path_buf(),
         trust_bundle: None,
         policy: Policy::new(&allow, false).unwrap(),
