@@ -365,24 +365,22 @@ pub fn requested_port(pod: &Pod) -> u16 {
 fn remote(value: &str) -> Result<String, String> {
     let expected = "expected wss://HOST:PORT";
     let Some((scheme, rest)) = value.split_once("://") else {
-        return Err(format!("remote '{value}' is not a URL: {expected}"));
+        return Err(format!("has a remote that is not a URL; {expected}"));
     };
     if scheme.eq_ignore_ascii_case("ws") {
-        return Err(format!(
-            "remote '{value}' is plain ws://: the sidecar dials wss:// only, with the pod's certificate"
-        ));
+        return Err("has a plain ws:// remote: the sidecar dials wss:// only, with the pod's certificate".to_owned());
     }
     if !scheme.eq_ignore_ascii_case("wss") {
-        return Err(format!("remote '{value}' has scheme {scheme}://; {expected}"));
+        return Err(format!("has a remote with scheme {scheme}://; {expected}"));
     }
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains(['/', '?', '#', '@']) {
-        return Err(format!("remote '{value}' has a path, query or user part; {expected}"));
+        return Err(format!("has a remote with a path, query or user part; {expected}"));
     }
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => match v6.split_once(']') {
             Some((ip, port)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => (&authority[..ip.len() + 2], port),
-            _ => return Err(format!("remote '{value}' has a bad IPv6 address; {expected}")),
+            _ => return Err(format!("has a remote with a bad IPv6 address; {expected}")),
         },
         None => match authority.find(':') {
             Some(i) => (&authority[..i], &authority[i..]),
@@ -390,13 +388,13 @@ fn remote(value: &str) -> Result<String, String> {
         },
     };
     let Some(port) = port.strip_prefix(':') else {
-        return Err(format!("remote '{value}' has no port; {expected}"));
+        return Err(format!("has a remote without a port; {expected}"));
     };
-    let port = port_number(port).map_err(|reason| format!("remote '{value}': port '{port}' {reason}"))?;
+    let port = port_number(port).map_err(|reason| format!("has a remote port '{port}' that {reason}"))?;
     let bracketed = host.starts_with('[');
     if !bracketed && host.parse::<std::net::Ipv4Addr>().is_err() && !is_host_name(host) {
         return Err(format!(
-            "remote '{value}': '{host}' is neither a DNS name nor an IP address"
+            "has a remote host '{host}' that is neither a DNS name nor an IP address"
         ));
     }
     Ok(format!("wss://{host}:{port}"))
@@ -406,10 +404,10 @@ fn remote(value: &str) -> Result<String, String> {
 fn local_port(value: &str) -> Result<u16, String> {
     if value.contains(':') {
         return Err(format!(
-            "local '{value}' is not a port: give the port alone, the sidecar listens on {OUTBOUND_HOST} only"
+            "has local '{value}', which is not a port: give the port alone, the sidecar listens on {OUTBOUND_HOST} only"
         ));
     }
-    port_number(value).map_err(|reason| format!("local port '{value}' {reason}"))
+    port_number(value).map_err(|reason| format!("has local port '{value}' that {reason}"))
 }
 
 /// One entry of an outbound annotation: as written, its local port, what follows its first `=`.
@@ -873,31 +871,40 @@ mod tests {
             ("", "holds no entry (PORT=wss://HOST:PORT)"),
             (" , ", "holds no entry"),
             ("wss://chat:8443", "'wss://chat:8443' is not PORT=wss://HOST:PORT"),
-            ("9001=ws://chat:8080", "is plain ws://: the sidecar dials wss:// only"),
-            ("9001=https://chat:443", "has scheme https://"),
-            ("9001=chat:8443", "is not a URL"),
-            ("9001=wss://chat", "has no port"),
-            ("9001=wss://chat:", "port '' is not a port number"),
-            ("9001=wss://chat:70000", "port '70000' is out of range"),
-            ("9001=wss://chat:0", "port '0' is out of range"),
-            ("9001=wss://chat:8443/ws", "has a path"),
-            ("9001=wss://chat:8443?x=1", "has a path, query or user part"),
+            (
+                "9001=ws://chat:8080",
+                "'9001=ws://chat:8080' has a plain ws:// remote: the sidecar dials wss:// only",
+            ),
+            ("9001=https://chat:443", "has a remote with scheme https://"),
+            ("9001=chat:8443", "has a remote that is not a URL"),
+            ("9001=wss://chat", "has a remote without a port"),
+            ("9001=wss://chat:", "has a remote port '' that is not a port number"),
+            (
+                "9001=wss://chat:70000",
+                "has a remote port '70000' that is out of range",
+            ),
+            ("9001=wss://chat:0", "remote port '0' that is out of range"),
+            ("9001=wss://chat:8443/ws", "has a remote with a path"),
+            (
+                "9001=wss://chat:8443?x=1",
+                "has a remote with a path, query or user part",
+            ),
             ("9001=wss://u@chat:8443", "user part"),
             (
                 "9001=wss://chat_svc:8443",
-                "'chat_svc' is neither a DNS name nor an IP address",
+                "has a remote host 'chat_svc' that is neither a DNS name nor an IP address",
             ),
-            ("9001=wss://*.shop.svc:8443", "'*.shop.svc' is neither"),
-            ("9001=wss://-a.svc:8443", "'-a.svc' is neither"),
+            ("9001=wss://*.shop.svc:8443", "host '*.shop.svc' that is neither"),
+            ("9001=wss://-a.svc:8443", "host '-a.svc' that is neither"),
             ("9001=wss://[::g]:8443", "bad IPv6 address"),
-            ("9001=wss://[::1]", "has no port"),
-            ("9001=wss://:8443", "'' is neither"),
-            ("0=wss://chat:8443", "local port '0' is out of range"),
-            ("65536=wss://chat:8443", "local port '65536' is out of range"),
-            ("x=wss://chat:8443", "local port 'x' is not a port number"),
+            ("9001=wss://[::1]", "has a remote without a port"),
+            ("9001=wss://:8443", "host '' that is neither"),
+            ("0=wss://chat:8443", "has local port '0' that is out of range"),
+            ("65536=wss://chat:8443", "has local port '65536' that is out of range"),
+            ("x=wss://chat:8443", "has local port 'x' that is not a port number"),
             (
                 "127.0.0.1:9001=wss://chat:8443",
-                "local '127.0.0.1:9001' is not a port: give the port alone, the sidecar listens on 127.0.0.1 only",
+                "'127.0.0.1:9001=wss://chat:8443' has local '127.0.0.1:9001', which is not a port: give the port alone, the sidecar listens on 127.0.0.1 only",
             ),
             ("0.0.0.0:9001=wss://chat:8443", "is not a port"),
             (
@@ -946,7 +953,7 @@ mod tests {
                 "9003=dns:chat.shop.svc",
                 "names local port 9003, which no wsgate.dev/outbound entry has",
             ),
-            ("x=dns:chat.shop.svc", "local port 'x' is not a port number"),
+            ("x=dns:chat.shop.svc", "has local port 'x' that is not a port number"),
             (
                 "9001=dns:chat.shop.svc, 9001=dns:chat2.shop.svc",
                 "gives local port 9001 a second pattern",
