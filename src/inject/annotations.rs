@@ -530,11 +530,17 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         None => match declared.as_slice() {
             [(_, p)] => *p,
             _ => {
+                // The proxy always runs its inbound side, also in a pod that only dials out.
+                let outbound_only = if declared.is_empty() && a.contains_key(OUTBOUND) {
+                    format!(" (also with {OUTBOUND}: the sidecar's inbound listener always runs)")
+                } else {
+                    String::new()
+                };
                 return Err(err(
                     UPSTREAM_PORT,
                     "",
                     format!(
-                        "is required: the pod declares {} TCP container ports, not exactly one",
+                        "is required: the pod declares {} TCP container ports, not exactly one{outbound_only}",
                         declared.len()
                     ),
                 ));
@@ -968,5 +974,19 @@ mod tests {
             e.to_string(),
             "annotation wsgate.dev/outbound-expect: '9001=dns:chat.shop.svc' is set but wsgate.dev/outbound is not"
         );
+    }
+
+    /// The proxy always runs its inbound side, so a pod without container ports that only
+    /// dials out still names an upstream port; the message says why.
+    #[test]
+    fn a_pod_that_only_dials_out_is_told_it_still_needs_an_upstream_port() {
+        let mut client = pod(&[(OUTBOUND, "9001=wss://chat:8443")]);
+        client.spec.as_mut().unwrap().containers[0].ports = None;
+        let e = options(&client, "a", &InjectSettings::example()).unwrap_err();
+        assert_eq!(
+            e.annotation, UPSTREAM_PORT,
+            "a pod that only dials out still has the inbound side"
+        );
+        assert!(e.reason.ends_with("the sidecar's inbound listener always runs)"), "{e}");
     }
 }
