@@ -667,12 +667,41 @@ fn several_outbound_entries_with_expectations_are_passed_in_order() {
     golden("outbound", out.patch.as_ref().unwrap());
 }
 
+/// The captured pod, with `annotations`, these init containers (none when `[]`) and these ports
+/// added to its app container, is denied with a message containing `fragment`.
+fn assert_port_taken(
+    annotations: &[(&str, &str)],
+    init_containers: Value,
+    extra_app_ports: Value,
+    native: bool,
+    fragment: &str,
+) {
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[("wsgate.dev/inject", "true"), ("wsgate.dev/upstream-port", "8080")],
+    );
+    annotate(&mut review, annotations);
+    let spec = &mut review["request"]["object"]["spec"];
+    if init_containers != json!([]) {
+        spec["initContainers"] = init_containers;
+    }
+    let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
+    ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
+    let out = run(&review, false, native);
+    let resp = &out.response["response"];
+    assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
+    assert!(out.patch.is_none());
+    let msg = resp["status"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
+}
+
 #[test]
 fn an_outbound_port_declared_by_any_container_denies_the_pod_naming_port_and_container() {
     for (native, init_containers, extra_app_ports, fragment) in [
         (
             false,
-            json!(null),
+            json!([]),
             json!([{"containerPort": 9001}]),
             "the sidecar's outbound port 9001 is already declared by container web; choose another local port in wsgate.dev/outbound",
         ),
@@ -683,27 +712,13 @@ fn an_outbound_port_declared_by_any_container_denies_the_pod_naming_port_and_con
             "the sidecar's outbound port 9002 is already declared by init container setup",
         ),
     ] {
-        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
-        annotate(
-            &mut review,
-            &[
-                ("wsgate.dev/inject", "true"),
-                ("wsgate.dev/upstream-port", "8080"),
-                ("wsgate.dev/outbound", "9001=wss://chat:8443,9002=wss://feed:8443"),
-            ],
+        assert_port_taken(
+            &[("wsgate.dev/outbound", "9001=wss://chat:8443,9002=wss://feed:8443")],
+            init_containers,
+            extra_app_ports,
+            native,
+            fragment,
         );
-        let spec = &mut review["request"]["object"]["spec"];
-        if !init_containers.is_null() {
-            spec["initContainers"] = init_containers;
-        }
-        let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
-        ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
-        let out = run(&review, false, native);
-        let resp = &out.response["response"];
-        assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
-        assert!(out.patch.is_none());
-        let msg = resp["status"]["message"].as_str().unwrap();
-        assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
     }
     // A UDP port of the same number does not collide with a TCP listener.
     let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -758,27 +773,13 @@ fn a_sidecar_port_declared_by_any_container_denies_the_pod_naming_port_and_conta
     ];
     for (port, init_containers, extra_app_ports, fragment) in cases {
         for native in [false, true] {
-            let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
-            annotate(
-                &mut review,
-                &[
-                    ("wsgate.dev/inject", "true"),
-                    ("wsgate.dev/upstream-port", "8080"),
-                    ("wsgate.dev/port", port),
-                ],
+            assert_port_taken(
+                &[("wsgate.dev/port", port)],
+                init_containers.clone(),
+                extra_app_ports.clone(),
+                native,
+                fragment,
             );
-            let spec = &mut review["request"]["object"]["spec"];
-            if init_containers != json!([]) {
-                spec["initContainers"] = init_containers.clone();
-            }
-            let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
-            ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
-            let out = run(&review, false, native);
-            let resp = &out.response["response"];
-            assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
-            assert!(out.patch.is_none());
-            let msg = resp["status"]["message"].as_str().unwrap();
-            assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
         }
     }
     // The same numbers over UDP (or SCTP) do not collide with the sidecar's TCP listeners.
