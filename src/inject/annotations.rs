@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::settings::InjectSettings;
-use crate::authz::Policy;
+use crate::authz::{Policy, PolicyError};
 
 /// `"true"` injects, `"false"` opts out (also in an enabled namespace).
 pub const INJECT: &str = "wsgate.dev/inject";
@@ -22,8 +22,12 @@ pub const SECRET: &str = "wsgate.dev/secret";
 pub const TRUST_BUNDLE: &str = "wsgate.dev/trust-bundle";
 /// Extra DNS SANs for the certificate, comma-separated.
 pub const DNS_NAMES: &str = "wsgate.dev/dns-names";
-/// Reserved for the outbound direction.
+/// Comma-separated `PORT=wss://HOST:PORT` entries: the sidecar listens on `127.0.0.1:PORT` and
+/// dials the remote over mTLS for the app ([`Outbound`]).
 pub const OUTBOUND: &str = "wsgate.dev/outbound";
+/// Comma-separated `PORT=PATTERN` entries: the identity the remote of the outbound entry on
+/// local port `PORT` must have (an allow pattern, at most one per port).
+pub const OUTBOUND_EXPECT: &str = "wsgate.dev/outbound-expect";
 /// The sidecar's CPU request, overriding `--sidecar-cpu-request` for this pod.
 pub const CPU_REQUEST: &str = "wsgate.dev/cpu-request";
 /// The sidecar's memory request, overriding `--sidecar-memory-request` for this pod.
@@ -43,6 +47,16 @@ pub const INJECTED_LABEL: &str = "wsgate.dev/injected";
 pub const DEFAULT_PORT: u16 = 8443;
 /// The sidecar's admin port (fixed: probes and the preStop hook use it).
 pub const ADMIN_PORT: u16 = 9901;
+
+/// Most entries in `wsgate.dev/outbound`: each is a listener and a dialer in the sidecar, and a
+/// pod calls a handful of services.
+pub const MAX_OUTBOUND: usize = 16;
+/// Longest value of `wsgate.dev/outbound` or `wsgate.dev/outbound-expect`, in bytes: 16 entries
+/// with 253-byte host names fit in about 4.5 KiB.
+pub const MAX_OUTBOUND_VALUE: usize = 8 * 1024;
+/// The only address the sidecar's outbound listeners bind: the app reaches them on loopback and
+/// nothing outside the pod can.
+pub const OUTBOUND_HOST: &str = "127.0.0.1";
 
 /// A bad annotation: the pod is denied with this message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +102,9 @@ pub struct PodOptions {
     pub service_name: String,
     /// The sidecar's requests and limits this pod asks for, over the injector's defaults.
     pub resources: ResourceOverrides,
-    /// Warnings for the user (reserved annotations used, …).
+    /// The outbound entries (`wsgate.dev/outbound`, `wsgate.dev/outbound-expect`), in order.
+    pub outbound: Vec<Outbound>,
+    /// Warnings for the user, sent with the admission (none today).
     pub warnings: Vec<String>,
 }
 
@@ -104,6 +120,25 @@ pub struct ResourceOverrides {
     pub cpu_limit: Option<String>,
     /// `wsgate.dev/memory-limit`.
     pub memory_limit: Option<String>,
+}
+
+/// One `wsgate.dev/outbound` entry, validated: the app connects to `127.0.0.1:local_port` in
+/// plain `ws://`, and the sidecar dials `remote` with the pod's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The port the sidecar listens on, on [`OUTBOUND_HOST`] only.
+    pub local_port: u16,
+    /// The remote, as `wss://HOST:PORT` (scheme lowercased, no trailing `/`).
+    pub remote: String,
+    /// The identity the remote must have (`wsgate.dev/outbound-expect`), if the pod gives one.
+    pub expect: Option<String>,
+}
+
+impl Outbound {
+    /// The loopback socket address the sidecar listens on (the proxy's `LOCAL`).
+    pub fn local(&self) -> String {
+        format!("{OUTBOUND_HOST}:{}", self.local_port)
+    }
 }
 
 /// Whether the pod asks for injection.
@@ -139,12 +174,17 @@ pub fn wanted(pod: &Pod, namespace_enabled: bool) -> Result<Wanted, AnnotationEr
     }
 }
 
-fn port(annotation: &'static str, value: &str) -> Result<u16, AnnotationError> {
+/// A port number, or what is wrong with it (to follow the value in a message).
+fn port_number(value: &str) -> Result<u16, &'static str> {
     match value.trim().parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Ok(_) => Err(err(annotation, value, "is out of range: a port is 1 to 65535")),
-        Err(_) => Err(err(annotation, value, "is not a port number")),
+        Ok(_) => Err("is out of range: a port is 1 to 65535"),
+        Err(_) => Err("is not a port number"),
     }
+}
+
+fn port(annotation: &'static str, value: &str) -> Result<u16, AnnotationError> {
+    port_number(value).map_err(|reason| err(annotation, value, reason))
 }
 
 /// An RFC 1123 subdomain, as Kubernetes object names are.
@@ -163,7 +203,11 @@ fn is_object_name(s: &str) -> bool {
 }
 
 fn is_dns_name(s: &str) -> bool {
-    let s = s.strip_prefix("*.").unwrap_or(s);
+    is_host_name(s.strip_prefix("*.").unwrap_or(s))
+}
+
+/// A DNS name without a wildcard: letters, digits and `-` in labels of 1 to 63 bytes.
+fn is_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|label| {
@@ -329,6 +373,168 @@ pub fn requested_port(pod: &Pod) -> u16 {
         .unwrap_or(DEFAULT_PORT)
 }
 
+/// The remote of an outbound entry: `wss://HOST:PORT` or `wss://HOST:PORT/`, HOST a DNS name,
+/// an IPv4 address or a bracketed IPv6 address. Returns the canonical form (scheme lowercased,
+/// no `/`), or what is wrong.
+fn remote(value: &str) -> Result<String, String> {
+    let expected = "expected wss://HOST:PORT";
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return Err(format!("has a remote that is not a URL; {expected}"));
+    };
+    if scheme.eq_ignore_ascii_case("ws") {
+        return Err("has a plain ws:// remote: the sidecar dials wss:// only, with the pod's certificate".to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("wss") {
+        return Err(format!("has a remote with scheme {scheme}://; {expected}"));
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#', '@']) {
+        return Err(format!("has a remote with a path, query or user part; {expected}"));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, port)) if ip.parse::<std::net::Ipv6Addr>().is_ok() => (&authority[..ip.len() + 2], port),
+            _ => return Err(format!("has a remote with a bad IPv6 address; {expected}")),
+        },
+        None => match authority.find(':') {
+            Some(i) => (&authority[..i], &authority[i..]),
+            None => (authority, ""),
+        },
+    };
+    let Some(port) = port.strip_prefix(':') else {
+        return Err(format!("has a remote without a port; {expected}"));
+    };
+    let port = port_number(port).map_err(|reason| format!("has a remote port '{port}' that {reason}"))?;
+    let bracketed = host.starts_with('[');
+    if !bracketed && host.parse::<std::net::Ipv4Addr>().is_err() && !is_host_name(host) {
+        return Err(format!(
+            "has a remote host '{host}' that is neither a DNS name nor an IP address"
+        ));
+    }
+    Ok(format!("wss://{host}:{port}"))
+}
+
+/// The local port of an outbound entry (or expectation), or what is wrong with it.
+fn local_port(value: &str) -> Result<u16, String> {
+    if value.contains(':') {
+        return Err(format!(
+            "has local '{value}', which is not a port: give the port alone, the sidecar listens on {OUTBOUND_HOST} only"
+        ));
+    }
+    port_number(value).map_err(|reason| format!("has local port '{value}' that {reason}"))
+}
+
+/// One entry of an outbound annotation: as written, its local port, what follows its first `=`.
+type Entry<'a> = (&'a str, u16, &'a str);
+
+/// The entries of an outbound annotation's value. Denied when the value is longer than
+/// [`MAX_OUTBOUND_VALUE`], holds no entry, or an entry is not `PORT=…`.
+fn entries<'a>(annotation: &'static str, value: &'a str, shape: &str) -> Result<Vec<Entry<'a>>, AnnotationError> {
+    if value.len() > MAX_OUTBOUND_VALUE {
+        return Err(err(
+            annotation,
+            "",
+            format!(
+                "is {} bytes long; wsgate takes at most {MAX_OUTBOUND_VALUE}",
+                value.len()
+            ),
+        ));
+    }
+    let items: Vec<&str> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if items.is_empty() {
+        return Err(err(annotation, value, format!("holds no entry ({shape})")));
+    }
+    items
+        .into_iter()
+        .map(|item| {
+            let Some((local, rest)) = item.split_once('=') else {
+                return Err(err(annotation, item, format!("is not {shape}")));
+            };
+            let port = local_port(local.trim()).map_err(|reason| err(annotation, item, reason))?;
+            Ok((item, port, rest.trim()))
+        })
+        .collect()
+}
+
+/// Reads `wsgate.dev/outbound` and `wsgate.dev/outbound-expect`: at most [`MAX_OUTBOUND`]
+/// entries, each local port on none of the sidecar's other ports (`mtls`, admin), nor the
+/// app's (`upstream`), nor another entry's; each expectation naming one entry, once, with a
+/// pattern the proxy's `--allow` parser accepts. The ports the pod's containers declare are
+/// checked with the sidecar's others by the patch.
+fn outbound(a: &BTreeMap<String, String>, mtls: u16, upstream: u16) -> Result<Vec<Outbound>, AnnotationError> {
+    let Some(v) = a.get(OUTBOUND) else {
+        return match a.get(OUTBOUND_EXPECT) {
+            Some(e) => Err(err(OUTBOUND_EXPECT, e, format!("is set but {OUTBOUND} is not"))),
+            None => Ok(Vec::new()),
+        };
+    };
+    let listed = entries(OUTBOUND, v, "PORT=wss://HOST:PORT")?;
+    if listed.len() > MAX_OUTBOUND {
+        return Err(err(
+            OUTBOUND,
+            "",
+            format!("has {} entries; wsgate takes at most {MAX_OUTBOUND}", listed.len()),
+        ));
+    }
+    let mut out: Vec<Outbound> = Vec::with_capacity(listed.len());
+    for (entry, local_port, to) in listed {
+        let remote = remote(to).map_err(|reason| err(OUTBOUND, entry, reason))?;
+        let taken = if local_port == mtls {
+            Some(format!("the sidecar's mTLS port {mtls}"))
+        } else if local_port == ADMIN_PORT {
+            Some(format!("the sidecar's admin port {ADMIN_PORT}"))
+        } else if local_port == upstream {
+            Some(format!("the app's port {upstream} ({UPSTREAM_PORT})"))
+        } else if out.iter().any(|o| o.local_port == local_port) {
+            Some("the local port of another entry".to_owned())
+        } else {
+            None
+        };
+        if let Some(what) = taken {
+            return Err(err(
+                OUTBOUND,
+                entry,
+                format!("uses local port {local_port}, which is {what}; choose another"),
+            ));
+        }
+        out.push(Outbound {
+            local_port,
+            remote,
+            expect: None,
+        });
+    }
+    let Some(v) = a.get(OUTBOUND_EXPECT) else {
+        return Ok(out);
+    };
+    for (item, local_port, pattern) in entries(OUTBOUND_EXPECT, v, "PORT=PATTERN")? {
+        Policy::check_pattern(pattern).map_err(|e| {
+            let reason = match e {
+                PolicyError::BadPattern { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            err(OUTBOUND_EXPECT, item, format!("has a bad pattern: {reason}"))
+        })?;
+        let Some(entry) = out.iter_mut().find(|o| o.local_port == local_port) else {
+            return Err(err(
+                OUTBOUND_EXPECT,
+                item,
+                format!("names local port {local_port}, which no {OUTBOUND} entry has"),
+            ));
+        };
+        if entry.expect.is_some() {
+            return Err(err(
+                OUTBOUND_EXPECT,
+                item,
+                format!(
+                    "gives local port {local_port} a second pattern; give one per port ('*' and '**' match several names)"
+                ),
+            ));
+        }
+        entry.expect = Some(pattern.to_owned());
+    }
+    Ok(out)
+}
+
 /// Reads and validates the options of a pod that is to be injected.
 pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<PodOptions, AnnotationError> {
     let a = annotations(pod);
@@ -338,11 +544,17 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         None => match declared.as_slice() {
             [(_, p)] => *p,
             _ => {
+                // The proxy always runs its inbound side, also in a pod that only dials out.
+                let outbound_only = if declared.is_empty() && a.contains_key(OUTBOUND) {
+                    format!(" (also with {OUTBOUND}: the sidecar's inbound listener always runs)")
+                } else {
+                    String::new()
+                };
                 return Err(err(
                     UPSTREAM_PORT,
                     "",
                     format!(
-                        "is required: the pod declares {} TCP container ports, not exactly one",
+                        "is required: the pod declares {} TCP container ports, not exactly one{outbound_only}",
                         declared.len()
                     ),
                 ));
@@ -454,12 +666,7 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         cpu_limit: quantity(a, CPU_LIMIT)?,
         memory_limit: quantity(a, MEMORY_LIMIT)?,
     };
-    let mut warnings = Vec::new();
-    if a.contains_key(OUTBOUND) {
-        warnings.push(format!(
-            "{OUTBOUND} is reserved for the outbound direction and has no effect yet"
-        ));
-    }
+    let outbound = outbound(a, port, upstream_port)?;
     Ok(PodOptions {
         upstream_port,
         port,
@@ -470,7 +677,8 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         service_account,
         service_name: service_name(pod),
         resources,
-        warnings,
+        outbound,
+        warnings: Vec::new(),
     })
 }
 
@@ -664,5 +872,174 @@ mod tests {
                 assert!(e.to_string().contains(key) && e.reason.contains("quantity"), "{e}");
             }
         }
+    }
+
+    fn outbound_of(annotations: &[(&str, &str)]) -> Result<Vec<Outbound>, AnnotationError> {
+        options(&pod(annotations), "a", &InjectSettings::example()).map(|o| o.outbound)
+    }
+
+    fn entry(local_port: u16, remote: &str, expect: Option<&str>) -> Outbound {
+        Outbound {
+            local_port,
+            remote: remote.to_owned(),
+            expect: expect.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn outbound_entries_are_read_in_order_with_their_expectations_and_remotes_in_one_form() {
+        assert_eq!(outbound_of(&[]).unwrap(), []);
+        assert_eq!(
+            outbound_of(&[(OUTBOUND, "9001=wss://chat.shop.svc.cluster.local:8443")]).unwrap(),
+            [entry(9001, "wss://chat.shop.svc.cluster.local:8443", None)]
+        );
+        let o = outbound_of(&[
+            (
+                OUTBOUND,
+                " 9001 = WSS://chat.shop.svc:8443/ ,, 9002=wss://10.0.0.7:443, 9003=wss://[fd00::7]:8443",
+            ),
+            (
+                OUTBOUND_EXPECT,
+                "9003=dns:*.shop.svc, 9001=spiffe://cluster.local/ns/shop/sa/chat",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            o,
+            [
+                entry(
+                    9001,
+                    "wss://chat.shop.svc:8443",
+                    Some("spiffe://cluster.local/ns/shop/sa/chat")
+                ),
+                entry(9002, "wss://10.0.0.7:443", None),
+                entry(9003, "wss://[fd00::7]:8443", Some("dns:*.shop.svc")),
+            ]
+        );
+        assert_eq!(o[0].local(), "127.0.0.1:9001", "loopback only");
+        let sixteen: Vec<String> = (0..MAX_OUTBOUND).map(|i| format!("{}=wss://a:1", 9100 + i)).collect();
+        assert_eq!(
+            outbound_of(&[(OUTBOUND, &sixteen.join(","))]).unwrap().len(),
+            MAX_OUTBOUND
+        );
+    }
+
+    #[test]
+    fn a_bad_outbound_entry_denies_naming_the_entry_and_what_is_wrong() {
+        for (value, fragment) in [
+            ("", "holds no entry (PORT=wss://HOST:PORT)"),
+            (" , ", "holds no entry"),
+            ("wss://chat:8443", "'wss://chat:8443' is not PORT=wss://HOST:PORT"),
+            (
+                "9001=ws://chat:8080",
+                "'9001=ws://chat:8080' has a plain ws:// remote: the sidecar dials wss:// only",
+            ),
+            ("9001=https://chat:443", "has a remote with scheme https://"),
+            ("9001=chat:8443", "has a remote that is not a URL"),
+            ("9001=wss://chat", "has a remote without a port"),
+            ("9001=wss://chat:", "has a remote port '' that is not a port number"),
+            (
+                "9001=wss://chat:70000",
+                "has a remote port '70000' that is out of range",
+            ),
+            ("9001=wss://chat:0", "remote port '0' that is out of range"),
+            ("9001=wss://chat:8443/ws", "has a remote with a path"),
+            (
+                "9001=wss://chat:8443?x=1",
+                "has a remote with a path, query or user part",
+            ),
+            ("9001=wss://u@chat:8443", "user part"),
+            (
+                "9001=wss://chat_svc:8443",
+                "has a remote host 'chat_svc' that is neither a DNS name nor an IP address",
+            ),
+            ("9001=wss://*.shop.svc:8443", "host '*.shop.svc' that is neither"),
+            ("9001=wss://-a.svc:8443", "host '-a.svc' that is neither"),
+            ("9001=wss://[::g]:8443", "bad IPv6 address"),
+            ("9001=wss://[::1]", "has a remote without a port"),
+            ("9001=wss://:8443", "host '' that is neither"),
+            ("0=wss://chat:8443", "has local port '0' that is out of range"),
+            ("65536=wss://chat:8443", "has local port '65536' that is out of range"),
+            ("x=wss://chat:8443", "has local port 'x' that is not a port number"),
+            (
+                "127.0.0.1:9001=wss://chat:8443",
+                "'127.0.0.1:9001=wss://chat:8443' has local '127.0.0.1:9001', which is not a port: give the port alone, the sidecar listens on 127.0.0.1 only",
+            ),
+            ("0.0.0.0:9001=wss://chat:8443", "is not a port"),
+            (
+                "8443=wss://chat:8443",
+                "uses local port 8443, which is the sidecar's mTLS port 8443",
+            ),
+            ("9901=wss://chat:8443", "which is the sidecar's admin port 9901"),
+            (
+                "8080=wss://chat:8443",
+                "which is the app's port 8080 (wsgate.dev/upstream-port)",
+            ),
+            (
+                "9001=wss://a:1,9001=wss://b:1",
+                "'9001=wss://b:1' uses local port 9001, which is the local port of another entry",
+            ),
+        ] {
+            let e = outbound_of(&[(OUTBOUND, value)]).unwrap_err();
+            assert_eq!(e.annotation, OUTBOUND, "{value}");
+            assert!(e.to_string().contains(fragment), "{value}: {e}");
+        }
+        let seventeen: Vec<String> = (0..=MAX_OUTBOUND).map(|i| format!("{}=wss://a:1", 9100 + i)).collect();
+        let e = outbound_of(&[(OUTBOUND, &seventeen.join(","))]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "annotation wsgate.dev/outbound has 17 entries; wsgate takes at most 16"
+        );
+        let long = format!("9001=wss://{}:1", "a.".repeat(MAX_OUTBOUND_VALUE / 2));
+        let e = outbound_of(&[(OUTBOUND, &long)]).unwrap_err();
+        assert!(e.value.is_empty(), "a long value is not echoed");
+        assert!(e.reason.contains("wsgate takes at most 8192"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_outbound_expectation_denies_naming_it() {
+        let outbound = (OUTBOUND, "9001=wss://chat:8443, 9002=wss://feed:8443");
+        for (value, fragment) in [
+            ("", "holds no entry (PORT=PATTERN)"),
+            ("spiffe://cluster.local/ns/shop/sa/chat", "is not PORT=PATTERN"),
+            ("9001=chat", "'9001=chat' has a bad pattern: expected a URI"),
+            (
+                "9001=spiffe://cluster.local/ns/sh*p",
+                "has a bad pattern: '*' and '**' must stand",
+            ),
+            ("9001=", "has a bad pattern"),
+            (
+                "9003=dns:chat.shop.svc",
+                "names local port 9003, which no wsgate.dev/outbound entry has",
+            ),
+            ("x=dns:chat.shop.svc", "has local port 'x' that is not a port number"),
+            (
+                "9001=dns:chat.shop.svc, 9001=dns:chat2.shop.svc",
+                "gives local port 9001 a second pattern",
+            ),
+        ] {
+            let e = outbound_of(&[outbound, (OUTBOUND_EXPECT, value)]).unwrap_err();
+            assert_eq!(e.annotation, OUTBOUND_EXPECT, "{value}");
+            assert!(e.to_string().contains(fragment), "{value}: {e}");
+        }
+        let e = outbound_of(&[(OUTBOUND_EXPECT, "9001=dns:chat.shop.svc")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "annotation wsgate.dev/outbound-expect: '9001=dns:chat.shop.svc' is set but wsgate.dev/outbound is not"
+        );
+    }
+
+    /// The proxy always runs its inbound side, so a pod without container ports that only
+    /// dials out still names an upstream port; the message says why.
+    #[test]
+    fn a_pod_that_only_dials_out_is_told_it_still_needs_an_upstream_port() {
+        let mut client = pod(&[(OUTBOUND, "9001=wss://chat:8443")]);
+        client.spec.as_mut().unwrap().containers[0].ports = None;
+        let e = options(&client, "a", &InjectSettings::example()).unwrap_err();
+        assert_eq!(
+            e.annotation, UPSTREAM_PORT,
+            "a pod that only dials out still has the inbound side"
+        );
+        assert!(e.reason.ends_with("the sidecar's inbound listener always runs)"), "{e}");
     }
 }

@@ -78,7 +78,7 @@ pub enum Refusal {
     /// pod: they share one network namespace, so one of the two could not listen.
     #[error("the sidecar's {which} port {port} is already declared by {kind} {container}; {fix}")]
     PortTaken {
-        /// `mTLS` or `admin`.
+        /// `mTLS`, `admin` or `outbound`.
         which: &'static str,
         /// The port.
         port: u16,
@@ -184,6 +184,12 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
     }
     for pattern in &opts.allow {
         args.extend(["--allow".into(), pattern.clone()]);
+    }
+    for o in &opts.outbound {
+        args.extend(["--outbound".into(), format!("{}={}", o.local(), o.remote)]);
+        if let Some(pattern) = &o.expect {
+            args.extend(["--outbound-expect".into(), format!("{}={pattern}", o.local())]);
+        }
     }
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
@@ -315,8 +321,10 @@ fn volumes(opts: &PodOptions) -> Vec<Volume> {
     v
 }
 
-/// The first of the sidecar's ports (mTLS, then admin) that a container or init container of
-/// the pod declares for TCP (a UDP or SCTP port of the same number does not collide).
+/// The first of the sidecar's ports (mTLS, admin, then the outbound entries' local ports) that a
+/// container or init container of the pod declares for TCP (a UDP or SCTP port of the same
+/// number does not collide; an outbound listener binds loopback only, but the app's container
+/// may listen on all addresses, loopback included).
 fn port_taken(spec: &PodSpec, options: &PodOptions) -> Option<Refusal> {
     let declared = spec
         .containers
@@ -331,15 +339,23 @@ fn port_taken(spec: &PodSpec, options: &PodOptions) -> Option<Refusal> {
                 .map(move |p| (kind, c.name.as_str(), p.container_port))
         })
         .collect::<Vec<_>>();
-    let wanted = [
+    let mut wanted = [
         ("mTLS", options.port, "choose another with wsgate.dev/port"),
         (
             "admin",
             ADMIN_PORT,
             "the sidecar's admin port is fixed (probes and preStop use it): move that container's port",
         ),
-    ];
-    wanted.into_iter().find_map(|(which, port, fix)| {
+    ]
+    .into_iter()
+    .chain(options.outbound.iter().map(|o| {
+        (
+            "outbound",
+            o.local_port,
+            "choose another local port in wsgate.dev/outbound",
+        )
+    }));
+    wanted.find_map(|(which, port, fix)| {
         declared
             .iter()
             .find(|(_, _, p)| *p == i32::from(port))

@@ -30,7 +30,7 @@ pub const MAX_PORTS: usize = 1024;
 /// Most ports all the containers of a pod may declare together: the per-container cap alone
 /// would let one body of 3 MiB carry 150,000 ports, about 40 MiB once turned into a pod.
 pub const MAX_PORTS_IN_POD: usize = 4096;
-/// Most `wsgate.dev/*` annotations a pod may carry (wsgate reads 12 of them).
+/// Most `wsgate.dev/*` annotations a pod may carry (wsgate reads 13 of them).
 pub const MAX_WSGATE_ANNOTATIONS: usize = 64;
 /// Longest value of an annotation wsgate reads (`wsgate.dev/*`, and
 /// `kubectl.kubernetes.io/default-container`): allow lists and DNS names of a few hundred

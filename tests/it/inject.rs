@@ -391,6 +391,11 @@ fn a_dry_run_with_generate_name_and_an_init_container_is_answered_alike() {
     golden("generatename-dryrun", out.patch.as_ref().unwrap());
 }
 
+/// 17 outbound entries, one past the cap.
+const TOO_MANY_OUTBOUND: &str = "9001=wss://a:1,9002=wss://a:1,9003=wss://a:1,9004=wss://a:1,9005=wss://a:1,\
+    9006=wss://a:1,9007=wss://a:1,9008=wss://a:1,9009=wss://a:1,9010=wss://a:1,9011=wss://a:1,9012=wss://a:1,\
+    9013=wss://a:1,9014=wss://a:1,9015=wss://a:1,9016=wss://a:1,9017=wss://a:1";
+
 /// Every bad annotation denies the pod with a message naming the annotation and the value.
 #[test]
 fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
@@ -469,6 +474,85 @@ fn every_bad_annotation_denies_the_pod_naming_annotation_and_value() {
             "wsgate.dev/memory-limit",
             "is not a Kubernetes quantity",
         ),
+        (
+            &[("wsgate.dev/outbound", "9001=ws://chat.shop.svc:8080")],
+            "wsgate.dev/outbound",
+            "'9001=ws://chat.shop.svc:8080' has a plain ws:// remote",
+        ),
+        (
+            &[("wsgate.dev/outbound", "9001=wss://chat.shop.svc:84430")],
+            "wsgate.dev/outbound",
+            "has a remote port '84430' that is out of range",
+        ),
+        (
+            &[("wsgate.dev/outbound", "9001=wss://chat.shop.svc")],
+            "wsgate.dev/outbound",
+            "has a remote without a port",
+        ),
+        (
+            &[("wsgate.dev/outbound", "70000=wss://chat.shop.svc:8443")],
+            "wsgate.dev/outbound",
+            "has local port '70000' that is out of range",
+        ),
+        (
+            &[("wsgate.dev/outbound", "127.0.0.1:9001=wss://chat.shop.svc:8443")],
+            "wsgate.dev/outbound",
+            "give the port alone",
+        ),
+        (
+            &[("wsgate.dev/outbound", "8443=wss://chat.shop.svc:8443")],
+            "wsgate.dev/outbound",
+            "the sidecar's mTLS port 8443",
+        ),
+        (
+            &[("wsgate.dev/outbound", "9901=wss://chat.shop.svc:8443")],
+            "wsgate.dev/outbound",
+            "the sidecar's admin port 9901",
+        ),
+        (
+            &[
+                ("wsgate.dev/port", "9443"),
+                ("wsgate.dev/outbound", "9443=wss://chat.shop.svc:8443"),
+            ],
+            "wsgate.dev/outbound",
+            "the sidecar's mTLS port 9443",
+        ),
+        (
+            &[("wsgate.dev/outbound", "8080=wss://chat.shop.svc:8443")],
+            "wsgate.dev/outbound",
+            "the app's port 8080",
+        ),
+        (
+            &[("wsgate.dev/outbound", "9001=wss://a.svc:8443, 9001=wss://b.svc:8443")],
+            "wsgate.dev/outbound",
+            "'9001=wss://b.svc:8443' uses local port 9001, which is the local port of another entry",
+        ),
+        (
+            &[("wsgate.dev/outbound", TOO_MANY_OUTBOUND)],
+            "wsgate.dev/outbound",
+            "has 17 entries; wsgate takes at most 16",
+        ),
+        (
+            &[
+                ("wsgate.dev/outbound", "9001=wss://chat.shop.svc:8443"),
+                ("wsgate.dev/outbound-expect", "9001=chat"),
+            ],
+            "wsgate.dev/outbound-expect",
+            "'9001=chat' has a bad pattern",
+        ),
+        (
+            &[
+                ("wsgate.dev/outbound", "9001=wss://chat.shop.svc:8443"),
+                ("wsgate.dev/outbound-expect", "9002=dns:chat.shop.svc"),
+            ],
+            "wsgate.dev/outbound-expect",
+            "names local port 9002, which no wsgate.dev/outbound entry has",
+        ),
+        (
+            &[("wsgate.dev/outbound-expect", "9001=dns:chat.shop.svc")],
+            "wsgate.dev/outbound-expect",
+            "is set but wsgate.dev/outbound is not",
+        ),
     ];
     for (annotations, name, fragment) in cases {
         let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
@@ -520,16 +604,136 @@ fn resource_annotations_override_the_injectors_defaults_one_by_one() {
 }
 
 #[test]
-fn the_reserved_outbound_annotation_is_reported_as_a_warning() {
+fn one_outbound_entry_becomes_a_loopback_listener_of_the_sidecar_without_a_warning() {
     let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
     annotate(
         &mut review,
-        &[("wsgate.dev/inject", "true"), ("wsgate.dev/outbound", "wss://x")],
+        &[
+            ("wsgate.dev/inject", "true"),
+            ("wsgate.dev/outbound", "9001=wss://chat.shop.svc.cluster.local:8443/"),
+        ],
     );
     let out = run(&review, false, false);
-    assert!(out.patch.is_some());
-    let warnings = out.response["response"]["warnings"].as_array().unwrap();
-    assert!(warnings[0].as_str().unwrap().contains("wsgate.dev/outbound"));
+    assert_eq!(out.response["response"]["allowed"], true);
+    assert!(out.response["response"]["warnings"].is_null(), "{}", out.response);
+    let c = sidecar_of(&out.pod, false);
+    assert_eq!(
+        arg_after(&c, "--outbound"),
+        vec!["127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443"]
+    );
+    assert!(arg_after(&c, "--outbound-expect").is_empty());
+    // The inbound side is as without the annotation, and the pod's identity is the same Secret.
+    assert_eq!(arg_after(&c, "--upstream"), vec!["ws://127.0.0.1:8080"]);
+    assert_common_sidecar(&out.pod, &c, "wsgate-default");
+    // Loopback listeners are not declared as container ports: nothing outside the pod reaches them.
+    let ports: Vec<i32> = c.ports.unwrap().iter().map(|p| p.container_port).collect();
+    assert_eq!(ports, vec![8443, 9901]);
+}
+
+#[test]
+fn several_outbound_entries_with_expectations_are_passed_in_order() {
+    let mut review = fixture("pod-create-replicaset-native-sidecar.k8s-1.30.json");
+    annotate(
+        &mut review,
+        &[
+            (
+                "wsgate.dev/outbound",
+                "9001=wss://chat.shop.svc.cluster.local:8443, 9002=wss://10.0.0.7:443, 9003=wss://[fd00::7]:8443",
+            ),
+            (
+                "wsgate.dev/outbound-expect",
+                "9003=dns:feed.*.svc, 9001=spiffe://cluster.local/ns/shop/sa/chat",
+            ),
+        ],
+    );
+    let out = run(&review, true, true);
+    let c = sidecar_of(&out.pod, true);
+    assert_eq!(
+        arg_after(&c, "--outbound"),
+        vec![
+            "127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443",
+            "127.0.0.1:9002=wss://10.0.0.7:443",
+            "127.0.0.1:9003=wss://[fd00::7]:8443",
+        ]
+    );
+    assert_eq!(
+        arg_after(&c, "--outbound-expect"),
+        vec![
+            "127.0.0.1:9001=spiffe://cluster.local/ns/shop/sa/chat",
+            "127.0.0.1:9003=dns:feed.*.svc",
+        ]
+    );
+    assert_common_sidecar(&out.pod, &c, "wsgate-checkout");
+    golden("outbound", out.patch.as_ref().unwrap());
+}
+
+/// The captured pod, with `annotations`, these init containers (none when `[]`) and these ports
+/// added to its app container, is denied with a message containing `fragment`.
+fn assert_port_taken(
+    annotations: &[(&str, &str)],
+    init_containers: Value,
+    extra_app_ports: Value,
+    native: bool,
+    fragment: &str,
+) {
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[("wsgate.dev/inject", "true"), ("wsgate.dev/upstream-port", "8080")],
+    );
+    annotate(&mut review, annotations);
+    let spec = &mut review["request"]["object"]["spec"];
+    if init_containers != json!([]) {
+        spec["initContainers"] = init_containers;
+    }
+    let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
+    ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
+    let out = run(&review, false, native);
+    let resp = &out.response["response"];
+    assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
+    assert!(out.patch.is_none());
+    let msg = resp["status"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
+}
+
+#[test]
+fn an_outbound_port_declared_by_any_container_denies_the_pod_naming_port_and_container() {
+    for (native, init_containers, extra_app_ports, fragment) in [
+        (
+            false,
+            json!([]),
+            json!([{"containerPort": 9001}]),
+            "the sidecar's outbound port 9001 is already declared by container web; choose another local port in wsgate.dev/outbound",
+        ),
+        (
+            true,
+            json!([{"name": "setup", "image": "busybox", "ports": [{"containerPort": 9002, "protocol": "TCP"}]}]),
+            json!([]),
+            "the sidecar's outbound port 9002 is already declared by init container setup",
+        ),
+    ] {
+        assert_port_taken(
+            &[("wsgate.dev/outbound", "9001=wss://chat:8443,9002=wss://feed:8443")],
+            init_containers,
+            extra_app_ports,
+            native,
+            fragment,
+        );
+    }
+    // A UDP port of the same number does not collide with a TCP listener.
+    let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[
+            ("wsgate.dev/inject", "true"),
+            ("wsgate.dev/outbound", "9001=wss://chat:8443"),
+        ],
+    );
+    review["request"]["object"]["spec"]["containers"][0]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"containerPort": 9001, "protocol": "UDP"}));
+    assert!(run(&review, false, false).patch.is_some());
 }
 
 #[test]
@@ -569,27 +773,13 @@ fn a_sidecar_port_declared_by_any_container_denies_the_pod_naming_port_and_conta
     ];
     for (port, init_containers, extra_app_ports, fragment) in cases {
         for native in [false, true] {
-            let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
-            annotate(
-                &mut review,
-                &[
-                    ("wsgate.dev/inject", "true"),
-                    ("wsgate.dev/upstream-port", "8080"),
-                    ("wsgate.dev/port", port),
-                ],
+            assert_port_taken(
+                &[("wsgate.dev/port", port)],
+                init_containers.clone(),
+                extra_app_ports.clone(),
+                native,
+                fragment,
             );
-            let spec = &mut review["request"]["object"]["spec"];
-            if init_containers != json!([]) {
-                spec["initContainers"] = init_containers.clone();
-            }
-            let ports = spec["containers"][0]["ports"].as_array_mut().unwrap();
-            ports.extend(extra_app_ports.as_array().unwrap().iter().cloned());
-            let out = run(&review, false, native);
-            let resp = &out.response["response"];
-            assert_eq!(resp["allowed"], false, "{fragment}: {resp}");
-            assert!(out.patch.is_none());
-            let msg = resp["status"]["message"].as_str().unwrap();
-            assert!(msg.starts_with("wsgate: ") && msg.contains(fragment), "{msg}");
         }
     }
     // The same numbers over UDP (or SCTP) do not collide with the sidecar's TCP listeners.
@@ -838,6 +1028,11 @@ mod sidecar_command_line {
                 "pod_name": pod_name,
                 "namespace": namespace,
                 "service_name": options.service_name,
+                "outbound": options
+                    .outbound
+                    .iter()
+                    .map(|o| json!({"local": o.local(), "remote": o.remote, "expect": o.expect}))
+                    .collect::<Vec<_>>(),
             },
         })
     }
@@ -863,7 +1058,6 @@ mod sidecar_command_line {
                 ("wsgate.dev/secret", &secret),
                 ("wsgate.dev/trust-bundle", "cluster-trust"),
                 ("wsgate.dev/dns-names", &dns),
-                ("wsgate.dev/outbound", "wss://elsewhere.example"),
             ],
         );
     }
@@ -998,6 +1192,29 @@ mod sidecar_command_line {
             expect["service_name"].as_str().map(str::to_owned),
             "{label}"
         );
+        // The outbound entries reached the config. `ProxyConfig`'s outbound field does not exist
+        // on this branch yet, so this looks for each entry's parts in its `Debug` form; compare
+        // with the field itself once the proxy's outbound mode is merged.
+        let config = format!("{cfg:?}");
+        for o in expect["outbound"].as_array().unwrap() {
+            let local: std::net::SocketAddr = o["local"].as_str().unwrap().parse().unwrap();
+            assert!(local.ip().is_loopback(), "{label}: {local}");
+            let remote = o["remote"].as_str().unwrap().strip_prefix("wss://").unwrap();
+            let (host, port) = remote.rsplit_once(':').unwrap();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            for part in [&local.port().to_string(), host, port] {
+                assert!(
+                    config.contains(part),
+                    "{label}: {part} of {o} is not in the config:\n{config}"
+                );
+            }
+            if let Some(pattern) = o["expect"].as_str() {
+                assert!(
+                    config.contains(pattern),
+                    "{label}: {pattern} is not in the config:\n{config}"
+                );
+            }
+        }
         println!("{PASSED} {label}");
     }
 
@@ -1028,19 +1245,109 @@ mod sidecar_command_line {
     /// that the proxy's own parser accepts and turns into the config the pod asked for.
     #[test]
     fn every_sidecar_the_injector_writes_starts_the_proxy_it_asked_for() {
+        let Some(cases) = in_children("every_sidecar_the_injector_writes_starts_the_proxy_it_asked_for", cases) else {
+            return;
+        };
+        // The cases cover the variables the injector sets: each child got the container's whole
+        // environment (a WSGATE_* variable among them would be read by clap as a flag's twin).
+        let names: Vec<String> = cases
+            .iter()
+            .flat_map(|c| {
+                c["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|kv| kv[0].as_str().unwrap().to_owned())
+            })
+            .collect();
+        assert!(names.iter().any(|n| n == "OTEL_RESOURCE_ATTRIBUTES"), "{names:?}");
+        assert!(names.iter().any(|n| n == "OTEL_EXPORTER_OTLP_ENDPOINT"), "{names:?}");
+    }
+
+    /// Pods with `wsgate.dev/outbound` (one entry; several with expectations, with every other
+    /// annotation, native and ordinary) start a proxy with the outbound listeners they asked for.
+    #[test]
+    #[ignore = "needs the proxy's --outbound flag (branch out)"]
+    fn every_sidecar_with_outbound_entries_starts_the_proxy_it_asked_for() {
+        let Some(cases) = in_children(
+            "every_sidecar_with_outbound_entries_starts_the_proxy_it_asked_for",
+            outbound_cases,
+        ) else {
+            return;
+        };
+        assert!(
+            cases
+                .iter()
+                .all(|c| !c["expect"]["outbound"].as_array().unwrap().is_empty())
+        );
+    }
+
+    fn outbound_cases() -> Vec<Value> {
+        let defaults = injector_settings(&[]);
+        let mut one = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(
+            &mut one,
+            &[
+                ("wsgate.dev/inject", "true"),
+                ("wsgate.dev/outbound", "9001=wss://chat.shop.svc.cluster.local:8443/"),
+            ],
+        );
+        let several = [
+            (
+                "wsgate.dev/outbound",
+                "9001=wss://chat.shop.svc.cluster.local:8443, 9002=wss://10.0.0.7:443, 9003=wss://[fd00::7]:8443",
+            ),
+            (
+                "wsgate.dev/outbound-expect",
+                "9001=spiffe://cluster.local/ns/shop/sa/chat, 9003=dns:feed.*.svc",
+            ),
+        ];
+        let mut native = fixture("pod-create-replicaset-native-sidecar.k8s-1.30.json");
+        every_annotation(&mut native, "shop");
+        annotate(&mut native, &several);
+        let mut ordinary = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        every_annotation(&mut ordinary, "demo");
+        annotate(&mut ordinary, &several);
+        vec![
+            case("one outbound entry", &one, false, false, defaults.clone()),
+            case(
+                "every annotation and three outbound entries, native sidecar",
+                &native,
+                false,
+                true,
+                defaults.clone(),
+            ),
+            case(
+                "every annotation and three outbound entries, ordinary container",
+                &ordinary,
+                false,
+                false,
+                defaults,
+            ),
+        ]
+    }
+
+    /// Runs the check of each of `cases()` in a child process (this test binary again, running
+    /// the test `test` alone, in the case's environment); in the child, checks its one case.
+    /// Returns the cases checked, or `None` in the child.
+    fn in_children(test: &str, cases: fn() -> Vec<Value>) -> Option<Vec<Value>> {
         if let Ok(case) = std::env::var(CASE_VAR) {
             check_in_this_process(&serde_json::from_str(&case).unwrap());
-            return;
+            return None;
         }
-        let name = format!(
-            "{}::every_sidecar_the_injector_writes_starts_the_proxy_it_asked_for",
-            module_path!().split_once("::").unwrap().1
-        );
+        let name = format!("{}::{test}", module_path!().split_once("::").unwrap().1);
         let cases = cases();
         for case in &cases {
             let label = case["label"].as_str().unwrap();
             let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-            child.args([name.as_str(), "--exact", "--nocapture", "--test-threads", "1"]);
+            child.args([
+                name.as_str(),
+                "--exact",
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ]);
             for (k, _) in std::env::vars_os() {
                 let k = k.to_string_lossy();
                 if k.starts_with("WSGATE_") || k.starts_with("OTEL_") {
@@ -1063,20 +1370,7 @@ mod sidecar_command_line {
                 case["argv"]
             );
         }
-        // The cases cover the variables the injector sets: each child got the container's whole
-        // environment (a WSGATE_* variable among them would be read by clap as a flag's twin).
-        let names: Vec<String> = cases
-            .iter()
-            .flat_map(|c| {
-                c["env"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|kv| kv[0].as_str().unwrap().to_owned())
-            })
-            .collect();
-        assert!(names.iter().any(|n| n == "OTEL_RESOURCE_ATTRIBUTES"), "{names:?}");
-        assert!(names.iter().any(|n| n == "OTEL_EXPORTER_OTLP_ENDPOINT"), "{names:?}");
+        Some(cases)
     }
 }
 
