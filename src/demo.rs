@@ -2,7 +2,9 @@
 //!
 //! Mints a CA and certificates, lays them out as the kubelet lays out a Secret volume, starts an
 //! echo app and the real proxy in front of it, connects a client, rotates the certificates under
-//! an open connection, and shows refused clients. Uses only the library's public API.
+//! an open connection, and shows refused clients. Then both directions: a second proxy, the
+//! client pod's sidecar in outbound mode, lets an app that speaks plain `ws://` reach the echo app
+//! over mTLS, identities checked both ways. Uses only the library's public API.
 
 pub mod client;
 pub mod echo;
@@ -18,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::authz::Policy;
 use crate::certs::ReloadTiming;
-use crate::proxy::settings::{Limits, ProxyConfig, Upstream};
+use crate::proxy::settings::{Limits, Outbound, ProxyConfig, Upstream};
 use crate::tls::TlsMinVersion;
 use client::{WssStream, connect};
 use pki::{Ca, Leaf, LeafSpec};
@@ -116,22 +118,8 @@ pub async fn run() -> Result<(), DemoError> {
     );
 
     let app = echo::start().await.map_err(step)?;
-    let cfg = ProxyConfig {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        upstream: Some(Upstream::parse(&format!("ws://{app}"), false).map_err(step)?),
-        outbound: crate::proxy::settings::Outbound::default(),
-        cert_dir: vol.path().to_path_buf(),
-        trust_bundle: None,
-        policy: Policy::new(&[spiffe("client")], false).map_err(step)?,
-        admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        tls_min_version: TlsMinVersion::Tls13,
-        handshake_timeout: Duration::from_secs(10),
-        drain_timeout: Duration::from_secs(5),
-        limits: Limits::default(),
-        reload: ReloadTiming::default(),
-        // OTEL_EXPORTER_OTLP_ENDPOINT=… wsgate demo sends the demo's spans to a collector.
-        otel: crate::telemetry::OtelSettings::from_env(),
-    };
+    let upstream = Upstream::parse(&format!("ws://{app}"), false).map_err(step)?;
+    let cfg = proxy_config(&vol, Some(upstream), Outbound::default())?;
     let handle = crate::proxy::start(cfg).await.map_err(step)?;
     wait_for_serial(&handle, &first.serial).await?;
     println!(
@@ -219,11 +207,114 @@ pub async fn run() -> Result<(), DemoError> {
         let _ = conn.close(None).await;
         while let Some(Ok(_)) = conn.next().await {}
     }
+    both_directions(&ca, tmp.path(), handle.listen_addr).await?;
     handle.drain();
     handle.wait().await;
     println!(
-        "\nDone in {:.1} s: one rotation, no dropped connection, three refusals.",
+        "\nDone in {:.1} s: one rotation, no dropped connection, four refusals, both directions.",
         t_start.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The proxy's configuration for the demo: `vol`'s certificate, only `client` allowed in.
+fn proxy_config(vol: &SecretVolume, upstream: Option<Upstream>, outbound: Outbound) -> Result<ProxyConfig, DemoError> {
+    Ok(ProxyConfig {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        upstream,
+        outbound,
+        cert_dir: vol.path().to_path_buf(),
+        trust_bundle: None,
+        policy: Policy::new(&[spiffe("client")], false).map_err(step)?,
+        admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        tls_min_version: TlsMinVersion::Tls13,
+        handshake_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(5),
+        limits: Limits::default(),
+        reload: ReloadTiming::default(),
+        // OTEL_EXPORTER_OTLP_ENDPOINT=… wsgate demo sends the demo's spans to a collector.
+        otel: crate::telemetry::OtelSettings::from_env(),
+    })
+}
+
+/// Plain `ws://` from an app that has no TLS code, to `local` (its own sidecar's outbound
+/// listener): the echo of `text` and what the far app saw as the caller, or the status of the
+/// refusal.
+async fn plain_ws(local: SocketAddr, text: &str) -> Result<Result<(String, String), u16>, DemoError> {
+    use tokio_tungstenite::tungstenite::Error;
+    let tcp = tokio::net::TcpStream::connect(local).await.map_err(step)?;
+    let mut ws = match tokio_tungstenite::client_async(format!("ws://{local}/chat"), tcp).await {
+        Ok((ws, _)) => ws,
+        Err(Error::Http(answer)) => return Ok(Err(answer.status().as_u16())),
+        Err(e) => return Err(step(e)),
+    };
+    let mut ask = async |what: &str| -> Result<String, DemoError> {
+        ws.send(Message::text(what)).await.map_err(step)?;
+        while let Some(msg) = ws.next().await {
+            if let Message::Text(t) = msg.map_err(step)? {
+                return Ok(t.to_string());
+            }
+        }
+        Err(step("connection closed"))
+    };
+    let reply = ask(text).await?;
+    let who = ask("whoami").await?;
+    let _ = ws.close(None).await;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(Ok((reply, who)))
+}
+
+/// Step 6: the client pod gets its own sidecar in outbound mode, with its own certificate
+/// (`spiffe(client)`), dialing the first proxy (`remote`): its app speaks plain `ws://` on
+/// loopback, and each side checks the other's identity.
+async fn both_directions(ca: &Ca, dir: &std::path::Path, remote: SocketAddr) -> Result<(), DemoError> {
+    let vol = SecretVolume::new(dir.join("client-tls")).map_err(step)?;
+    let leaf = ca.leaf(&LeafSpec::new("client").uri(&spiffe("client"))).map_err(step)?;
+    write_secret(&vol, &leaf, ca)?;
+    let target = format!("wss://localhost:{}", remote.port());
+    let routes = [format!("127.0.0.1:0={target}"), format!("127.0.0.2:0={target}")];
+    let expects = [
+        format!("127.0.0.1:0={}", spiffe("app")),
+        format!("127.0.0.2:0={}", spiffe("payments")),
+    ];
+    let outbound = Outbound {
+        routes: Outbound::parse_routes(&routes, &expects, false).map_err(step)?,
+        ..Outbound::default()
+    };
+    let handle = crate::proxy::start(proxy_config(&vol, None, outbound)?)
+        .await
+        .map_err(step)?;
+    wait_for_serial(&handle, &leaf.serial).await?;
+    let [good, wrong] = handle.outbound_addrs[..] else {
+        return Err(step("the outbound proxy did not bind both routes"));
+    };
+    println!(
+        "6. Both directions: the client's pod gets its own sidecar, outbound only, as {}",
+        spiffe("client")
+    );
+    println!(
+        "   its app dials plain ws://{good}; the sidecar dials {target} with mTLS, expecting {}",
+        spiffe("app")
+    );
+    let (reply, who) = plain_ws(good, "hello without TLS code")
+        .await?
+        .map_err(|status| step(format!("the outbound route answered {status}")))?;
+    if !who.contains(&spiffe("client")) {
+        return Err(step(format!("the far app did not see the client's identity: {who}")));
+    }
+    println!(
+        "   app echoed \"{reply}\"; the far app saw the caller as {}",
+        spiffe("client")
+    );
+    match plain_ws(wrong, "hello").await? {
+        Ok(_) => return Err(step("a route expecting another identity got through")),
+        Err(status) => println!(
+            "   a route expecting {} → refused with {status}: the server is {}",
+            spiffe("payments"),
+            spiffe("app")
+        ),
+    }
+    handle.drain();
+    handle.wait().await;
     Ok(())
 }

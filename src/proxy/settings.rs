@@ -337,7 +337,9 @@ pub struct OutboundRoute {
 }
 
 /// The outbound direction: its routes and the limits that apply to outbound connections only.
-#[derive(Debug, Clone, Default)]
+/// The default has no route and the flags' default limits (a zero cap or timeout would refuse
+/// every connection).
+#[derive(Debug, Clone)]
 pub struct Outbound {
     /// The routes; empty when the proxy only serves inbound.
     pub routes: Vec<OutboundRoute>,
@@ -350,6 +352,16 @@ pub struct Outbound {
 
 /// Default `--outbound-dial-timeout`.
 pub const DEFAULT_OUTBOUND_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            dial_timeout: DEFAULT_OUTBOUND_DIAL_TIMEOUT,
+            max_per_destination: default_max_connections_per_identity(DEFAULT_MAX_CONNECTIONS),
+        }
+    }
+}
 
 impl Outbound {
     /// Parses the `--outbound LOCAL=REMOTE` and `--outbound-expect LOCAL=PATTERN` flags. Every

@@ -197,6 +197,13 @@ fn demo_runs_and_exits_zero() {
         out.contains("CertificateRequired") && out.contains("UnknownCA") && out.contains("403"),
         "{out}"
     );
+    // Both directions: plain ws:// through the client's outbound sidecar, its identity seen by
+    // the far app, and a route expecting another server identity refused with 502.
+    assert!(
+        out.contains("the far app saw the caller as spiffe://demo.wsgate.local/ns/demo/sa/client"),
+        "{out}"
+    );
+    assert!(out.contains("refused with 502"), "{out}");
 }
 
 /// `wsgate inject` validates its flags like the proxy does.
