@@ -7,6 +7,8 @@
 # a static musl build: musl's allocator is slow under the many-threaded load of a proxy.
 ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
+# aws-lc-sys (C code of the crypto provider, aws-lc-rs) builds with the image's own gcc: no cmake,
+# Go, clang or nasm to install (its Rust bindings for this target ship pre-generated).
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -1,6 +1,6 @@
 //! TLS: rustls configs (server and outbound client) built from a validated bundle, the one swappable store, peer identity.
 //!
-//! One crypto provider (ring) everywhere, so no second one is linked in.
+//! One crypto provider (aws-lc-rs) everywhere, so no second one is linked in.
 
 pub mod client;
 pub mod identity;
@@ -29,13 +29,35 @@ pub enum TlsError {
     ServerVerifier(rustls::server::VerifierBuilderError),
 }
 
-/// The process-wide crypto provider (ring).
+/// The process-wide crypto provider: aws-lc-rs, with the key-exchange groups of [`KX_GROUPS`].
+///
+/// aws-lc-rs rather than ring: it costs less CPU per handshake (`benches/handshake.rs`) and it
+/// has ML-KEM, so a post-quantum hybrid key exchange can be offered.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            Arc::new(CryptoProvider {
+                kx_groups: KX_GROUPS.to_vec(),
+                ..rustls::crypto::aws_lc_rs::default_provider()
+            })
+        })
         .clone()
 }
+
+/// The key-exchange groups, most preferred first: the post-quantum hybrid X25519MLKEM768
+/// (TLS 1.3 only), then the classic X25519, P-256 and P-384. Named here rather than left to
+/// rustls' `prefer-post-quantum` feature, which any crate in the tree could switch.
+///
+/// A server takes the first group of the *client's* list that it supports, so a classic client
+/// (X25519 offered, and its key share sent) gets X25519 without a HelloRetryRequest; the order
+/// here decides what wsgate offers when it is the client.
+pub static KX_GROUPS: &[&dyn rustls::crypto::SupportedKxGroup] = &[
+    rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+    rustls::crypto::aws_lc_rs::kx_group::X25519,
+    rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+    rustls::crypto::aws_lc_rs::kx_group::SECP384R1,
+];
 
 /// The lowest TLS version accepted (`--tls-min-version`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -63,7 +85,7 @@ pub fn roots_digest(roots: &[rustls_pki_types::CertificateDer<'static>]) -> [u8;
     let mut sorted: Vec<&[u8]> = roots.iter().map(|r| r.as_ref()).collect();
     sorted.sort_unstable();
     sorted.dedup();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for der in sorted {
         ctx.update(&(der.len() as u64).to_be_bytes());
         ctx.update(der);

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use wsgate::demo::client::config;
-use wsgate::demo::pki::{Ca, LeafSpec};
+use wsgate::demo::pki::{Ca, Leaf, LeafSpec};
 use wsgate::demo::volume::SecretVolume;
 
 /// A running proxy (killed on drop) and what a client needs to reach it.
@@ -26,9 +26,8 @@ impl Drop for Bench {
     }
 }
 
-/// Starts the echo app and the release proxy in front of it, waits until it serves.
-pub async fn start(extra_env: &[(&str, &str)]) -> Bench {
-    let tmp = tempfile::tempdir().unwrap();
+/// The benchmarks' PKI: a CA, the proxy's leaf (for `localhost`) and a client's leaf.
+pub fn pki() -> (Ca, Leaf, Leaf) {
     let ca = Ca::new("bench CA").unwrap();
     let server = ca
         .leaf(&LeafSpec::new("app").uri("spiffe://bench/ns/a/sa/app").dns("localhost"))
@@ -36,6 +35,13 @@ pub async fn start(extra_env: &[(&str, &str)]) -> Bench {
     let client = ca
         .leaf(&LeafSpec::new("c").uri("spiffe://bench/ns/a/sa/client"))
         .unwrap();
+    (ca, server, client)
+}
+
+/// Starts the echo app and the release proxy in front of it, waits until it serves.
+pub async fn start(extra_env: &[(&str, &str)]) -> Bench {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, server, client) = pki();
     let vol = SecretVolume::new(tmp.path().join("tls")).unwrap();
     vol.write(&[
         ("ca.crt", ca.cert_pem.as_bytes()),

@@ -68,7 +68,7 @@ pub struct RawSet {
 impl RawSet {
     /// A SHA-256 over all parts, to tell whether anything changed since the last load.
     pub fn fingerprint(&self) -> [u8; 32] {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for part in [Some(&self.cert), Some(&self.key), self.ca.as_ref(), self.trust.as_ref()] {
             match part {
                 Some(bytes) => {

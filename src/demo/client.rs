@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::ClientConfig;
+use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -64,12 +65,22 @@ pub fn config(
     identity: Option<(&str, &str)>,
     roots: &[CertificateDer<'static>],
 ) -> Result<Arc<ClientConfig>, ClientError> {
+    config_with_provider(identity, roots, crate::tls::provider())
+}
+
+/// [`config`] with another crypto provider, e.g. one offering other key-exchange groups (as a
+/// classic or a post-quantum-only client would).
+pub fn config_with_provider(
+    identity: Option<(&str, &str)>,
+    roots: &[CertificateDer<'static>],
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, ClientError> {
     let bad = |e: String| ClientError::Config(e);
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).map_err(|e| bad(e.to_string()))?;
     }
-    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(e.to_string()))?
         .with_root_certificates(store);

@@ -6,11 +6,11 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::rand::SecureRandom;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType, SerialNumber,
 };
-use ring::rand::SecureRandom;
 use rustls_pki_types::CertificateDer;
 
 /// Why a certificate could not be minted.
@@ -124,7 +124,7 @@ pub struct Leaf {
 
 fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| PkiError::Random)?;
     bytes[0] &= 0x7f; // positive

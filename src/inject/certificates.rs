@@ -170,7 +170,7 @@ pub fn label_value(value: &str) -> String {
     if value.len() <= MAX_LABEL_VALUE {
         return value.to_owned();
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes());
     let hash: String = digest
         .as_ref()
         .iter()

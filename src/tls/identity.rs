@@ -36,7 +36,8 @@ pub struct TlsFacts {
     pub cipher: String,
     /// Whether the session was resumed.
     pub resumed: bool,
-    /// Negotiated key-exchange group, e.g. `X25519`.
+    /// Negotiated key-exchange group by its IANA name, e.g. `X25519`, `secp256r1` or the
+    /// post-quantum hybrid `X25519MLKEM768`.
     pub curve: String,
 }
 
@@ -239,7 +240,7 @@ impl PeerIdentity {
         let cert = CertSummary::from_der(der)?;
         let (_, parsed) = X509Certificate::from_der(der).map_err(|e| SummaryError::Malformed(e.to_string()))?;
         let subject_rfc2253 = rfc2253(parsed.subject());
-        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest.as_ref());
         Ok(Self {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::SingleCertAndKey;
@@ -17,8 +18,18 @@ use crate::certs::CertBundle;
 /// client-auth usage, checked by webpki) and serves the bundle's chain. ALPN offers `http/1.1`
 /// only: WebSocket upgrades are an HTTP/1.1 mechanism.
 pub fn server_config(bundle: &CertBundle, min: TlsMinVersion) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = client_verifier(&bundle.roots)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    server_config_with(bundle, min, provider())
+}
+
+/// [`server_config`] with another crypto provider: for the handshake benchmark, which compares
+/// providers (the bundle's key must have been loaded by the same provider).
+pub fn server_config_with(
+    bundle: &CertBundle,
+    min: TlsMinVersion,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = client_verifier_with(&bundle.roots, provider.clone())?;
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions(min))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(bundle.certified.clone())));
@@ -29,7 +40,14 @@ pub fn server_config(bundle: &CertBundle, min: TlsMinVersion) -> Result<Arc<Serv
 /// The client-certificate verifier for `roots`: the one the served config uses, also used to
 /// re-verify the chains of open connections when the roots change.
 pub fn client_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    let provider = provider();
+    client_verifier_with(roots, provider())
+}
+
+/// [`client_verifier`] with the given crypto provider.
+fn client_verifier_with(
+    roots: &[CertificateDer<'static>],
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     Ok(WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider).build()?)
 }
 

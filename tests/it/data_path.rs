@@ -122,7 +122,7 @@ async fn the_app_receives_the_verified_identity_in_envoy_format() {
     let xfcc = seen.header("x-forwarded-client-cert");
     assert_eq!(xfcc.len(), 1, "{xfcc:?}");
     let der = &leaf.cert_der;
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, der)
+    let hash: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -207,7 +207,7 @@ async fn a_hostile_subject_and_forged_headers_in_any_spelling_leave_exactly_the_
             .map(|(_, v)| v.as_str())
             .collect()
     };
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, &leaf.cert_der)
+    let hash: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &leaf.cert_der)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))

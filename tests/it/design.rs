@@ -1,5 +1,6 @@
 //! The module graph as `docs/DESIGN.md` draws it: acyclic at the top level and inside each
-//! module, the proxy's stages independent of one another, every file opening with what it holds.
+//! module, the proxy's stages independent of one another, every file opening with what it holds;
+//! and its rule of one crypto provider in the dependency tree.
 //!
 //! Reads `src/` as text: a `crate::a::b` or `super::b` path in a file is an edge from the
 //! file's module to `a` (or to its sibling `b`). Test modules (`#[cfg(test)]` to the end of a
@@ -311,4 +312,38 @@ fn the_reader_finds_grouped_and_relative_paths() {
     next.insert("b".to_owned(), ["a".to_owned()].into_iter().collect());
     let nodes = ["a".to_owned(), "b".to_owned()].into_iter().collect();
     assert_eq!(cycle(&nodes, &next), Some(vec!["a".into(), "b".into(), "a".into()]));
+}
+
+/// The names of the packages `cargo tree` links in with the default features, for any target,
+/// the dev-dependencies included (`cargo metadata` would list optional dependencies that no
+/// feature turns on).
+fn linked_packages() -> BTreeSet<String> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "--locked",
+            "--target",
+            "all",
+            "-e",
+            "normal,build,dev",
+        ])
+        .args(["--prefix", "none", "--format", "{p}"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn one_crypto_provider_is_linked_in() {
+    let packages = linked_packages();
+    assert!(packages.contains("aws-lc-rs"), "aws-lc-rs is the provider");
+    // ring comes in only with the `bench-ring` feature, for the handshake benchmark.
+    assert!(!packages.contains("ring"), "a second crypto provider: ring");
 }

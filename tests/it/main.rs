@@ -14,6 +14,7 @@ mod e2e;
 mod hostile;
 mod inject;
 mod inject_limits;
+mod key_exchange;
 mod limits;
 mod outbound;
 mod rotation;

@@ -93,6 +93,8 @@ fn assert_handshake_attributes(span: &Span, env: &Env) {
     assert_eq!(span.attr("tls.protocol.name"), &Val::Str("tls".into()));
     assert_eq!(span.attr("tls.protocol.version"), &Val::Str("1.3".into()));
     assert!(span.attr("tls.cipher").str().starts_with("TLS13_"));
+    // wsgate's own client offers the post-quantum hybrid first, as the proxy does.
+    assert_eq!(span.attr("tls.curve"), &Val::Str("X25519MLKEM768".into()));
     assert_eq!(span.attr("tls.established"), &Val::Bool(true));
     assert_eq!(span.attr("tls.resumed"), &Val::Bool(false));
     assert_eq!(span.attr("tls.client.subject"), &Val::Str("CN=frontend".into()));
@@ -319,13 +321,12 @@ async fn every_failure_that_can_happen_on_one_machine_has_its_exact_error_type()
         .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(env.pki.ca.cert_der.clone()).unwrap();
-        let cfg =
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS12])
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_client_auth_cert(vec![leaf.cert_der.clone()], key)
-                .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(wsgate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![leaf.cert_der.clone()], key)
+            .unwrap();
         let _ = connect(env.proxy.listen_addr, std::sync::Arc::new(cfg), "localhost", "/").await;
     }
     check("tls_protocol_error");

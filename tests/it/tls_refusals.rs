@@ -136,7 +136,7 @@ async fn plain_http_on_the_tls_port_is_refused_as_not_tls() {
 async fn random_bytes_on_the_tls_port_are_refused_as_not_tls() {
     let env = env().await;
     let mut junk = vec![0u8; 4096];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut junk).unwrap();
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut junk).unwrap();
     junk[0] = 0x99; // not a TLS content type
     let reply = exchange(env.proxy.listen_addr, &junk).await;
     assert!(reply.is_empty() || reply[0] == 21, "{reply:?}");
@@ -197,7 +197,7 @@ async fn the_minimum_tls_version_is_enforced() {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(env.pki.ca.cert_der.clone()).unwrap();
         std::sync::Arc::new(
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            rustls::ClientConfig::builder_with_provider(wsgate::tls::provider())
                 .with_protocol_versions(&[&rustls::version::TLS12])
                 .unwrap()
                 .with_root_certificates(roots)
