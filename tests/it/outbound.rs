@@ -154,7 +154,7 @@ async fn echo(ws: &mut Ws, msg: Message) {
 }
 
 fn sha256_hex(der: &[u8]) -> String {
-    wsgate::x509::hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+    wsgate::x509::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref())
 }
 
 /// The `Hash=` of the XFCC the app saw last.
