@@ -84,12 +84,9 @@ impl std::error::Error for AnnotationError {}
 /// What the annotations ask for, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodOptions {
-    /// The app's port on localhost.
-    pub upstream_port: u16,
-    /// The sidecar's mTLS port.
-    pub port: u16,
-    /// Allow patterns.
-    pub allow: Vec<String>,
+    /// The sidecar's inbound side; `None` for an outbound-only pod (`wsgate.dev/outbound`
+    /// entries, no app port to forward to): its sidecar binds no mTLS listener.
+    pub inbound: Option<Inbound>,
     /// The Secret mounted as the sidecar's certificate.
     pub secret: String,
     /// The trust-bundle ConfigMap, if any.
@@ -106,6 +103,18 @@ pub struct PodOptions {
     pub outbound: Vec<Outbound>,
     /// Warnings for the user, sent with the admission (none today).
     pub warnings: Vec<String>,
+}
+
+/// The sidecar's inbound side, validated: it listens with mTLS on `port` and forwards the
+/// clients `allow` admits to the app on `upstream_port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// The app's port on localhost.
+    pub upstream_port: u16,
+    /// The sidecar's mTLS port.
+    pub port: u16,
+    /// Allow patterns.
+    pub allow: Vec<String>,
 }
 
 /// The sidecar's CPU and memory requests and limits a pod sets by annotation (Kubernetes
@@ -460,8 +469,9 @@ fn entries<'a>(annotation: &'static str, value: &'a str, shape: &str) -> Result<
 /// entries, each local port on none of the sidecar's other ports (`mtls`, admin), nor the
 /// app's (`upstream`), nor another entry's; each expectation naming one entry, once, with a
 /// pattern the proxy's `--allow` parser accepts. The ports the pod's containers declare are
-/// checked with the sidecar's others by the patch.
-fn outbound(a: &BTreeMap<String, String>, mtls: u16, upstream: u16) -> Result<Vec<Outbound>, AnnotationError> {
+/// checked with the sidecar's others by the patch. An outbound-only pod (`inbound` `None`) has
+/// no mTLS port nor app port to avoid.
+fn outbound(a: &BTreeMap<String, String>, inbound: Option<&Inbound>) -> Result<Vec<Outbound>, AnnotationError> {
     let Some(v) = a.get(OUTBOUND) else {
         return match a.get(OUTBOUND_EXPECT) {
             Some(e) => Err(err(OUTBOUND_EXPECT, e, format!("is set but {OUTBOUND} is not"))),
@@ -479,11 +489,11 @@ fn outbound(a: &BTreeMap<String, String>, mtls: u16, upstream: u16) -> Result<Ve
     let mut out: Vec<Outbound> = Vec::with_capacity(listed.len());
     for (entry, local_port, to) in listed {
         let remote = remote(to).map_err(|reason| err(OUTBOUND, entry, reason))?;
-        let taken = if local_port == mtls {
+        let taken = if let Some(mtls) = inbound.map(|i| i.port).filter(|p| *p == local_port) {
             Some(format!("the sidecar's mTLS port {mtls}"))
         } else if local_port == ADMIN_PORT {
             Some(format!("the sidecar's admin port {ADMIN_PORT}"))
-        } else if local_port == upstream {
+        } else if let Some(upstream) = inbound.map(|i| i.upstream_port).filter(|p| *p == local_port) {
             Some(format!("the app's port {upstream} ({UPSTREAM_PORT})"))
         } else if out.iter().any(|o| o.local_port == local_port) {
             Some("the local port of another entry".to_owned())
@@ -535,26 +545,42 @@ fn outbound(a: &BTreeMap<String, String>, mtls: u16, upstream: u16) -> Result<Ve
     Ok(out)
 }
 
-/// Reads and validates the options of a pod that is to be injected.
-pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<PodOptions, AnnotationError> {
-    let a = annotations(pod);
-    let declared = declared_ports(pod);
+/// Reads the inbound side's annotations: the app's port (`wsgate.dev/upstream-port`, else the
+/// pod's only declared TCP port), the mTLS port and the allow-list. `None` for an outbound-only
+/// pod: it has `wsgate.dev/outbound` entries, declares no container port and names no upstream
+/// port. Such a pod may not set `wsgate.dev/port` or `wsgate.dev/allow`: nothing would listen,
+/// and the pod is denied rather than injected with a listener it does not get (a pod whose app
+/// listens without declaring its port learns at admission that it must name it).
+fn inbound(
+    a: &BTreeMap<String, String>,
+    declared: &[(String, u16)],
+    namespace: &str,
+    settings: &InjectSettings,
+) -> Result<Option<Inbound>, AnnotationError> {
     let upstream_port = match a.get(UPSTREAM_PORT) {
         Some(v) => port(UPSTREAM_PORT, v)?,
-        None => match declared.as_slice() {
+        None => match declared {
             [(_, p)] => *p,
+            [] if a.contains_key(OUTBOUND) => {
+                for annotation in [PORT, ALLOW] {
+                    if let Some(v) = a.get(annotation) {
+                        return Err(err(
+                            annotation,
+                            v,
+                            format!(
+                                "is set, but the sidecar of this pod only dials out and has no inbound listener: the pod declares no container port and sets no {UPSTREAM_PORT}; set {UPSTREAM_PORT} to the app's port to receive connections too, or remove {annotation}"
+                            ),
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
             _ => {
-                // The proxy always runs its inbound side, also in a pod that only dials out.
-                let outbound_only = if declared.is_empty() && a.contains_key(OUTBOUND) {
-                    format!(" (also with {OUTBOUND}: the sidecar's inbound listener always runs)")
-                } else {
-                    String::new()
-                };
                 return Err(err(
                     UPSTREAM_PORT,
                     "",
                     format!(
-                        "is required: the pod declares {} TCP container ports, not exactly one{outbound_only}",
+                        "is required: the pod declares {} TCP container ports, not exactly one",
                         declared.len()
                     ),
                 ));
@@ -611,6 +637,17 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         }
         None => settings.default_allow_for(namespace),
     };
+    Ok(Some(Inbound {
+        upstream_port,
+        port,
+        allow,
+    }))
+}
+
+/// Reads and validates the options of a pod that is to be injected.
+pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<PodOptions, AnnotationError> {
+    let a = annotations(pod);
+    let inbound = inbound(a, &declared_ports(pod), namespace, settings)?;
     let service_account = service_account(pod);
     let secret = match a.get(SECRET) {
         Some(v) if !is_object_name(v.trim()) => {
@@ -666,11 +703,9 @@ pub fn options(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
         cpu_limit: quantity(a, CPU_LIMIT)?,
         memory_limit: quantity(a, MEMORY_LIMIT)?,
     };
-    let outbound = outbound(a, port, upstream_port)?;
+    let outbound = outbound(a, inbound.as_ref())?;
     Ok(PodOptions {
-        upstream_port,
-        port,
-        allow,
+        inbound,
         secret,
         trust_bundle,
         dns_names,
@@ -1029,17 +1064,84 @@ mod tests {
         );
     }
 
-    /// The proxy always runs its inbound side, so a pod without container ports that only
-    /// dials out still names an upstream port; the message says why.
+    fn without_ports(annotations: &[(&str, &str)]) -> Pod {
+        let mut p = pod(annotations);
+        p.spec.as_mut().unwrap().containers[0].ports = None;
+        p
+    }
+
+    /// A pod with outbound entries and no app port gets a sidecar without an inbound side; the
+    /// local ports it could not use because of that side (8443) are free.
     #[test]
-    fn a_pod_that_only_dials_out_is_told_it_still_needs_an_upstream_port() {
-        let mut client = pod(&[(OUTBOUND, "9001=wss://chat:8443")]);
-        client.spec.as_mut().unwrap().containers[0].ports = None;
-        let e = options(&client, "a", &InjectSettings::example()).unwrap_err();
+    fn a_pod_that_only_dials_out_gets_a_sidecar_without_an_inbound_side() {
+        let settings = InjectSettings::example();
+        let o = options(
+            &without_ports(&[(OUTBOUND, "9001=wss://chat:8443, 8443=wss://feed:8443")]),
+            "a",
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(o.inbound, None);
         assert_eq!(
-            e.annotation, UPSTREAM_PORT,
-            "a pod that only dials out still has the inbound side"
+            o.outbound,
+            [
+                entry(9001, "wss://chat:8443", None),
+                entry(8443, "wss://feed:8443", None)
+            ]
         );
-        assert!(e.reason.ends_with("the sidecar's inbound listener always runs)"), "{e}");
+        assert!(o.warnings.is_empty());
+        // An app port, declared or named, keeps both directions.
+        for p in [
+            pod(&[(OUTBOUND, "9001=wss://chat:8443")]),
+            without_ports(&[(OUTBOUND, "9001=wss://chat:8443"), (UPSTREAM_PORT, "8080")]),
+        ] {
+            let o = options(&p, "a", &settings).unwrap();
+            let inbound = o.inbound.expect("both directions");
+            assert_eq!((inbound.upstream_port, inbound.port), (8080, DEFAULT_PORT));
+            assert_eq!(inbound.allow, settings.default_allow_for("a"));
+            assert_eq!(o.outbound.len(), 1);
+        }
+    }
+
+    /// `wsgate.dev/port` and `wsgate.dev/allow` ask for a listener an outbound-only sidecar does
+    /// not have: the pod is denied, saying which annotation and both ways out.
+    #[test]
+    fn an_outbound_only_pod_that_sets_port_or_allow_is_denied_saying_how_to_fix_it() {
+        for (annotation, value) in [(PORT, "9443"), (ALLOW, "dns:*.a.svc")] {
+            let e = options(
+                &without_ports(&[(OUTBOUND, "9001=wss://chat:8443"), (annotation, value)]),
+                "a",
+                &InjectSettings::example(),
+            )
+            .unwrap_err();
+            assert_eq!((e.annotation, e.value.as_str()), (annotation, value));
+            assert!(
+                e.reason.contains("only dials out and has no inbound listener")
+                    && e.reason.contains(&format!("set {UPSTREAM_PORT}"))
+                    && e.reason.ends_with(&format!("or remove {annotation}")),
+                "{e}"
+            );
+        }
+    }
+
+    /// Without outbound entries a pod with no declared port still names its app port, and with
+    /// several declared ports the app's port is ambiguous, outbound entries or not.
+    #[test]
+    fn a_pod_without_exactly_one_port_still_needs_an_upstream_port_unless_it_only_dials_out() {
+        let e = options(&without_ports(&[]), "a", &InjectSettings::example()).unwrap_err();
+        assert_eq!(e.annotation, UPSTREAM_PORT);
+        assert!(e.reason.contains("declares 0 TCP container ports"), "{e}");
+        let mut two = pod(&[(OUTBOUND, "9001=wss://chat:8443")]);
+        two.spec.as_mut().unwrap().containers[0]
+            .ports
+            .as_mut()
+            .unwrap()
+            .push(ContainerPort {
+                container_port: 8081,
+                ..ContainerPort::default()
+            });
+        let e = options(&two, "a", &InjectSettings::example()).unwrap_err();
+        assert_eq!(e.annotation, UPSTREAM_PORT);
+        assert!(e.reason.contains("declares 2 TCP container ports"), "{e}");
     }
 }

@@ -166,23 +166,27 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 
 /// The sidecar container for a pod with these options.
 pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Container {
-    let mut args: Vec<String> = vec![
-        "proxy".into(),
-        "--listen".into(),
-        format!("0.0.0.0:{}", opts.port),
-        "--admin".into(),
-        format!("0.0.0.0:{ADMIN_PORT}"),
-        "--upstream".into(),
-        format!("ws://127.0.0.1:{}", opts.upstream_port),
+    // An outbound-only pod's sidecar gets no --listen, --upstream nor --allow: without
+    // --upstream the proxy binds no mTLS listener.
+    let inbound = opts.inbound.as_ref();
+    let mut args: Vec<String> = vec!["proxy".into()];
+    if let Some(i) = inbound {
+        args.extend(["--listen".into(), format!("0.0.0.0:{}", i.port)]);
+    }
+    args.extend(["--admin".into(), format!("0.0.0.0:{ADMIN_PORT}")]);
+    if let Some(i) = inbound {
+        args.extend(["--upstream".into(), format!("ws://127.0.0.1:{}", i.upstream_port)]);
+    }
+    args.extend([
         "--cert-dir".into(),
         TLS_MOUNT.into(),
         "--log-format".into(),
         super::settings::value_name(&settings.log_format),
-    ];
+    ]);
     if opts.trust_bundle.is_some() {
         args.extend(["--trust-bundle".into(), TRUST_MOUNT.into()]);
     }
-    for pattern in &opts.allow {
+    for pattern in inbound.iter().flat_map(|i| &i.allow) {
         args.extend(["--allow".into(), pattern.clone()]);
     }
     for o in &opts.outbound {
@@ -242,20 +246,19 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
         image_pull_policy: Some(super::settings::value_name(&settings.pull_policy)),
         args: Some(args),
         env: Some(env),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("wsgate-mtls".into()),
-                container_port: i32::from(opts.port),
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("wsgate-admin".into()),
-                container_port: i32::from(ADMIN_PORT),
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-        ]),
+        ports: Some(
+            inbound
+                .map(|i| ("wsgate-mtls", i.port))
+                .into_iter()
+                .chain([("wsgate-admin", ADMIN_PORT)])
+                .map(|(name, port)| ContainerPort {
+                    name: Some(name.into()),
+                    container_port: i32::from(port),
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                })
+                .collect(),
+        ),
         // The app starts once this passes (native sidecars): certificates loaded, listener up.
         // cert-manager may need a while for a new service account, hence the long budget.
         startup_probe: Some(http_probe("/readyz", 1, 300)),
@@ -339,22 +342,24 @@ fn port_taken(spec: &PodSpec, options: &PodOptions) -> Option<Refusal> {
                 .map(move |p| (kind, c.name.as_str(), p.container_port))
         })
         .collect::<Vec<_>>();
-    let mut wanted = [
-        ("mTLS", options.port, "choose another with wsgate.dev/port"),
-        (
+    let mtls = options
+        .inbound
+        .as_ref()
+        .map(|i| ("mTLS", i.port, "choose another with wsgate.dev/port"));
+    let mut wanted = mtls
+        .into_iter()
+        .chain([(
             "admin",
             ADMIN_PORT,
             "the sidecar's admin port is fixed (probes and preStop use it): move that container's port",
-        ),
-    ]
-    .into_iter()
-    .chain(options.outbound.iter().map(|o| {
-        (
-            "outbound",
-            o.local_port,
-            "choose another local port in wsgate.dev/outbound",
-        )
-    }));
+        )])
+        .chain(options.outbound.iter().map(|o| {
+            (
+                "outbound",
+                o.local_port,
+                "choose another local port in wsgate.dev/outbound",
+            )
+        }));
     wanted.find_map(|(which, port, fix)| {
         declared
             .iter()

@@ -145,7 +145,10 @@ impl Webhook {
                         pod = %name,
                         native,
                         secret = %options.secret,
-                        upstream_port = options.upstream_port,
+                        upstream_port = %options
+                            .inbound
+                            .as_ref()
+                            .map_or_else(|| "none".to_owned(), |i| i.upstream_port.to_string()),
                         dry_run = request.dry_run,
                         "sidecar injected"
                     );

@@ -173,6 +173,22 @@ impl Hold {
         }
     }
 
+    /// A control frame of `n` bytes came out, which may have come between the fragments of a
+    /// message: only its own bytes are free again; what the unfinished message holds stays held,
+    /// charged and timed from when it started.
+    pub fn consume(&self, n: usize) {
+        let before = self.held.load(Ordering::Relaxed);
+        let after = before.saturating_sub(n);
+        self.held.store(after, Ordering::Relaxed);
+        if after == 0 {
+            self.since_ms.store(0, Ordering::Relaxed);
+        }
+        let refund = Self::charged(before) - Self::charged(after);
+        if refund > 0 {
+            self.budget.refund(refund);
+        }
+    }
+
     /// Bytes held now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
@@ -284,6 +300,24 @@ mod tests {
         assert_eq!(budget.used(), 0);
         assert_eq!(hold.held(), 0);
         assert!(hold.since().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_control_frame_frees_only_its_own_bytes_and_keeps_the_messages_start() {
+        let budget = MemoryBudget::new(100_000);
+        let hold = Hold::new(budget.clone());
+        assert!(hold.add(ALLOWANCE + 1000));
+        let since = hold.since();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(hold.add(6), "a Ping after the fragment");
+        hold.consume(6);
+        assert_eq!(hold.held(), ALLOWANCE + 1000);
+        assert_eq!(budget.used(), 1000, "the fragment stays charged");
+        assert_eq!(hold.since(), since, "and timed from its start");
+        hold.consume(2000);
+        assert_eq!(budget.used(), 0, "what is no longer held is refunded");
+        hold.consume(usize::MAX);
+        assert_eq!((hold.held(), hold.since()), (0, None), "empty: no message started");
     }
 
     #[tokio::test(start_paused = true)]

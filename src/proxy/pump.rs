@@ -380,12 +380,23 @@ where
 
     /// Handles one item read from `src`.
     async fn handle(&mut self, item: Option<Result<Message, WsError>>) -> Next {
-        if let Some(Ok(_)) = &item {
-            // A whole frame came out: the peer is alive and what was held is free.
+        if let Some(Ok(msg)) = &item {
+            // A whole frame came out: the peer is alive. A message's end frees what was held; a
+            // Ping or Pong, which may come between the fragments of a message, frees only its
+            // own bytes, or a peer could keep a fragmented message unfinished (and uncharged)
+            // for ever by pinging between its fragments.
             self.seen
                 .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
             if let Some(hold) = self.hold {
-                hold.release();
+                match msg {
+                    Message::Ping(payload) | Message::Pong(payload) => {
+                        hold.consume(control_frame_len(
+                            payload.len(),
+                            self.dir == Direction::ClientToUpstream,
+                        ));
+                    }
+                    _ => hold.release(),
+                }
             }
         }
         match item {
@@ -496,6 +507,12 @@ where
     let (client_tx, client_rx) = client.split();
     let (up_tx, up_rx) = upstream.split();
     relay_halves(client_tx, client_rx, up_tx, up_rx, control)
+}
+
+/// The bytes of a control frame on the wire: two of header (a control payload is at most 125
+/// bytes, no extended length), the masking key when a client sent it, the payload.
+fn control_frame_len(payload: usize, masked: bool) -> usize {
+    2 + if masked { 4 } else { 0 } + payload
 }
 
 fn ping_interval(keepalive: Option<Keepalive>) -> Option<tokio::time::Interval> {

@@ -667,6 +667,77 @@ fn several_outbound_entries_with_expectations_are_passed_in_order() {
     golden("outbound", out.patch.as_ref().unwrap());
 }
 
+/// The captured worker pod declares no container port: with outbound entries it gets an
+/// outbound-only sidecar (no mTLS listener, no app, no allow-list, no mTLS container port) that
+/// still has the certificate, the admin port, the probes and the preStop drain.
+#[test]
+fn a_pod_with_outbound_entries_and_no_app_port_gets_an_outbound_only_sidecar() {
+    let mut review = fixture("pod-create-generatename-dryrun.captured-k8s-1.20.json");
+    annotate(
+        &mut review,
+        &[
+            ("wsgate.dev/outbound", "9001=wss://chat.shop.svc.cluster.local:8443"),
+            (
+                "wsgate.dev/outbound-expect",
+                "9001=spiffe://cluster.local/ns/shop/sa/chat",
+            ),
+        ],
+    );
+    let out = run(&review, true, true);
+    assert_eq!(out.response["response"]["allowed"], true, "{}", out.response);
+    assert!(out.response["response"]["warnings"].is_null(), "{}", out.response);
+    let c = sidecar_of(&out.pod, true);
+    for flag in ["--listen", "--upstream", "--allow"] {
+        assert!(arg_after(&c, flag).is_empty(), "{flag}: {:?}", args(&c));
+    }
+    assert_eq!(
+        arg_after(&c, "--outbound"),
+        vec!["127.0.0.1:9001=wss://chat.shop.svc.cluster.local:8443"]
+    );
+    assert_eq!(
+        arg_after(&c, "--outbound-expect"),
+        vec!["127.0.0.1:9001=spiffe://cluster.local/ns/shop/sa/chat"]
+    );
+    let ports: Vec<_> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(ports, vec![("wsgate-admin".to_owned(), 9901)], "no wsgate-mtls port");
+    assert_common_sidecar(&out.pod, &c, "wsgate-default");
+    golden("outbound-only", out.patch.as_ref().unwrap());
+}
+
+/// On an outbound-only pod nothing listens: asking for a listener's port or allow-list denies
+/// the pod, saying how to get the inbound side (name the app's port) or what to remove.
+#[test]
+fn an_outbound_only_pod_asking_for_a_port_or_an_allow_list_is_denied() {
+    for (annotation, value) in [
+        ("wsgate.dev/allow", "spiffe://cluster.local/ns/web/sa/frontend"),
+        ("wsgate.dev/port", "9443"),
+    ] {
+        let mut review = fixture("pod-create-generatename-dryrun.captured-k8s-1.20.json");
+        annotate(
+            &mut review,
+            &[
+                ("wsgate.dev/outbound", "9001=wss://chat.shop.svc.cluster.local:8443"),
+                (annotation, value),
+            ],
+        );
+        let out = run(&review, true, true);
+        let resp = &out.response["response"];
+        assert_eq!(resp["allowed"], false, "{annotation}: {resp}");
+        assert!(out.patch.is_none());
+        let msg = resp["status"]["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with(&format!("wsgate: annotation {annotation}: '{value}' is set, but the sidecar of this pod only dials out and has no inbound listener"))
+                && msg.contains("set wsgate.dev/upstream-port to the app's port"),
+            "{msg}"
+        );
+    }
+}
+
 /// The captured pod, with `annotations`, these init containers (none when `[]`) and these ports
 /// added to its app container, is denied with a message containing `fragment`.
 fn assert_port_taken(
@@ -1018,11 +1089,12 @@ mod sidecar_command_line {
             "argv": argv,
             "env": container_env(&c, &pod_name, namespace),
             "expect": {
-                "listen": format!("0.0.0.0:{}", options.port),
+                // An outbound-only pod: no listener, no upstream, no allow-list.
+                "listen": options.inbound.as_ref().map(|i| format!("0.0.0.0:{}", i.port)),
                 "admin": format!("0.0.0.0:{ADMIN_PORT}"),
-                "upstream": format!("ws://127.0.0.1:{}", options.upstream_port),
+                "upstream": options.inbound.as_ref().map(|i| format!("ws://127.0.0.1:{}", i.upstream_port)),
                 "trust_bundle": options.trust_bundle.as_ref().map(|_| TRUST_MOUNT),
-                "allow": options.allow,
+                "allow": options.inbound.as_ref().map(|i| &i.allow),
                 "log_format": format!("{:?}", settings.log_format),
                 "otlp_endpoint": settings.otlp.as_ref().map(|(endpoint, _)| endpoint),
                 "pod_name": pod_name,
@@ -1139,12 +1211,12 @@ mod sidecar_command_line {
         let cfg = args
             .into_config()
             .unwrap_or_else(|e| panic!("{label}: {argv:?} is refused as a proxy config: {e}"));
-        let text = |k: &str| expect[k].as_str().unwrap().to_owned();
-        assert_eq!(cfg.listen, text("listen").parse().unwrap(), "{label}");
-        assert_eq!(cfg.admin, text("admin").parse().unwrap(), "{label}");
+        assert_eq!(cfg.admin, expect["admin"].as_str().unwrap().parse().unwrap(), "{label}");
         assert_eq!(
             cfg.upstream,
-            Some(wsgate::proxy::settings::Upstream::parse(&text("upstream"), false).unwrap()),
+            expect["upstream"]
+                .as_str()
+                .map(|u| wsgate::proxy::settings::Upstream::parse(u, false).unwrap()),
             "{label}"
         );
         assert_eq!(cfg.cert_dir, PathBuf::from(TLS_MOUNT), "{label}");
@@ -1153,13 +1225,24 @@ mod sidecar_command_line {
             expect["trust_bundle"].as_str().map(PathBuf::from),
             "{label}"
         );
-        let allow: Vec<String> = serde_json::from_value(expect["allow"].clone()).unwrap();
-        assert!(!allow.is_empty(), "{label}: no allow pattern expected");
-        assert_eq!(
-            cfg.policy,
-            wsgate::authz::Policy::new(&allow, false).unwrap(),
-            "{label}: the allow-list"
-        );
+        match expect["listen"].as_str() {
+            Some(listen) => {
+                assert_eq!(cfg.listen, listen.parse().unwrap(), "{label}");
+                let allow: Vec<String> = serde_json::from_value(expect["allow"].clone()).unwrap();
+                assert!(!allow.is_empty(), "{label}: no allow pattern expected");
+                assert_eq!(
+                    cfg.policy,
+                    wsgate::authz::Policy::new(&allow, false).unwrap(),
+                    "{label}: the allow-list"
+                );
+            }
+            // Outbound only: the proxy binds no mTLS listener and admits nobody.
+            None => {
+                assert_eq!(cfg.upstream, None, "{label}: outbound only");
+                assert!(expect["allow"].is_null(), "{label}");
+                assert_eq!(cfg.policy, wsgate::authz::Policy::nobody(), "{label}");
+            }
+        }
         // The OTEL_* variables the injector sets are read without a complaint.
         let otel = &cfg.otel;
         assert!(otel.warnings.is_empty(), "{label}: {:?}", otel.warnings);
@@ -1278,6 +1361,10 @@ mod sidecar_command_line {
                 .iter()
                 .all(|c| !c["expect"]["outbound"].as_array().unwrap().is_empty())
         );
+        assert!(
+            cases.iter().any(|c| c["expect"]["upstream"].is_null()),
+            "an outbound-only case was checked"
+        );
     }
 
     fn outbound_cases() -> Vec<Value> {
@@ -1306,8 +1393,26 @@ mod sidecar_command_line {
         let mut ordinary = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
         every_annotation(&mut ordinary, "demo");
         annotate(&mut ordinary, &several);
+        // The worker declares no container port: outbound only.
+        let mut client_only = fixture("pod-create-generatename-dryrun.captured-k8s-1.20.json");
+        annotate(
+            &mut client_only,
+            &[
+                several[0],
+                several[1],
+                ("wsgate.dev/trust-bundle", "cluster-trust"),
+                ("wsgate.dev/secret", "wsgate-default-client"),
+            ],
+        );
         vec![
             case("one outbound entry", &one, false, false, defaults.clone()),
+            case(
+                "outbound only (no app port), native sidecar",
+                &client_only,
+                true,
+                true,
+                defaults.clone(),
+            ),
             case(
                 "every annotation and three outbound entries, native sidecar",
                 &native,

@@ -10,41 +10,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::support::frames::{close_of, count_closed_with, ping, start_fragmented, start_frame};
 use crate::support::raw::metric;
-use crate::support::{DEADLINE, Env, WssStream, metric_becomes, roundtrip, spiffe};
+use crate::support::{DEADLINE, Env, metric_becomes, roundtrip, spiffe};
 
 /// A TCP connection to `to` from the loopback address `from` (127.0.0.2 is another client).
 async fn tcp_from(from: &str, to: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
     socket.connect(to).await.unwrap()
-}
-
-/// The next Close frame's code and reason (data and pings are skipped).
-async fn close_of(ws: &mut WssStream) -> (u16, String) {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("a Close in time")
-        {
-            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-            Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
-            Some(Ok(_)) => continue,
-            other => panic!("expected a Close frame, got {other:?}"),
-        }
-    }
-}
-
-/// Writes the head of a masked binary frame announcing `len` bytes, then `sent` of them, and
-/// stops there: an unfinished message.
-async fn start_frame(ws: &mut WssStream, len: u64, sent: usize) {
-    let mut head = vec![0x82u8, 0x80 | 127];
-    head.extend_from_slice(&len.to_be_bytes());
-    head.extend_from_slice(&[1, 2, 3, 4]);
-    let tls = ws.get_mut();
-    tls.write_all(&head).await.unwrap();
-    tls.write_all(&vec![0u8; sent]).await.unwrap();
-    tls.flush().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,14 +163,7 @@ async fn stalled_large_frames_hit_the_memory_budget_while_small_messages_flow() 
         stallers.push(ws);
         assert!(roundtrip(&mut good, Message::text("between")).await.is_text());
     }
-    let mut refused = 0;
-    for ws in &mut stallers {
-        if let Ok(Some(Ok(Message::Close(Some(f))))) = tokio::time::timeout(Duration::from_millis(500), ws.next()).await
-        {
-            assert_eq!(u16::from(f.code), 1013, "{f:?}");
-            refused += 1;
-        }
-    }
+    let refused = count_closed_with(&mut stallers, 1013).await;
     assert!(
         refused >= 2,
         "{refused} of 4 stallers refused with 1013; the budget holds two"
@@ -239,6 +206,23 @@ async fn a_message_left_unfinished_is_closed_with_1008_at_the_message_timeout() 
         (1008, "message not finished in time".to_owned())
     );
     assert!(t0.elapsed() < Duration::from_secs(5), "closed after {:?}", t0.elapsed());
+}
+
+/// A Ping between the fragments of a message (RFC 6455 allows it) does not restart the message
+/// timeout: a client cannot keep a fragmented message unfinished by pinging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_message_kept_open_with_pings_is_closed_with_1008_at_the_message_timeout() {
+    let env = Env::start_with(&[&spiffe("frontend")], |cfg| {
+        cfg.limits.message_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut ws = env.connect_as("frontend", "/").await.unwrap();
+    start_fragmented(&mut ws, "the first half").await;
+    ping(&mut ws).await;
+    assert_eq!(
+        close_of(&mut ws).await,
+        (1008, "message not finished in time".to_owned())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,19 @@ async fn dial(local: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Dialed
     tokio_tungstenite::client_async(req, tcp).await
 }
 
+/// The app's WebSocket on `local` once a place is free (a slot freed by a closed connection is
+/// released when its task ends): retried every 20 ms, for 10 s at most.
+async fn dial_when_free(local: SocketAddr, path: &str) -> Ws {
+    let t0 = Instant::now();
+    loop {
+        match dial(local, path, &[]).await {
+            Ok((ws, _)) => return ws,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(10), "no place freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The status and body of a refused upgrade.
 fn refusal(result: Dialed) -> (u16, String) {
     match result {
@@ -736,18 +749,11 @@ async fn one_process_serves_inbound_and_outbound_and_a_drain_closes_both_with_10
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_limits_apply_per_destination_and_to_the_apps_request_and_metrics_parse_strictly() {
     use crate::support::raw::exchange;
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let app = TestApp::start().await;
-    let (inbound, _vin) = in_process(&tmp, "in", &pki, &pki.server(), Some(app.addr), &[], &[], |cfg| {
-        cfg.policy = wsgate::authz::Policy::new(&[spiffe("client")], false).unwrap();
-    })
-    .await;
-    let route = format!("127.0.0.1:0=wss://localhost:{}", inbound.listen_addr.port());
-    let (out, _vout) = in_process(&tmp, "out", &pki, &pki.client("client"), None, &[route], &[], |cfg| {
+    let pair = Pair::start(|cfg| {
         cfg.outbound.max_per_destination = 2;
     })
     .await;
+    let out = &pair.out;
     let local = out.outbound_addrs[0];
     let m = |series: &str| metric(&out.metrics.encode(), series);
 
@@ -764,14 +770,7 @@ async fn outbound_limits_apply_per_destination_and_to_the_apps_request_and_metri
     );
     one.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), one.next()).await {}
-    let t0 = Instant::now();
-    let mut three = loop {
-        match dial(local, "/3", &[]).await {
-            Ok((ws, _)) => break ws,
-            Err(e) => assert!(t0.elapsed() < Duration::from_secs(10), "slot never freed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut three = dial_when_free(local, "/3").await;
     echo(&mut three, Message::text("three")).await;
 
     // The app's request head is bounded like a client's: hyper answers 431 before any dial.
@@ -831,21 +830,14 @@ async fn without_a_certificate_the_app_gets_503_and_nothing_is_dialled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_that_stops_answering_pings_is_closed_after_the_idle_timeout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let app = TestApp::start().await;
-    let (inbound, _vin) = in_process(&tmp, "in", &pki, &pki.server(), Some(app.addr), &[], &[], |cfg| {
-        cfg.policy = wsgate::authz::Policy::new(&[spiffe("client")], false).unwrap();
-    })
-    .await;
-    let route = format!("127.0.0.1:0=wss://localhost:{}", inbound.listen_addr.port());
-    let (out, _vout) = in_process(&tmp, "out", &pki, &pki.client("client"), None, &[route], &[], |cfg| {
+    let pair = Pair::start(|cfg| {
         cfg.limits.keepalive = Some(wsgate::proxy::pump::Keepalive {
             ping_interval: Duration::from_millis(100),
             idle_timeout: Duration::from_millis(400),
         });
     })
     .await;
+    let out = &pair.out;
     let (mut ws, _) = dial(out.outbound_addrs[0], "/idle", &[]).await.unwrap();
     echo(&mut ws, Message::text("hello")).await;
     // The app reads nothing (so answers no ping) for a while; then it finds pings and a Close.
@@ -870,4 +862,200 @@ async fn an_app_that_stops_answering_pings_is_closed_after_the_idle_timeout() {
         1.0,
     )
     .await;
+}
+
+/// This pod's outbound sidecar (presenting `client`, one route, `tweak`ed) in front of a
+/// remote pod's inbound sidecar (admitting `client`) and its echo app, both in process.
+struct Pair {
+    out: wsgate::proxy::ProxyHandle,
+    remote: wsgate::proxy::ProxyHandle,
+    app: TestApp,
+    _vols: (SecretVolume, SecretVolume),
+    _tmp: tempfile::TempDir,
+}
+
+impl Pair {
+    async fn start(tweak: impl FnOnce(&mut wsgate::proxy::settings::ProxyConfig)) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        let app = TestApp::start().await;
+        let (remote, vin) = in_process(&tmp, "in", &pki, &pki.server(), Some(app.addr), &[], &[], |cfg| {
+            cfg.policy = wsgate::authz::Policy::new(&[spiffe("client")], false).unwrap();
+        })
+        .await;
+        let route = format!("127.0.0.1:0=wss://localhost:{}", remote.listen_addr.port());
+        let (out, vout) = in_process(&tmp, "out", &pki, &pki.client("client"), None, &[route], &[], tweak).await;
+        Self {
+            out,
+            remote,
+            app,
+            _vols: (vin, vout),
+            _tmp: tmp,
+        }
+    }
+
+    /// The app's local listener.
+    fn local(&self) -> SocketAddr {
+        self.out.outbound_addrs[0]
+    }
+
+    /// Waits until the outbound side's `series` is `want`.
+    async fn metric_becomes(&self, what: &str, series: &str, want: f64) {
+        crate::support::metric_becomes(what, || self.out.metrics.encode(), series, want).await;
+    }
+}
+
+/// Whether `result` is a connection closed without any HTTP answer (EOF or reset).
+fn closed_unanswered(result: &Dialed) -> bool {
+    matches!(
+        result,
+        Err(WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Protocol(_))
+    )
+}
+
+/// `--max-connections` caps each outbound listener as it caps the inbound one: past it a
+/// connection is closed at accept, unread and unanswered (no 503: reading the request would
+/// hold what the cap bounds), and counted; a closed connection frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_listener_at_max_connections_closes_the_next_connection_unanswered() {
+    let pair = Pair::start(|cfg| cfg.limits.max_connections = 2).await;
+    let (mut one, _) = dial(pair.local(), "/1", &[]).await.unwrap();
+    let (mut two, _) = dial(pair.local(), "/2", &[]).await.unwrap();
+    echo(&mut two, Message::text("two")).await;
+    let third = dial(pair.local(), "/3", &[]).await;
+    assert!(closed_unanswered(&third), "{third:?}");
+    pair.metric_becomes(
+        "the refusal counted",
+        "wsgate_connections_refused_total{reason=\"max_connections\",direction=\"outbound\"}",
+        1.0,
+    )
+    .await;
+    pair.metric_becomes(
+        "the refusal recorded as a failed handshake",
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"limit_exceeded\",direction=\"outbound\"}",
+        1.0,
+    )
+    .await;
+    // The open ones are untouched; once one closes, the next connection gets in.
+    echo(&mut one, Message::text("one")).await;
+    one.close(None).await.unwrap();
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), one.next()).await {}
+    let mut again = dial_when_free(pair.local(), "/again").await;
+    echo(&mut again, Message::text("again")).await;
+    drop(two);
+}
+
+/// `--max-pending` bounds the outbound upgrades in progress in all (every app connects from
+/// loopback): apps that open connections and never send their request hold at most that many
+/// places; one more is closed at once and counted, and a place is free again when a holder goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_requests_in_progress_past_max_pending_are_closed_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let pair = Pair::start(|cfg| {
+        cfg.limits.max_pending = 2;
+        cfg.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Three connections that start a request head and never finish it: whichever comes last to
+    // its place is refused.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(pair.local()).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        stalled.push(tcp);
+    }
+    pair.metric_becomes(
+        "one stalled request beyond max-pending refused",
+        "wsgate_connections_refused_total{reason=\"max_pending\",direction=\"outbound\"}",
+        1.0,
+    )
+    .await;
+    // With both places held, a real upgrade is refused too; freed, it is relayed.
+    let blocked = dial(pair.local(), "/blocked", &[]).await;
+    assert!(closed_unanswered(&blocked), "{blocked:?}");
+    drop(stalled);
+    let mut ws = dial_when_free(pair.local(), "/after").await;
+    echo(&mut ws, Message::text("after")).await;
+}
+
+/// `--message-timeout` covers the app's leg: a fragmented message the app starts and never
+/// finishes (also when it sends a Ping between the fragments, which RFC 6455 allows) is ended
+/// with Close 1008 on both legs, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_fragmented_message_from_the_app_is_closed_with_1008_at_the_message_timeout() {
+    use crate::support::frames::{close_of, ping, start_fragmented};
+    let pair = Pair::start(|cfg| cfg.limits.message_timeout = Duration::from_millis(300)).await;
+    for (n, with_ping) in [(1.0, false), (2.0, true)] {
+        let (mut ws, _) = dial(pair.local(), "/fragments", &[]).await.unwrap();
+        echo(&mut ws, Message::text("whole")).await;
+        start_fragmented(&mut ws, "the first half of a message").await;
+        if with_ping {
+            ping(&mut ws).await;
+        }
+        assert_eq!(
+            close_of(&mut ws).await,
+            (1008, "message not finished in time".to_owned()),
+            "ping between the fragments: {with_ping}"
+        );
+        // Reading on sends tungstenite's Close reply: the close handshake ends the relay.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+        pair.metric_becomes(
+            "the 1008 close counted",
+            "wsgate_connections_closed_total{code=\"1008\",initiator=\"proxy\",direction=\"outbound\"}",
+            n,
+        )
+        .await;
+    }
+    assert!(
+        pair.app.seen.lock().unwrap().len() >= 2,
+        "both connections reached the remote's app"
+    );
+}
+
+/// `--memory-budget` is shared by outbound connections: apps that stall inside large frames
+/// hold at most the budget beyond their allowance, those past it are closed with 1013, and
+/// another app connection's small messages keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_large_frames_from_apps_hit_the_memory_budget_while_small_messages_flow() {
+    use crate::support::frames::{count_closed_with, start_frame};
+    const BUDGET: usize = 512 * 1024;
+    let pair = Pair::start(|cfg| {
+        cfg.limits.memory_budget = BUDGET;
+        cfg.limits.message_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (mut good, _) = dial(pair.local(), "/good", &[]).await.unwrap();
+    // Each staller announces 1 MiB and sends 300 KiB of it: 236 KiB over its allowance, so the
+    // third cannot be held.
+    let mut stallers = Vec::new();
+    for _ in 0..4 {
+        let (mut ws, _) = dial(pair.local(), "/stall", &[]).await.unwrap();
+        start_frame(&mut ws, 1 << 20, 300 * 1024).await;
+        stallers.push(ws);
+        echo(&mut good, Message::text("between")).await;
+    }
+    let refused = count_closed_with(&mut stallers, 1013).await;
+    assert!(
+        refused >= 2,
+        "{refused} of 4 stallers refused with 1013; the budget holds two"
+    );
+    for i in 0..20 {
+        echo(&mut good, Message::binary(vec![i as u8; 1000])).await;
+    }
+    pair.metric_becomes(
+        "the 1013 closes counted",
+        "wsgate_connections_closed_total{code=\"1013\",initiator=\"proxy\",direction=\"outbound\"}",
+        refused as f64,
+    )
+    .await;
+    let text = pair.out.metrics.encode();
+    let used = metric(&text, "wsgate_memory_budget_used_bytes").expect("the budget gauge");
+    assert!(used <= BUDGET as f64, "{used} bytes charged to a {BUDGET}-byte budget");
+    // The remote's wsgate never saw the stalled frames: nothing of them was relayed.
+    let remote = pair.remote.metrics.encode();
+    assert_eq!(
+        metric(&remote, "wsgate_memory_budget_used_bytes"),
+        Some(0.0),
+        "{remote}"
+    );
 }

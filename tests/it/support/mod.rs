@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod frames;
 pub mod hostile;
 pub mod injector;
 pub mod k8s_tools;
