@@ -755,7 +755,6 @@ async fn outbound_limits_apply_per_destination_and_to_the_apps_request_and_metri
     .await;
     let out = &pair.out;
     let local = out.outbound_addrs[0];
-    let m = |series: &str| metric(&out.metrics.encode(), series);
 
     // Two connections to the remote; the third is answered 429 and counted; a freed slot is free.
     let (mut one, _) = dial(local, "/1", &[]).await.unwrap();
@@ -764,10 +763,14 @@ async fn outbound_limits_apply_per_destination_and_to_the_apps_request_and_metri
     let (status, body) = refusal(dial(local, "/3", &[]).await);
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("--outbound-max-connections-per-destination"), "{body}");
-    assert_eq!(
-        m("wsgate_connections_refused_total{reason=\"max_connections_per_destination\",direction=\"outbound\"}"),
-        Some(1.0)
-    );
+    // The 429 is written before the refusal is counted: poll.
+    crate::support::metric_becomes(
+        "the per-destination refusal",
+        || out.metrics.encode(),
+        "wsgate_connections_refused_total{reason=\"max_connections_per_destination\",direction=\"outbound\"}",
+        1.0,
+    )
+    .await;
     one.close(None).await.unwrap();
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), one.next()).await {}
     let mut three = dial_when_free(local, "/3").await;
@@ -783,10 +786,13 @@ async fn outbound_limits_apply_per_destination_and_to_the_apps_request_and_metri
     // Not an upgrade: 426, nothing dialled.
     let answer = String::from_utf8_lossy(&exchange(local, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await).into_owned();
     assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
-    assert_eq!(
-        m("wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\",direction=\"outbound\"}"),
-        Some(1.0)
-    );
+    crate::support::metric_becomes(
+        "the not-an-upgrade failure",
+        || out.metrics.encode(),
+        "wsgate_handshakes_total{result=\"failure\",error_type=\"not_websocket\",direction=\"outbound\"}",
+        1.0,
+    )
+    .await;
 
     // The outbound series pass the strict OpenMetrics parser with the rest (the registered
     // families are checked by admin.rs, with an inbound client connected).
