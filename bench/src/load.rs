@@ -248,7 +248,8 @@ pub async fn messages(client: &Client, conns: usize, size: usize, pace: Pace) ->
                 (Pace::Rate(rate), _) => {
                     // Connection i starts i/conns of a period later, so sends do not bunch up.
                     let per_conn = rate / conns as f64;
-                    let offset = Duration::from_secs_f64(i as f64 / conns as f64 / per_conn).min(Duration::from_millis(100));
+                    let offset =
+                        Duration::from_secs_f64(i as f64 / conns as f64 / per_conn).min(Duration::from_millis(100));
                     send_at_rate(sink, size, per_conn, offset, &sh).await
                 }
                 (Pace::Window(_), Some(credit)) => send_windowed(sink, size, &credit, &sh).await,

@@ -101,7 +101,11 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 /// cost or the highest rate among nginx, HAProxy and Caddy), two workers ÷ one.
 pub fn table(figures: &[Figure], targets: &[Kind], records: &[Record]) -> String {
     let med = medians(records);
-    let get = |f: &str, k: Kind| med.iter().find(|((fi, t), _)| *fi == f && *t == k.name()).map(|(_, v)| *v);
+    let get = |f: &str, k: Kind| {
+        med.iter()
+            .find(|((fi, t), _)| *fi == f && *t == k.name())
+            .map(|(_, v)| *v)
+    };
     let mut out = String::from("| figure |");
     for k in targets {
         let _ = write!(out, " {} |", k.name());
@@ -168,13 +172,22 @@ mod tests {
             value,
             detail: serde_json::Value::Null,
         };
-        let records = [rec("limit", 100.0), rec("wsgate", 150.0), rec("nginx", 400.0), rec("haproxy", 300.0)];
+        let records = [
+            rec("limit", 100.0),
+            rec("wsgate", 150.0),
+            rec("nginx", 400.0),
+            rec("haproxy", 300.0),
+        ];
         let figures = [Figure {
             id: "cpu",
             label: "CPU".into(),
             better: Better::Lower,
         }];
-        let t = table(&figures, &[Kind::Limit, Kind::Wsgate, Kind::Nginx, Kind::Haproxy], &records);
+        let t = table(
+            &figures,
+            &[Kind::Limit, Kind::Wsgate, Kind::Nginx, Kind::Haproxy],
+            &records,
+        );
         assert!(t.contains("| CPU | 100 | 150 | 400 | 300 | 1.50× | 0.50× | – |"), "{t}");
     }
 }

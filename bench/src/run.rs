@@ -21,7 +21,11 @@ use crate::targets::{self, Env, Kind, Target};
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Targets, in the order of odd rounds.
-    #[arg(long, value_delimiter = ',', default_value = "limit,wsgate,wsgate-2w,nginx,haproxy,caddy")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "limit,wsgate,wsgate-2w,nginx,haproxy,caddy"
+    )]
     pub targets: Vec<Kind>,
     /// Rounds; the table shows each figure's median over them.
     #[arg(long, default_value_t = 3)]
@@ -85,22 +89,87 @@ pub fn figures(a: &RunArgs) -> Vec<Figure> {
     let f = |id, label: String, better| Figure { id, label, better };
     use Better::{Higher, Lower};
     vec![
-        f("hs_cpu_us", "CPU per mTLS handshake + upgrade + echo + close (µs)".into(), Lower),
-        f("hs_rate", format!("handshakes/s, {} clients", a.handshake_clients), Higher),
-        f("small_fixed_cpu_us", format!("CPU per 64 B message at {} msg/s, {} connections (µs)", a.small_rate, a.message_conns), Lower),
+        f(
+            "hs_cpu_us",
+            "CPU per mTLS handshake + upgrade + echo + close (µs)".into(),
+            Lower,
+        ),
+        f(
+            "hs_rate",
+            format!("handshakes/s, {} clients", a.handshake_clients),
+            Higher,
+        ),
+        f(
+            "small_fixed_cpu_us",
+            format!(
+                "CPU per 64 B message at {} msg/s, {} connections (µs)",
+                a.small_rate, a.message_conns
+            ),
+            Lower,
+        ),
         f("small_fixed_rate", "… rate achieved (msg/s)".into(), Higher),
-        f("large_fixed_cpu_us", format!("CPU per 64 KiB message at {} msg/s (µs)", a.large_rate), Lower),
+        f(
+            "large_fixed_cpu_us",
+            format!("CPU per 64 KiB message at {} msg/s (µs)", a.large_rate),
+            Lower,
+        ),
         f("large_fixed_rate", "… rate achieved (msg/s)".into(), Higher),
-        f("small_sat_cpu_us", format!("CPU per 64 B message at saturation, {} in flight per connection (µs)", a.small_window), Lower),
+        f(
+            "small_sat_cpu_us",
+            format!(
+                "CPU per 64 B message at saturation, {} in flight per connection (µs)",
+                a.small_window
+            ),
+            Lower,
+        ),
         f("small_sat_rate", "64 B messages/s at saturation".into(), Higher),
-        f("large_sat_cpu_us", format!("CPU per 64 KiB message at saturation, {} in flight per connection (µs)", a.large_window), Lower),
+        f(
+            "large_sat_cpu_us",
+            format!(
+                "CPU per 64 KiB message at saturation, {} in flight per connection (µs)",
+                a.large_window
+            ),
+            Lower,
+        ),
         f("large_sat_rate", "64 KiB messages/s at saturation".into(), Higher),
-        f("idle_kib", format!("idle memory per proxied WebSocket (PSS, {} connections, KiB)", a.memory_connections), Lower),
-        f("rtt_p50_ms", format!("round-trip p50 at {} connections, {} msg/s (ms)", a.latency_conns, a.latency_rate), Lower),
-        f("rtt_p99_ms", format!("round-trip p99 at {} connections, {} msg/s (ms)", a.latency_conns, a.latency_rate), Lower),
-        f("swap_idle_p50_ms", "certificate swap → new handshakes, idle: p50 (ms)".into(), Lower),
+        f(
+            "idle_kib",
+            format!(
+                "idle memory per proxied WebSocket (PSS, {} connections, KiB)",
+                a.memory_connections
+            ),
+            Lower,
+        ),
+        f(
+            "rtt_p50_ms",
+            format!(
+                "round-trip p50 at {} connections, {} msg/s (ms)",
+                a.latency_conns, a.latency_rate
+            ),
+            Lower,
+        ),
+        f(
+            "rtt_p99_ms",
+            format!(
+                "round-trip p99 at {} connections, {} msg/s (ms)",
+                a.latency_conns, a.latency_rate
+            ),
+            Lower,
+        ),
+        f(
+            "swap_idle_p50_ms",
+            "certificate swap → new handshakes, idle: p50 (ms)".into(),
+            Lower,
+        ),
         f("swap_idle_p99_ms", "… p99 (ms)".into(), Lower),
-        f("swap_load_p50_ms", format!("certificate swap → new handshakes, under {} handshaking clients: p50 (ms)", a.handshake_clients), Lower),
+        f(
+            "swap_load_p50_ms",
+            format!(
+                "certificate swap → new handshakes, under {} handshaking clients: p50 (ms)",
+                a.handshake_clients
+            ),
+            Lower,
+        ),
         f("swap_load_p99_ms", "… p99 (ms)".into(), Lower),
     ]
 }
@@ -176,9 +245,18 @@ impl Run<'_> {
         if let Ok(first) = sh.first_error.lock()
             && let Some(e) = first.as_ref()
         {
-            eprintln!("  {}: {errors} errors in the window, the first: {e}", target.kind.name());
+            eprintln!(
+                "  {}: {errors} errors in the window, the first: {e}",
+                target.kind.name()
+            );
         }
-        Window { ops, secs, cpu, errors, rtts }
+        Window {
+            ops,
+            secs,
+            cpu,
+            errors,
+            rtts,
+        }
     }
 
     async fn measure(&mut self, round: usize, m: Measure, target: &Target) -> Result<()> {
@@ -190,27 +268,54 @@ impl Run<'_> {
         };
         let (w, cpu_id, rate_id) = match m {
             Measure::Handshakes => {
-                let w = self.window(target, load::handshakes(&client, a.handshake_clients)).await;
+                let w = self
+                    .window(target, load::handshakes(&client, a.handshake_clients))
+                    .await;
                 (w, "hs_cpu_us", "hs_rate")
             }
             Measure::SmallFixed => {
-                let w = self.window(target, messages(a.message_conns, SMALL, Pace::Rate(a.small_rate)).await?).await;
+                let w = self
+                    .window(
+                        target,
+                        messages(a.message_conns, SMALL, Pace::Rate(a.small_rate)).await?,
+                    )
+                    .await;
                 (w, "small_fixed_cpu_us", "small_fixed_rate")
             }
             Measure::LargeFixed => {
-                let w = self.window(target, messages(a.message_conns, LARGE, Pace::Rate(a.large_rate)).await?).await;
+                let w = self
+                    .window(
+                        target,
+                        messages(a.message_conns, LARGE, Pace::Rate(a.large_rate)).await?,
+                    )
+                    .await;
                 (w, "large_fixed_cpu_us", "large_fixed_rate")
             }
             Measure::SmallSaturated => {
-                let w = self.window(target, messages(a.message_conns, SMALL, Pace::Window(a.small_window)).await?).await;
+                let w = self
+                    .window(
+                        target,
+                        messages(a.message_conns, SMALL, Pace::Window(a.small_window)).await?,
+                    )
+                    .await;
                 (w, "small_sat_cpu_us", "small_sat_rate")
             }
             Measure::LargeSaturated => {
-                let w = self.window(target, messages(a.message_conns, LARGE, Pace::Window(a.large_window)).await?).await;
+                let w = self
+                    .window(
+                        target,
+                        messages(a.message_conns, LARGE, Pace::Window(a.large_window)).await?,
+                    )
+                    .await;
                 (w, "large_sat_cpu_us", "large_sat_rate")
             }
             Measure::Latency => {
-                let w = self.window(target, messages(a.latency_conns, SMALL, Pace::Rate(a.latency_rate)).await?).await;
+                let w = self
+                    .window(
+                        target,
+                        messages(a.latency_conns, SMALL, Pace::Rate(a.latency_rate)).await?,
+                    )
+                    .await;
                 let detail = json!({ "samples": w.rtts.len(), "rate": w.rate(), "errors": w.errors });
                 for (id, q) in [("rtt_p50_ms", 0.5), ("rtt_p99_ms", 0.99)] {
                     let v = report::quantile(&w.rtts, q).context("no round trip measured")?;
@@ -241,7 +346,8 @@ impl Run<'_> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = procfs::pss_kib(&target.pids)?;
         let per = after.saturating_sub(before) as f64 / n.max(1) as f64;
-        let detail = json!({ "connections": n, "pss_before_kib": before, "pss_after_kib": after, "opening_secs": opening });
+        let detail =
+            json!({ "connections": n, "pss_before_kib": before, "pss_after_kib": after, "opening_secs": opening });
         self.record(round, kind, "idle_kib", per, detail);
         drop(open);
         Ok(())
@@ -253,7 +359,10 @@ impl Run<'_> {
         let target = targets::start(&self.env, kind).await?;
         let volume = target.volume.as_ref().context("not a wsgate")?;
         let client = target.client(&self.env.client);
-        for (clients, p50, p99) in [(1, "swap_idle_p50_ms", "swap_idle_p99_ms"), (self.args.handshake_clients, "swap_load_p50_ms", "swap_load_p99_ms")] {
+        for (clients, p50, p99) in [
+            (1, "swap_idle_p50_ms", "swap_idle_p99_ms"),
+            (self.args.handshake_clients, "swap_load_p50_ms", "swap_load_p99_ms"),
+        ] {
             let load = load::handshakes(&client, clients);
             let mut times = Vec::new();
             for _ in 0..self.args.swaps {
@@ -296,7 +405,12 @@ fn command_output(program: &str, args: &[&str]) -> String {
     match Command::new(program).args(args).output() {
         Ok(o) => {
             let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned()
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
         }
         Err(_) => "not installed".into(),
     }
@@ -306,7 +420,10 @@ fn proc_value(path: &str, key: &str) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim_start_matches([' ', '\t', ':', '=']).trim_matches('"').to_owned()))
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim_start_matches([' ', '\t', ':', '=']).trim_matches('"').to_owned())
+        })
         .unwrap_or_default()
 }
 
@@ -315,7 +432,11 @@ fn machine(a: &RunArgs, wsgate: &Path) -> serde_json::Value {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let git = |args: &[&str]| command_output("git", &[&["-C", &repo.display().to_string()], args].concat());
     let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    let cpus = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().filter(|l| l.starts_with("processor")).count();
+    let cpus = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     json!({
         "date": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         "cpu": proc_value("/proc/cpuinfo", "model name"),
@@ -346,8 +467,8 @@ fn machine_markdown(m: &serde_json::Value) -> String {
         s(&m["memory"]),
         s(&m["os"]),
         s(&m["kernel"]),
-        s(&m["target_cpus"]),
-        s(&m["load_cpus"]),
+        m["target_cpus"].as_str().unwrap_or("any (not pinned)"),
+        m["load_cpus"].as_str().unwrap_or("any (not pinned)"),
     );
     if let Some(versions) = m["versions"].as_object() {
         for (k, v) in versions {
@@ -374,12 +495,17 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     if let Some(limit) = procfs::open_files_limit()
         && limit < a.memory_connections as u64 + 1000
     {
-        bail!("{} idle connections need more open files than the limit of {limit} (ulimit -n; bench/run.sh raises it)", a.memory_connections);
+        bail!(
+            "{} idle connections need more open files than the limit of {limit} (ulimit -n; bench/run.sh raises it)",
+            a.memory_connections
+        );
     }
     let out = match &a.out {
         Some(p) => p.clone(),
         None => {
-            let stamp = time::OffsetDateTime::now_utc().format(&time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))?;
+            let stamp = time::OffsetDateTime::now_utc().format(&time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))?;
             Path::new(env!("CARGO_MANIFEST_DIR")).join("results").join(stamp)
         }
     };
@@ -420,7 +546,7 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     std::fs::write(out.join("machine.json"), serde_json::to_string_pretty(&machine)?)?;
     let table = report::table(&figures(&a), &a.targets, &run.records);
     let summary = format!(
-        "# wsgate-bench: medians of {} rounds\n\n{table}\n{}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
+        "# wsgate-bench: medians of {} round(s)\n\n{table}\n{}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
         a.rounds,
         machine_markdown(&machine)
     );
@@ -435,9 +561,20 @@ impl Run<'_> {
         let a = self.args;
         let mut long_lived = Vec::new();
         for kind in &a.targets {
-            long_lived.push(targets::start(&self.env, *kind).await.with_context(|| format!("starting {}", kind.name()))?);
+            long_lived.push(
+                targets::start(&self.env, *kind)
+                    .await
+                    .with_context(|| format!("starting {}", kind.name()))?,
+            );
         }
-        let measures = [Measure::Handshakes, Measure::SmallFixed, Measure::LargeFixed, Measure::SmallSaturated, Measure::LargeSaturated, Measure::Latency];
+        let measures = [
+            Measure::Handshakes,
+            Measure::SmallFixed,
+            Measure::LargeFixed,
+            Measure::SmallSaturated,
+            Measure::LargeSaturated,
+            Measure::Latency,
+        ];
         for round in 1..=a.rounds {
             let mut order: Vec<usize> = (0..long_lived.len()).collect();
             if round % 2 == 0 {
@@ -447,17 +584,23 @@ impl Run<'_> {
                 for &i in &order {
                     let target = &long_lived[i];
                     eprintln!("round {round}: {m:?} on {}", target.kind.name());
-                    self.measure(round, m, target).await.with_context(|| format!("{m:?} on {}", target.kind.name()))?;
+                    self.measure(round, m, target)
+                        .await
+                        .with_context(|| format!("{m:?} on {}", target.kind.name()))?;
                 }
             }
             for &i in &order {
                 let kind = long_lived[i].kind;
                 eprintln!("round {round}: idle memory of a fresh {}", kind.name());
-                self.idle_memory(round, kind).await.with_context(|| format!("idle memory of {}", kind.name()))?;
+                self.idle_memory(round, kind)
+                    .await
+                    .with_context(|| format!("idle memory of {}", kind.name()))?;
             }
             if a.swaps > 0 && a.targets.contains(&Kind::Wsgate) {
                 eprintln!("round {round}: certificate swaps on a fresh wsgate");
-                self.cert_swaps(round, Kind::Wsgate).await.context("certificate swaps")?;
+                self.cert_swaps(round, Kind::Wsgate)
+                    .await
+                    .context("certificate swaps")?;
             }
         }
         Ok(())

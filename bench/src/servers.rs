@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::pki;
 
@@ -47,6 +48,14 @@ async fn feed_reply<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<
     }
 }
 
+/// The buffers of wsgate's client leg (2 KiB read, 16 KiB write): tungstenite's defaults
+/// (128 KiB each) would make the limit's idle connections cost several times wsgate's.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(16 * 1024)
+}
+
 async fn bind() -> Result<TcpListener> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     // The parent reads this line to learn the address.
@@ -61,7 +70,7 @@ pub async fn serve_echo() -> Result<()> {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
         tokio::spawn(async move {
-            if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+            if let Ok(ws) = tokio_tungstenite::accept_async_with_config(tcp, Some(ws_config())).await {
                 echo(ws).await;
             }
         });
@@ -99,7 +108,7 @@ pub async fn serve_limit(dir: &Path) -> Result<()> {
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else { return };
-            if let Ok(ws) = tokio_tungstenite::accept_async(tls).await {
+            if let Ok(ws) = tokio_tungstenite::accept_async_with_config(tls, Some(ws_config())).await {
                 echo(ws).await;
             }
         });

@@ -110,7 +110,11 @@ impl Drop for Target {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Workers that outlived their master (only ever our own processes, by PID).
-        let left: Vec<u32> = self.pids[1..].iter().copied().filter(|p| Path::new(&format!("/proc/{p}")).exists()).collect();
+        let left: Vec<u32> = self.pids[1..]
+            .iter()
+            .copied()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
         signal("KILL", &left);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -167,7 +171,10 @@ pub async fn start(env: &Env<'_>, kind: Kind) -> Result<Target> {
     let (child, addr, volume) = match kind {
         Kind::Limit => {
             let mut cmd = command(cpus, &env.bench_exe);
-            cmd.arg("limit").arg("--cert-dir").arg(certs).env("TOKIO_WORKER_THREADS", "1");
+            cmd.arg("limit")
+                .arg("--cert-dir")
+                .arg(certs)
+                .env("TOKIO_WORKER_THREADS", "1");
             let (child, addr) = spawn_reading_address(cmd, log()?)?;
             (child, addr, None)
         }
@@ -176,17 +183,29 @@ pub async fn start(env: &Env<'_>, kind: Kind) -> Result<Target> {
             env.pki.write_volume(&volume, None)?;
             let room = (env.capacity + 500).to_string();
             let workers = if kind == Kind::Wsgate { "1" } else { "2" };
-            let cpus = if kind == Kind::Wsgate { cpus } else { env.all_cpus.as_deref() };
+            let cpus = if kind == Kind::Wsgate {
+                cpus
+            } else {
+                env.all_cpus.as_deref()
+            };
             let mut cmd = command(cpus, &env.wsgate_exe);
-            cmd.args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json"])
-                .args(["--upstream", &format!("ws://{}", env.echo), "--allow-any-authenticated"])
-                // Room for the idle-memory figure's connections (defaults: 10 000, a tenth per client).
-                .args(["--max-connections", &room, "--max-connections-per-identity", &room])
-                .arg("--cert-dir")
-                .arg(volume.path())
-                // No line per connection, as nginx runs with access_log off.
-                .env("RUST_LOG", "info,wsgate::handshake=warn")
-                .env("TOKIO_WORKER_THREADS", workers);
+            cmd.args([
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
+            .args(["--upstream", &format!("ws://{}", env.echo), "--allow-any-authenticated"])
+            // Room for the idle-memory figure's connections (defaults: 10 000, a tenth per client).
+            .args(["--max-connections", &room, "--max-connections-per-identity", &room])
+            .arg("--cert-dir")
+            .arg(volume.path())
+            // No line per connection, as nginx runs with access_log off.
+            .env("RUST_LOG", "info,wsgate::handshake=warn")
+            .env("TOKIO_WORKER_THREADS", workers);
             let (child, addr) = spawn_wsgate(cmd, &dir)?;
             (child, addr, Some(volume))
         }
@@ -195,7 +214,11 @@ pub async fn start(env: &Env<'_>, kind: Kind) -> Result<Target> {
             let (program, args, envs) = peer_command(kind, &dir, certs, port, env)?;
             let mut cmd = command(cpus, Path::new(program));
             let log = log()?;
-            cmd.args(args).envs(envs).current_dir(&dir).stdout(log.try_clone()?).stderr(log);
+            cmd.args(args)
+                .envs(envs)
+                .current_dir(&dir)
+                .stdout(log.try_clone()?)
+                .stderr(log);
             let child = cmd.spawn().with_context(|| format!("starting {program}"))?;
             (child, SocketAddr::from(([127, 0, 0, 1], port)), None)
         }
@@ -229,7 +252,11 @@ impl Target {
                 bail!("{} exited ({status}): {}", self.kind.name(), self.log_tail());
             }
             if Instant::now() > deadline {
-                bail!("{} did not serve within 30 s: {err:#}; {}", self.kind.name(), self.log_tail());
+                bail!(
+                    "{} did not serve within 30 s: {err:#}; {}",
+                    self.kind.name(),
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -266,7 +293,11 @@ fn spawn_reading_address(mut cmd: Command, log: std::fs::File) -> Result<(Child,
 
 /// Spawns wsgate and reads its JSON log until the certificate is installed.
 fn spawn_wsgate(mut cmd: Command, dir: &Path) -> Result<(Child, SocketAddr)> {
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().context("starting wsgate")?;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting wsgate")?;
     let mut lines = BufReader::new(child.stderr.take().context("no stderr")?).lines();
     let mut log = std::fs::File::create(dir.join("stderr.log"))?;
     let mut listen = None;
@@ -298,7 +329,12 @@ fn peer_command(kind: Kind, dir: &Path, certs: &Path, port: u16, env: &Env<'_>) 
     // Both legs of every connection, and some room.
     let (conns, files) = (env.capacity + 500, 2 * env.capacity + 1000);
     let path = |name: &str| certs.join(name).display().to_string();
-    let (ca, crt, key, pem) = (path(pki::CA), path(pki::SERVER_CERT), path(pki::SERVER_KEY), path(pki::SERVER_PEM));
+    let (ca, crt, key, pem) = (
+        path(pki::CA),
+        path(pki::SERVER_CERT),
+        path(pki::SERVER_KEY),
+        path(pki::SERVER_PEM),
+    );
     let d = dir.display();
     Ok(match kind {
         Kind::Nginx => {
@@ -336,7 +372,14 @@ http {{
 "#
             );
             std::fs::write(dir.join("nginx.conf"), conf)?;
-            let args = vec!["-p".into(), format!("{d}/"), "-c".into(), format!("{d}/nginx.conf"), "-e".into(), format!("{d}/stderr.log")];
+            let args = vec![
+                "-p".into(),
+                format!("{d}/"),
+                "-c".into(),
+                format!("{d}/nginx.conf"),
+                "-e".into(),
+                format!("{d}/stderr.log"),
+            ];
             ("nginx", args, vec![])
         }
         Kind::Haproxy => {
@@ -361,7 +404,11 @@ backend app
 "#
             );
             std::fs::write(dir.join("haproxy.cfg"), conf)?;
-            ("haproxy", vec!["-db".into(), "-f".into(), format!("{d}/haproxy.cfg")], vec![])
+            (
+                "haproxy",
+                vec!["-db".into(), "-f".into(), format!("{d}/haproxy.cfg")],
+                vec![],
+            )
         }
         Kind::Caddy => {
             let conf = format!(
@@ -389,7 +436,11 @@ https://localhost:{port} {{
 "#
             );
             std::fs::write(dir.join("Caddyfile"), conf)?;
-            let args = ["run", "--adapter", "caddyfile", "--config"].map(String::from).into_iter().chain([format!("{d}/Caddyfile")]).collect();
+            let args = ["run", "--adapter", "caddyfile", "--config"]
+                .map(String::from)
+                .into_iter()
+                .chain([format!("{d}/Caddyfile")])
+                .collect();
             let envs = vec![
                 ("GOMAXPROCS", "1".to_owned()),
                 ("HOME", d.to_string()),
