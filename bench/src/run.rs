@@ -212,6 +212,8 @@ struct Run<'a> {
     args: &'a RunArgs,
     env: Env<'a>,
     records: Vec<Record>,
+    /// Measurements that failed (the run goes on without them).
+    failures: Vec<String>,
 }
 
 impl Run<'_> {
@@ -337,11 +339,12 @@ impl Run<'_> {
         let target = targets::start(&self.env, kind).await?;
         let client = target.client(&self.env.client);
         let n = self.args.memory_connections;
-        drop(load::open_idle(&client, n.min(100), 16).await?);
+        let log = |e: anyhow::Error| e.context(format!("its log: {}", target.log_tail()));
+        drop(load::open_idle(&client, n.min(100), 16).await.map_err(log)?);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = procfs::pss_kib(&target.pids)?;
         let t0 = Instant::now();
-        let open = load::open_idle(&client, n, 16).await?;
+        let open = load::open_idle(&client, n, 16).await.map_err(log)?;
         let opening = t0.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = procfs::pss_kib(&target.pids)?;
@@ -534,6 +537,7 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
             capacity: a.memory_connections.max(a.latency_conns).max(1000),
         },
         records: Vec::new(),
+        failures: Vec::new(),
     };
     let result = run.rounds().await;
     let _ = echo.kill();
@@ -541,12 +545,13 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     result?;
 
     let machine = machine(&a, &wsgate_exe);
-    let settings = json!({ "args": format!("{a:?}"), "machine": machine });
+    let settings = json!({ "args": format!("{a:?}"), "machine": machine, "failures": run.failures });
     report::write_raw(&out, &run.records, &settings)?;
     std::fs::write(out.join("machine.json"), serde_json::to_string_pretty(&machine)?)?;
     let table = report::table(&figures(&a), &a.targets, &run.records);
+    let failures: String = run.failures.iter().map(|f| format!("- failed: {f}\n")).collect();
     let summary = format!(
-        "# wsgate-bench: medians of {} round(s)\n\n{table}\n{}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
+        "# wsgate-bench: medians of {} round(s)\n\n{table}\n{}{failures}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
         a.rounds,
         machine_markdown(&machine)
     );
@@ -557,6 +562,14 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
 }
 
 impl Run<'_> {
+    /// Notes a failed measurement; the run goes on (the table shows what was measured).
+    fn failed(&mut self, round: usize, what: &str, result: Result<()>) {
+        if let Err(e) = result {
+            eprintln!("round {round}: {what} FAILED: {e:#}");
+            self.failures.push(format!("round {round}: {what}: {e:#}"));
+        }
+    }
+
     async fn rounds(&mut self) -> Result<()> {
         let a = self.args;
         let mut long_lived = Vec::new();
@@ -584,23 +597,20 @@ impl Run<'_> {
                 for &i in &order {
                     let target = &long_lived[i];
                     eprintln!("round {round}: {m:?} on {}", target.kind.name());
-                    self.measure(round, m, target)
-                        .await
-                        .with_context(|| format!("{m:?} on {}", target.kind.name()))?;
+                    let result = self.measure(round, m, target).await;
+                    self.failed(round, &format!("{m:?} on {}", target.kind.name()), result);
                 }
             }
             for &i in &order {
                 let kind = long_lived[i].kind;
                 eprintln!("round {round}: idle memory of a fresh {}", kind.name());
-                self.idle_memory(round, kind)
-                    .await
-                    .with_context(|| format!("idle memory of {}", kind.name()))?;
+                let result = self.idle_memory(round, kind).await;
+                self.failed(round, &format!("idle memory of {}", kind.name()), result);
             }
             if a.swaps > 0 && a.targets.contains(&Kind::Wsgate) {
                 eprintln!("round {round}: certificate swaps on a fresh wsgate");
-                self.cert_swaps(round, Kind::Wsgate)
-                    .await
-                    .context("certificate swaps")?;
+                let result = self.cert_swaps(round, Kind::Wsgate).await;
+                self.failed(round, "certificate swaps", result);
             }
         }
         Ok(())

@@ -262,7 +262,8 @@ impl Target {
         }
     }
 
-    fn log_tail(&self) -> String {
+    /// The end of its log (the error log for nginx, HAProxy and Caddy).
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
         let start = text.len().saturating_sub(2000);
         text.get(start..).unwrap_or_default().trim().to_owned()
@@ -326,8 +327,8 @@ type PeerCommand = (&'static str, Vec<String>, Vec<(&'static str, String)>);
 /// Writes the configuration of nginx, HAProxy or Caddy into `dir` and says how to run it.
 fn peer_command(kind: Kind, dir: &Path, certs: &Path, port: u16, env: &Env<'_>) -> Result<PeerCommand> {
     let echo = env.echo;
-    // Both legs of every connection, and some room.
-    let (conns, files) = (env.capacity + 500, 2 * env.capacity + 1000);
+    // Both legs of every connection, and room: nginx ran out at twice the connections.
+    let (conns, files) = (env.capacity + 500, 4 * env.capacity + 1000);
     let path = |name: &str| certs.join(name).display().to_string();
     let (ca, crt, key, pem) = (
         path(pki::CA),
