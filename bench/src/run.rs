@@ -262,72 +262,56 @@ impl Run<'_> {
     }
 
     async fn measure(&mut self, round: usize, m: Measure, target: &Target) -> Result<()> {
-        let a = self.args.clone();
+        let a = self.args;
         let client = target.client(&self.env.client);
-        let messages = |conns, size, pace| {
-            let client = client.clone();
-            async move { load::messages(&client, conns, size, pace).await }
+        // Connections, message size, pace, and the ids of the CPU and rate figures.
+        let (conns, size, pace, cpu_id, rate_id) = match m {
+            Measure::Handshakes => (a.handshake_clients, 0, None, "hs_cpu_us", "hs_rate"),
+            Measure::SmallFixed => (
+                a.message_conns,
+                SMALL,
+                Some(Pace::Rate(a.small_rate)),
+                "small_fixed_cpu_us",
+                "small_fixed_rate",
+            ),
+            Measure::LargeFixed => (
+                a.message_conns,
+                LARGE,
+                Some(Pace::Rate(a.large_rate)),
+                "large_fixed_cpu_us",
+                "large_fixed_rate",
+            ),
+            Measure::SmallSaturated => (
+                a.message_conns,
+                SMALL,
+                Some(Pace::Window(a.small_window)),
+                "small_sat_cpu_us",
+                "small_sat_rate",
+            ),
+            Measure::LargeSaturated => (
+                a.message_conns,
+                LARGE,
+                Some(Pace::Window(a.large_window)),
+                "large_sat_cpu_us",
+                "large_sat_rate",
+            ),
+            Measure::Latency => (a.latency_conns, SMALL, Some(Pace::Rate(a.latency_rate)), "", ""),
         };
-        let (w, cpu_id, rate_id) = match m {
-            Measure::Handshakes => {
-                let w = self
-                    .window(target, load::handshakes(&client, a.handshake_clients))
-                    .await;
-                (w, "hs_cpu_us", "hs_rate")
-            }
-            Measure::SmallFixed => {
-                let w = self
-                    .window(
-                        target,
-                        messages(a.message_conns, SMALL, Pace::Rate(a.small_rate)).await?,
-                    )
-                    .await;
-                (w, "small_fixed_cpu_us", "small_fixed_rate")
-            }
-            Measure::LargeFixed => {
-                let w = self
-                    .window(
-                        target,
-                        messages(a.message_conns, LARGE, Pace::Rate(a.large_rate)).await?,
-                    )
-                    .await;
-                (w, "large_fixed_cpu_us", "large_fixed_rate")
-            }
-            Measure::SmallSaturated => {
-                let w = self
-                    .window(
-                        target,
-                        messages(a.message_conns, SMALL, Pace::Window(a.small_window)).await?,
-                    )
-                    .await;
-                (w, "small_sat_cpu_us", "small_sat_rate")
-            }
-            Measure::LargeSaturated => {
-                let w = self
-                    .window(
-                        target,
-                        messages(a.message_conns, LARGE, Pace::Window(a.large_window)).await?,
-                    )
-                    .await;
-                (w, "large_sat_cpu_us", "large_sat_rate")
-            }
-            Measure::Latency => {
-                let w = self
-                    .window(
-                        target,
-                        messages(a.latency_conns, SMALL, Pace::Rate(a.latency_rate)).await?,
-                    )
-                    .await;
-                let detail = json!({ "samples": w.rtts.len(), "rate": w.rate(), "errors": w.errors });
-                for (id, q) in [("rtt_p50_ms", 0.5), ("rtt_p99_ms", 0.99)] {
-                    let v = report::quantile(&w.rtts, q).context("no round trip measured")?;
-                    self.record(round, target.kind, id, f64::from(v) / 1e3, detail.clone());
-                }
-                return Ok(());
-            }
+        let load = match pace {
+            None => load::handshakes(&client, conns),
+            Some(pace) => load::messages(&client, conns, size, pace).await?,
         };
+        let w = self.window(target, load).await;
         if w.ops == 0 {
             bail!("no operation completed in the window");
+        }
+        if let Measure::Latency = m {
+            let detail = json!({ "samples": w.rtts.len(), "rate": w.rate(), "errors": w.errors });
+            for (id, q) in [("rtt_p50_ms", 0.5), ("rtt_p99_ms", 0.99)] {
+                let v = report::quantile(&w.rtts, q).context("no round trip measured")?;
+                self.record(round, target.kind, id, f64::from(v) / 1e3, detail.clone());
+            }
+            return Ok(());
         }
         self.record(round, target.kind, cpu_id, w.cpu_us_per_op(), w.detail());
         self.record(round, target.kind, rate_id, w.rate(), w.detail());
