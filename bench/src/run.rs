@@ -497,6 +497,8 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
         }
     };
     std::fs::create_dir_all(&out)?;
+    // Before the run, so the commit named is the one measured.
+    let machine = machine(&a, &wsgate_exe);
     let work = tempfile::Builder::new().prefix("wsgate-bench-").tempdir()?;
     let pki = Pki::create(&work.path().join("pki"))?;
     let (mut echo, echo_addr) = targets::start_echo(&bench_exe, a.load_cpus.as_deref(), &work.path().join("echo.log"))?;
@@ -528,7 +530,6 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     let _ = echo.wait();
     result?;
 
-    let machine = machine(&a, &wsgate_exe);
     let settings = json!({ "args": format!("{a:?}"), "machine": machine, "failures": run.failures });
     report::write_raw(&out, &run.records, &settings)?;
     std::fs::write(out.join("machine.json"), serde_json::to_string_pretty(&machine)?)?;
