@@ -6,13 +6,16 @@
 # 1. installs what the tests need when it is missing: cargo-nextest (cargo install --locked),
 #    rustfmt and clippy (rustup), the chart tools (scripts/k8s-tools.sh .tools/k8s), and the Python
 #    package prometheus_client (pip; its strict OpenMetrics parser reads /metrics in the tests),
-#    and kosoku + sslyze in a venv (scripts/conformance-tools.sh .tools/conformance);
-# 2. cargo fmt --all -- --check, then cargo clippy --all-targets -- -D warnings;
+#    and kosoku + sslyze in a venv (scripts/conformance-tools.sh .tools/conformance), and nginx
+#    and HAProxy (apt-get; the comparison harness's smoke test runs against them);
+# 2. cargo fmt --all -- --check, then cargo clippy --workspace --all-targets -- -D warnings
+#    (the workspace: wsgate and the bench/ crate);
 # 3. builds a real kube-apiserver 1.20.2 + etcd once (scripts/kube-apiserver.sh build: 4-13 minutes
 #    on 2 cores the first time, cached in ~/.cache/wsgate after that), starts it on 127.0.0.1 in a
 #    temporary folder and stops it again on any exit;
-# 4. cargo nextest run --run-ignored all: every test, the ignored end-to-end ones included
-#    (WSGATE_E2E_KUBECONFIG points them at that apiserver).
+# 4. cargo nextest run --workspace --run-ignored all: every test, the ignored end-to-end ones
+#    included (WSGATE_E2E_KUBECONFIG points them at that apiserver); wsgate-bench is built first
+#    for the harness's smoke test.
 # Prints how long each step took. Environment:
 #   WSGATE_TEST_SKIP_LINT=1   skip step 2 (for quick local iterations; CI never sets it)
 #   PYTHON                    the Python that gets prometheus_client (default python3)
@@ -86,6 +89,10 @@ install_tools() {
   # The conformance tests: Autobahn's cases (kosoku) and sslyze's Mozilla profile check.
   bash scripts/conformance-tools.sh .tools/conformance >/dev/null
   echo "conformance tools in .tools/conformance"
+
+  # The comparison harness's smoke test (tests/it/bench_smoke.rs) runs nginx and HAProxy.
+  command -v nginx >/dev/null && command -v haproxy >/dev/null || apt_install nginx-light haproxy
+  echo "$(nginx -v 2>&1), $(haproxy -v | sed -n 1p)"
 }
 step "install tools" install_tools
 
@@ -94,15 +101,16 @@ if [ "${WSGATE_TEST_SKIP_LINT:-0}" = 1 ]; then
   echo "WSGATE_TEST_SKIP_LINT=1: skipping cargo fmt and cargo clippy"
 else
   step "cargo fmt --check" cargo fmt --all -- --check
-  step "cargo clippy" cargo clippy --all-targets -- -D warnings
+  step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 fi
 
 # ------------------------------------------------------------------ 3. kube-apiserver
 step "build kube-apiserver (once, cached)" bash scripts/kube-apiserver.sh build
-step "build tests" cargo nextest run --no-run
+step "build tests" cargo nextest run --workspace --no-run
+step "build wsgate-bench" cargo build -p wsgate-bench
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/wsgate-k8s.XXXXXX")"
 step "start kube-apiserver" bash scripts/kube-apiserver.sh start "$RUN_DIR"
 
 # ------------------------------------------------------------------ 4. every test
 step "cargo nextest run --run-ignored all" \
-  env WSGATE_E2E_KUBECONFIG="$RUN_DIR/kubeconfig" cargo nextest run --run-ignored all --no-fail-fast "$@"
+  env WSGATE_E2E_KUBECONFIG="$RUN_DIR/kubeconfig" cargo nextest run --workspace --run-ignored all --no-fail-fast "$@"

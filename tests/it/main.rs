@@ -2,6 +2,7 @@
 //! separately against the whole dependency tree), a module per area.
 
 mod admin;
+mod bench_smoke;
 mod certs;
 mod chart;
 mod cli;

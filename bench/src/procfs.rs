@@ -1,0 +1,129 @@
+//! What the kernel says about a target: its processes, their CPU time and their memory.
+//!
+//! CPU time is each thread's run time from `/proc/PID/task/TID/schedstat` (nanoseconds), summed
+//! over every thread of every process of the target; memory is the proportional set size from
+//! `/proc/PID/smaps_rollup`. Uses only std.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+/// `root` and every process below it (nginx's workers under its master, for instance).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(&entry.path().join("stat")).and_then(|f| f.get(1)?.parse().ok()) {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    tree
+}
+
+/// The fields of a `stat` file after the command name (field 3, the state, comes first).
+fn stat_fields(path: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// One thread's run time: schedstat's first field, or utime + stime from `stat` in clock
+/// ticks (assumed 100 Hz) where the kernel has no schedstat.
+fn thread_run_ns(task: &Path) -> Option<u64> {
+    if let Ok(text) = std::fs::read_to_string(task.join("schedstat")) {
+        return text.split_whitespace().next()?.parse().ok();
+    }
+    let f = stat_fields(&task.join("stat"))?;
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 10_000_000)
+}
+
+/// The run time of every thread of `pids` at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSnapshot(HashMap<u32, u64>);
+
+impl CpuSnapshot {
+    /// Reads every thread of every process in `pids`.
+    pub fn take(pids: &[u32]) -> Self {
+        let mut threads = HashMap::new();
+        for pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                let tid = task.file_name().to_str().and_then(|s| s.parse::<u32>().ok());
+                if let (Some(tid), Some(ns)) = (tid, thread_run_ns(&task.path())) {
+                    threads.insert(tid, ns);
+                }
+            }
+        }
+        Self(threads)
+    }
+
+    /// CPU time used since `earlier`: threads started in between count from zero; a thread
+    /// that ended in between loses what it used (wsgate's and nginx's threads live as long as
+    /// the process).
+    pub fn since(&self, earlier: &CpuSnapshot) -> Duration {
+        let ns = self
+            .0
+            .iter()
+            .map(|(tid, now)| now.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum();
+        Duration::from_nanos(ns)
+    }
+}
+
+/// The proportional set size of `pids` together, KiB.
+pub fn pss_kib(pids: &[u32]) -> Result<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let path = format!("/proc/{pid}/smaps_rollup");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("no Pss line in {path}"))?;
+    }
+    Ok(total)
+}
+
+/// This process's soft limit on open files.
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_process_uses_cpu_and_memory() {
+        let me = std::process::id();
+        let before = CpuSnapshot::take(&[me]);
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert_ne!(x, 1);
+        assert!(CpuSnapshot::take(&[me]).since(&before) > Duration::ZERO);
+        assert!(pss_kib(&[me]).unwrap() > 0);
+        assert_eq!(process_tree(me)[0], me);
+    }
+}
