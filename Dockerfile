@@ -14,6 +14,10 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # Cargo reads every target Cargo.toml declares (the [[bench]]es too) before it builds anything.
 COPY benches ./benches
+# ... and every workspace member's manifest and sources (bench/: the comparison harness, built
+# only with --workspace; the image builds the wsgate package alone).
+COPY bench/Cargo.toml ./bench/Cargo.toml
+COPY bench/src ./bench/src
 # --locked: exactly the dependency versions of Cargo.lock. The target is named, so the binary's
 # path below is cargo's target/<triple>/release/<name> (tests/it/chart.rs checks it).
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \

@@ -1987,6 +1987,29 @@ fn dockerfile_copies_the_binary_cargo_builds_for_the_target_it_names() {
             "the build stage copies {source}, which does not exist"
         );
     }
+    // Cargo loads every workspace member's manifest too: each must be copied and let through.
+    let members: Vec<String> = cargo_toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = "))
+        .map(|list| {
+            list.trim_matches(|c| c == '[' || c == ']')
+                .split(',')
+                .map(|m| m.trim().trim_matches('"').to_owned())
+                .filter(|m| !m.is_empty() && m != ".")
+                .collect()
+        })
+        .unwrap_or_default();
+    for member in &members {
+        let manifest = format!("{member}/Cargo.toml");
+        assert!(
+            copied.iter().any(|c| c == &manifest || c == member),
+            "workspace member {member}: the build stage does not COPY its Cargo.toml"
+        );
+        assert!(
+            ignore.lines().any(|l| l.trim() == format!("!{manifest}")),
+            ".dockerignore keeps {manifest} out"
+        );
+    }
     for needed in ["Cargo.toml", "Cargo.lock"] {
         assert!(
             copied.iter().any(|c| c == needed),
