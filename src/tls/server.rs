@@ -16,7 +16,8 @@ use crate::certs::CertBundle;
 
 /// A server config that requires a client certificate chaining to the bundle's roots (with the
 /// client-auth usage, checked by webpki) and serves the bundle's chain. ALPN offers `http/1.1`
-/// only: WebSocket upgrades are an HTTP/1.1 mechanism.
+/// only: WebSocket upgrades are an HTTP/1.1 mechanism. No session is ever resumed: every
+/// handshake is full and verifies the client.
 pub fn server_config(bundle: &CertBundle, min: TlsMinVersion) -> Result<Arc<ServerConfig>, TlsError> {
     server_config_with(bundle, min, provider())
 }
@@ -34,6 +35,12 @@ pub fn server_config_with(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(bundle.certified.clone())));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: every connection verifies the client's chain against the roots
+    // served now (a resumed session would skip that after a root change or for a revoked
+    // chain), and issuing tickets nobody uses costs CPU on every handshake (rustls sends two by
+    // default and keeps a session cache).
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 

@@ -103,3 +103,27 @@ async fn the_webhook_negotiates_what_each_client_offers_without_a_hello_retry() 
         assert_eq!(negotiated(&tls), (want, HandshakeKind::Full), "{what}");
     }
 }
+
+/// No session resumption on the mTLS listener: a client that keeps its session store and comes
+/// back gets a full handshake (its chain verified again against the roots served now), and no
+/// ticket is sent to it in the first place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_client_gets_a_full_handshake_never_a_resumed_session() {
+    let env = Env::start(&[spiffe("frontend").as_str()]).await;
+    let leaf = env.pki.client("frontend");
+    // One config, so one session store: rustls' client resumes whenever the server lets it.
+    let config = env.pki.client_config(Some(&leaf));
+    for attempt in 1..=3 {
+        let tcp = tokio::net::TcpStream::connect(env.proxy.listen_addr).await.unwrap();
+        let (mut ws, _) = wss_over(tcp, config.clone(), "/", &[]).await.unwrap();
+        // A round trip makes the client read whatever the server sent after the handshake
+        // (tickets included), so the next connection could use them.
+        let text = tokio_tungstenite::tungstenite::Message::text("again");
+        assert_eq!(roundtrip(&mut ws, text.clone()).await, text);
+        assert_eq!(
+            ws.get_ref().get_ref().1.handshake_kind(),
+            Some(HandshakeKind::Full),
+            "connection {attempt}"
+        );
+    }
+}
