@@ -23,14 +23,22 @@ pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub const CLIENT_NOT_AFTER: HeaderName = HeaderName::from_static("x-wsgate-client-not-after");
 const OUR_PREFIX: &str = "x-wsgate-";
 /// Headers the client may not send under any spelling: wsgate sets them (the identity, the hop
-/// it saw) or they claim facts about the client that only wsgate knows (`Forwarded`,
-/// `X-Real-IP`). Compared after [`canonical`].
-const RESERVED: [&str; 5] = [
+/// it saw) or they claim facts about the client or the hop that only a proxy knows
+/// (`Forwarded`, `X-Real-IP`, the host, port, prefix and scheme it was reached at: apps and
+/// frameworks trust these for redirects, links and access rules). Compared after [`canonical`].
+const RESERVED: [&str; 12] = [
     "x-forwarded-client-cert",
     "x-forwarded-for",
     "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
     "forwarded",
     "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
 ];
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
@@ -210,9 +218,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The client's headers as they may be forwarded: no hop-by-hop headers, no extensions
 /// (frames are relayed one by one, so none can be negotiated end to end), no body headers,
-/// and none of the headers wsgate sets or that name the client (`X-Forwarded-Client-Cert`,
-/// `x-wsgate-*`, `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`, `X-Real-IP`) whatever
-/// their case or `_` spelling; `Connection: Upgrade` and `Upgrade: websocket` set.
+/// and none of the headers wsgate sets or that name the client or the hop ([`RESERVED`]:
+/// `X-Forwarded-Client-Cert`, `x-wsgate-*`, `X-Forwarded-*`, `Forwarded`, `X-Real-IP`, …)
+/// whatever their case or `_` spelling; `Connection: Upgrade` and `Upgrade: websocket` set.
 fn forwarded_headers<B>(req: &Request<B>) -> HeaderMap {
     let mut headers = req.headers().clone();
     strip_hop_by_hop(&mut headers);
@@ -494,6 +502,37 @@ mod tests {
         assert!(!xfcc.contains("admin") && !xfcc.contains("evil"), "{xfcc}");
         assert_eq!(out.headers().get(CLIENT_NOT_AFTER).unwrap(), "1970-01-01T00:00:00Z");
         assert_eq!(out.headers().get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn forwarding_headers_claiming_the_host_port_prefix_or_client_ip_never_reach_the_app() {
+        let req = upgrade_req()
+            .header("X-Forwarded-Host", "admin.internal")
+            .header("x_forwarded_port", "443")
+            .header("X-Forwarded-Prefix", "/admin")
+            .header("X-Forwarded-Server", "trusted")
+            .header("X-Forwarded-Scheme", "https")
+            .header("X-Client-IP", "10.0.0.1")
+            .header("True-Client-IP", "10.0.0.1")
+            .header("X-Request-Id", "kept")
+            .body(())
+            .unwrap();
+        let names = cgi_names(&app_request(&req));
+        for forged in [
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-server",
+            "x-forwarded-scheme",
+            "x-client-ip",
+            "true-client-ip",
+        ] {
+            assert!(!names.contains(&forged.to_owned()), "{forged}: {names:?}");
+        }
+        assert!(
+            names.contains(&"x-request-id".to_owned()),
+            "ordinary headers pass: {names:?}"
+        );
     }
 
     #[test]
