@@ -36,6 +36,18 @@ pub struct RunArgs {
     /// The wsgate binary (default: `wsgate` next to this binary).
     #[arg(long)]
     pub wsgate: Option<PathBuf>,
+    /// The binary of the `wsgate-base` target: another wsgate build (say, the one before a
+    /// change, copied aside) measured in the same run, interleaved with the others.
+    #[arg(long)]
+    pub wsgate_base: Option<PathBuf>,
+    /// Measurements to run (default: all); e.g. `--measures small-fixed,large-fixed` for the
+    /// CPU per message alone. Certificate swaps are set apart by `--swaps`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "handshakes,small-fixed,large-fixed,small-saturated,large-saturated,latency,idle-memory"
+    )]
+    pub measures: Vec<Measure>,
     /// `taskset -c` CPU list for each one-worker target (default: not pinned).
     #[arg(long)]
     pub target_cpus: Option<String>,
@@ -197,15 +209,24 @@ impl Window {
     }
 }
 
-/// The measurements run on the long-lived targets, in this order each round.
-#[derive(Debug, Clone, Copy)]
-enum Measure {
+/// The measurements, in the order they run each round: all but the idle memory on the
+/// long-lived targets, the idle memory on a fresh one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Measure {
+    /// CPU per handshake and handshakes/s.
     Handshakes,
+    /// CPU per 64 B message at the fixed rate.
     SmallFixed,
+    /// CPU per 64 KiB message at the fixed rate.
     LargeFixed,
+    /// 64 B messages at saturation.
     SmallSaturated,
+    /// 64 KiB messages at saturation.
     LargeSaturated,
+    /// Round-trip percentiles.
     Latency,
+    /// Memory per idle connection (a fresh target each).
+    IdleMemory,
 }
 
 struct Run<'a> {
@@ -296,6 +317,7 @@ impl Run<'_> {
                 "large_sat_rate",
             ),
             Measure::Latency => (a.latency_conns, SMALL, Some(Pace::Rate(a.latency_rate)), "", ""),
+            Measure::IdleMemory => return self.idle_memory(round, target.kind).await,
         };
         let load = match pace {
             None => load::handshakes(&client, conns),
@@ -480,6 +502,7 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
         }
     }
     if let Some(limit) = procfs::open_files_limit()
+        && a.measures.contains(&Measure::IdleMemory)
         && limit < a.memory_connections as u64 + 1000
     {
         bail!(
@@ -511,6 +534,7 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
         env: Env {
             bench_exe,
             wsgate_exe: wsgate_exe.clone(),
+            wsgate_base_exe: a.wsgate_base.clone(),
             pki: &pki,
             echo: echo_addr,
             client: Client {
@@ -565,20 +589,12 @@ impl Run<'_> {
                     .with_context(|| format!("starting {}", kind.name()))?,
             );
         }
-        let measures = [
-            Measure::Handshakes,
-            Measure::SmallFixed,
-            Measure::LargeFixed,
-            Measure::SmallSaturated,
-            Measure::LargeSaturated,
-            Measure::Latency,
-        ];
         for round in 1..=a.rounds {
             let mut order: Vec<usize> = (0..long_lived.len()).collect();
             if round % 2 == 0 {
                 order.reverse();
             }
-            for m in measures {
+            for &m in a.measures.iter().filter(|m| **m != Measure::IdleMemory) {
                 for &i in &order {
                     let target = &long_lived[i];
                     eprintln!("round {round}: {m:?} on {}", target.kind.name());
@@ -586,7 +602,7 @@ impl Run<'_> {
                     self.failed(round, &format!("{m:?} on {}", target.kind.name()), result);
                 }
             }
-            for &i in &order {
+            for &i in order.iter().filter(|_| a.measures.contains(&Measure::IdleMemory)) {
                 let kind = long_lived[i].kind;
                 eprintln!("round {round}: idle memory of a fresh {}", kind.name());
                 let result = self.idle_memory(round, kind).await;

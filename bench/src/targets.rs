@@ -27,6 +27,10 @@ pub enum Kind {
     /// wsgate, two runtime workers (on all the CPUs given to the targets and the load).
     #[value(name = "wsgate-2w")]
     Wsgate2w,
+    /// wsgate, one runtime worker, from the `--wsgate-base` binary: an A/B of two builds in one
+    /// run (a change against the binary before it, copied aside).
+    #[value(name = "wsgate-base")]
+    WsgateBase,
     /// nginx, one worker process.
     Nginx,
     /// HAProxy, one thread.
@@ -42,6 +46,7 @@ impl Kind {
             Kind::Limit => "limit",
             Kind::Wsgate => "wsgate",
             Kind::Wsgate2w => "wsgate-2w",
+            Kind::WsgateBase => "wsgate-base",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Caddy => "caddy",
@@ -70,6 +75,8 @@ pub struct Env<'a> {
     pub bench_exe: PathBuf,
     /// The wsgate binary.
     pub wsgate_exe: PathBuf,
+    /// The baseline wsgate binary of the `wsgate-base` target, if one was given.
+    pub wsgate_base_exe: Option<PathBuf>,
     /// The certificates.
     pub pki: &'a Pki,
     /// The echo app every proxy forwards to.
@@ -178,17 +185,24 @@ pub async fn start(env: &Env<'_>, kind: Kind) -> Result<Target> {
             let (child, addr) = spawn_reading_address(cmd, log()?)?;
             (child, addr, None)
         }
-        Kind::Wsgate | Kind::Wsgate2w => {
+        Kind::Wsgate | Kind::Wsgate2w | Kind::WsgateBase => {
             let volume = SecretVolume::new(dir.join("tls"))?;
             env.pki.write_volume(&volume, None)?;
             let room = (env.capacity + 500).to_string();
-            let workers = if kind == Kind::Wsgate { "1" } else { "2" };
-            let cpus = if kind == Kind::Wsgate {
-                cpus
-            } else {
+            let workers = if kind == Kind::Wsgate2w { "2" } else { "1" };
+            let cpus = if kind == Kind::Wsgate2w {
                 env.all_cpus.as_deref()
+            } else {
+                cpus
             };
-            let mut cmd = command(cpus, &env.wsgate_exe);
+            let exe = match kind {
+                Kind::WsgateBase => env
+                    .wsgate_base_exe
+                    .as_deref()
+                    .context("the wsgate-base target needs --wsgate-base PATH")?,
+                _ => env.wsgate_exe.as_path(),
+            };
+            let mut cmd = command(cpus, exe);
             cmd.args([
                 "proxy",
                 "--listen",

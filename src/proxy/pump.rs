@@ -19,11 +19,15 @@
 //! the message timeout (1008); a peer whose unfinished message would exceed the memory budget
 //! is closed with 1013. Depends on tokio-tungstenite and `budget`.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::Fuse;
+use futures_util::sink::Sink;
+use futures_util::stream::Stream;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -247,12 +251,25 @@ enum LegState {
 
 /// What a leg does next.
 enum Next {
-    /// Flush the batch, then wait for a close request, stop, or the next item from `src`.
+    /// Wait for a close request, stop, a ping tick, or the next item from `src` that is not
+    /// data (the pump relays data meanwhile).
     Wait,
-    /// Handle an item `src` already had ready (batching, up to [`MAX_BATCH`] in a row).
+    /// Handle an item `src` had that is not a data message (control frame, end, error).
     Handle(Option<Result<Message, WsError>>),
     /// `src` ended: the leg is done.
     Done,
+}
+
+/// Why the pump stopped relaying.
+enum Pumped {
+    /// `src` gave an item that is not a data message: the leg handles it.
+    Item(Option<Result<Message, WsError>>),
+    /// [`MAX_BATCH`] items in a row: the leg checks close requests and stop before more.
+    Yield,
+    /// A write to `dst` failed.
+    DstFailed,
+    /// The budget refused a message queued for `dst`; the connection is being stopped.
+    Stopped,
 }
 
 /// The messages written to `dst` since the last flush.
@@ -262,16 +279,154 @@ struct Batch {
     msgs: u64,
     /// Their payload bytes.
     bytes: u64,
-    /// Items handled since the last wait.
+    /// Items relayed since the last yield.
     len: usize,
+    /// What was fed must be flushed before `src` is read again.
+    flushing: bool,
 }
 
-struct Leg<'a, S, D> {
+/// The data path of a leg: reads `src`, writes its data messages to `dst`, flushes when `src`
+/// has nothing more ready, and keeps the books (liveness, holds, meter).
+struct Pipe<'a, S, D> {
     src: &'a mut SplitStream<WebSocketStream<S>>,
     dst: &'a mut SplitSink<WebSocketStream<D>, Message>,
     dir: Direction,
-    state: LegState,
     batch: Batch,
+    meter: &'a dyn RelayMeter,
+    /// When `src` last sent a frame, in milliseconds since the relay started.
+    seen: &'a AtomicU64,
+    origin: tokio::time::Instant,
+    /// What `src`'s stream holds of an unfinished message.
+    hold: Option<&'a Hold>,
+    /// What is queued for `dst` and not yet written.
+    queue: Option<&'a Hold>,
+    /// Ends the connection when the budget refuses a queued message.
+    stopper: &'a Stopper,
+}
+
+impl<S, D> Pipe<'_, S, D>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    /// `src` sent a frame now: the peer is alive.
+    fn saw(&self) {
+        self.seen
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn account(&mut self) {
+        if self.batch.msgs > 0 {
+            self.meter.relayed(self.dir, self.batch.msgs, self.batch.bytes);
+            (self.batch.msgs, self.batch.bytes) = (0, 0);
+        }
+    }
+
+    /// Flushes what the batch fed, if it must be (`dst` not `open`: only meters it). `Err` when
+    /// the flush failed; pending with `batch.flushing` still set.
+    fn poll_flushed(&mut self, open: bool, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        if !self.batch.flushing {
+            return Poll::Ready(Ok(()));
+        }
+        let flushed = match open {
+            true => match Pin::new(&mut *self.dst).poll_flush(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => result.map_err(drop),
+            },
+            false => Ok(()),
+        };
+        if flushed.is_ok()
+            && open
+            && let Some(queue) = self.queue
+        {
+            queue.release();
+        }
+        self.batch.flushing = false;
+        self.account();
+        Poll::Ready(flushed)
+    }
+
+    /// Relays data messages from `src` to `dst` (discards them when `dst` is not `open`) until
+    /// `src` gives something else, the batch is full, or a write fails. Pending while `src` has
+    /// nothing ready (after flushing what was fed) or `dst` takes no more (backpressure).
+    ///
+    /// One poll relays every message ready, with no future built or moved per message: this is
+    /// the per-message cost of the proxy. Dropping it between polls is safe: a message is taken
+    /// from `src` only once `dst` is ready for it, and what was fed stays queued in `dst`.
+    fn poll_pump(&mut self, open: bool, cx: &mut Context<'_>) -> Poll<Pumped> {
+        // The liveness clock is read once per wake-up, not once per frame.
+        let mut stamped = false;
+        loop {
+            match self.poll_flushed(open, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(())) => return Poll::Ready(Pumped::DstFailed),
+                Poll::Ready(Ok(())) => {}
+            }
+            if open {
+                match Pin::new(&mut *self.dst).poll_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Poll::Ready(Pumped::DstFailed),
+                }
+            }
+            let msg = match Pin::new(&mut *self.src).poll_next(cx) {
+                Poll::Pending => {
+                    // Nothing more ready: flush the batch. `src`'s waker is set, so once the
+                    // flush is done there is nothing to do until a wake-up.
+                    self.batch.len = 0;
+                    self.batch.flushing = self.batch.msgs > 0;
+                    return match self.poll_flushed(open, cx) {
+                        Poll::Ready(Err(())) => Poll::Ready(Pumped::DstFailed),
+                        _ => Poll::Pending,
+                    };
+                }
+                Poll::Ready(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => msg,
+                Poll::Ready(item) => {
+                    // Flushed before anything else is read (the leg may write a Close first,
+                    // which flushes too).
+                    self.batch.flushing = self.batch.msgs > 0;
+                    self.batch.len = 0;
+                    return Poll::Ready(Pumped::Item(item));
+                }
+            };
+            if !stamped {
+                self.saw();
+                stamped = true;
+            }
+            // A message's end frees what `src`'s stream held for it.
+            if let Some(hold) = self.hold {
+                hold.release();
+            }
+            if open {
+                let len = msg.len();
+                if let Some(queue) = self.queue
+                    && !queue.charge(len)
+                {
+                    // `dst` does not read and the budget is spent: end the connection (1013
+                    // both ways); the message is not relayed.
+                    self.batch.flushing = self.batch.msgs > 0;
+                    self.stopper.stop(StopReason::Budget);
+                    return Poll::Ready(Pumped::Stopped);
+                }
+                if Pin::new(&mut *self.dst).start_send(msg).is_err() {
+                    return Poll::Ready(Pumped::DstFailed);
+                }
+                self.batch.msgs += 1;
+                self.batch.bytes += len as u64;
+            }
+            self.batch.len += 1;
+            if self.batch.len >= MAX_BATCH {
+                self.batch.len = 0;
+                self.batch.flushing = self.batch.msgs > 0;
+                return Poll::Ready(Pumped::Yield);
+            }
+        }
+    }
+}
+
+struct Leg<'a, S, D> {
+    pipe: Pipe<'a, S, D>,
+    state: LegState,
     /// Requests from the other loop to close `dst` with a given frame (fused: pending once used).
     close_dst: Fuse<oneshot::Receiver<Message>>,
     /// Asks the other loop to close `src`.
@@ -280,16 +435,8 @@ struct Leg<'a, S, D> {
     stopper: &'a Stopper,
     stop: &'a CancellationToken,
     first: &'a OnceLock<CloseSummary>,
-    meter: &'a dyn RelayMeter,
     /// Pings `dst` on each tick (keep-alive).
     ping: Option<tokio::time::Interval>,
-    /// When `src` last sent a frame, in milliseconds since the relay started.
-    seen: &'a AtomicU64,
-    origin: tokio::time::Instant,
-    /// What `src`'s stream holds of an unfinished message.
-    hold: Option<&'a Hold>,
-    /// What is queued for `dst` and not yet written.
-    queue: Option<&'a Hold>,
 }
 
 impl<S, D> Leg<'_, S, D>
@@ -298,7 +445,7 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
 {
     fn source(&self) -> Initiator {
-        match self.dir {
+        match self.pipe.dir {
             Direction::ClientToUpstream => Initiator::Client,
             Direction::UpstreamToClient => Initiator::Upstream,
         }
@@ -312,18 +459,11 @@ where
         });
     }
 
-    fn account(&mut self) {
-        if self.batch.msgs > 0 {
-            self.meter.relayed(self.dir, self.batch.msgs, self.batch.bytes);
-            (self.batch.msgs, self.batch.bytes) = (0, 0);
-        }
-    }
-
     /// Sends `frame` (a Close) to `dst` unless it is done already; `dst` is done after.
     async fn close_dst(&mut self, frame: Message) {
         if self.state == LegState::Open {
             self.state = LegState::DstClosed;
-            let _ = guarded_write(self.stop, self.dst.send(frame)).await;
+            let _ = guarded_write(self.stop, self.pipe.dst.send(frame)).await;
         }
     }
 
@@ -339,20 +479,11 @@ where
         }
     }
 
-    /// Flushes what the batch fed, then waits for the next thing to do.
+    /// Relays data until something else needs doing: a close request, stop, a ping tick, or an
+    /// item from `src` that is not data.
     async fn wait(&mut self) -> Next {
-        if self.batch.msgs > 0 && self.state == LegState::Open {
-            if guarded_write(self.stop, self.dst.flush()).await {
-                if let Some(queue) = self.queue {
-                    queue.release();
-                }
-            } else {
-                self.state = LegState::DstClosed;
-            }
-        }
-        self.account();
-        self.batch.len = 0;
         let open = self.state == LegState::Open;
+        let pipe = &mut self.pipe;
         tokio::select! {
             biased;
             frame = &mut self.close_dst, if open => {
@@ -368,9 +499,16 @@ where
                 self.close_dst(close(code, text)).await;
                 Next::Wait
             }
-            item = self.src.next() => Next::Handle(item),
+            pumped = std::future::poll_fn(|cx| pipe.poll_pump(open, cx)) => match pumped {
+                Pumped::Item(item) => Next::Handle(item),
+                Pumped::Yield | Pumped::Stopped => Next::Wait,
+                Pumped::DstFailed => {
+                    self.state = LegState::DstClosed;
+                    Next::Wait
+                }
+            },
             _ = tick(&mut self.ping), if open => {
-                if !guarded_write(self.stop, self.dst.send(Message::Ping(Default::default()))).await {
+                if !guarded_write(self.stop, self.pipe.dst.send(Message::Ping(Default::default()))).await {
                     self.state = LegState::DstClosed;
                 }
                 Next::Wait
@@ -378,21 +516,20 @@ where
         }
     }
 
-    /// Handles one item read from `src`.
+    /// Handles one item read from `src` that is not a data message.
     async fn handle(&mut self, item: Option<Result<Message, WsError>>) -> Next {
         if let Some(Ok(msg)) = &item {
-            // A whole frame came out: the peer is alive. A message's end frees what was held; a
-            // Ping or Pong, which may come between the fragments of a message, frees only its
-            // own bytes, or a peer could keep a fragmented message unfinished (and uncharged)
-            // for ever by pinging between its fragments.
-            self.seen
-                .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-            if let Some(hold) = self.hold {
+            // A whole frame came out: the peer is alive. A Ping or Pong, which may come between
+            // the fragments of a message, frees only its own bytes, or a peer could keep a
+            // fragmented message unfinished (and uncharged) for ever by pinging between its
+            // fragments; any other frame ends what was held.
+            self.pipe.saw();
+            if let Some(hold) = self.pipe.hold {
                 match msg {
                     Message::Ping(payload) | Message::Pong(payload) => {
                         hold.consume(control_frame_len(
                             payload.len(),
-                            self.dir == Direction::ClientToUpstream,
+                            self.pipe.dir == Direction::ClientToUpstream,
                         ));
                     }
                     _ => hold.release(),
@@ -400,34 +537,11 @@ where
             }
         }
         match item {
-            Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                if self.state == LegState::Open {
-                    let len = msg.len() as u64;
-                    if let Some(queue) = self.queue
-                        && !queue.charge(msg.len())
-                    {
-                        // `dst` does not read and the budget is spent: end the connection
-                        // (1013 both ways); the message is not relayed.
-                        self.stopper.stop(StopReason::Budget);
-                        return Next::Wait;
-                    }
-                    if guarded_write(self.stop, self.dst.feed(msg)).await {
-                        self.batch.msgs += 1;
-                        self.batch.bytes += len;
-                    } else {
-                        self.state = LegState::DstClosed;
-                    }
-                }
-                self.batch.len += 1;
-                if self.batch.len < MAX_BATCH
-                    && let Some(item) = self.src.next().now_or_never()
-                {
-                    return Next::Handle(item);
-                }
-                Next::Wait
-            }
-            // Answered on this leg by tungstenite; each leg keeps its own liveness.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Next::Wait,
+            // Data is relayed by the pump; Pings are answered on this leg by tungstenite; each leg
+            // keeps its own liveness.
+            Some(Ok(
+                Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_),
+            )) => Next::Wait,
             Some(Ok(Message::Close(frame))) => {
                 let (code, reason) = frame
                     .as_ref()
@@ -446,15 +560,15 @@ where
                 | WsError::AlreadyClosed
                 | WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake),
             )) => {
-                tracing::trace!(dir = ?self.dir, "source ended");
-                self.account();
+                tracing::trace!(dir = ?self.pipe.dir, "source ended");
+                self.pipe.account();
                 self.note(self.source(), None, "connection closed without a Close frame".into());
                 self.close_dst(close(CloseCode::Away, "peer went away")).await;
                 Next::Done
             }
             Some(Err(err)) => {
-                tracing::trace!(dir = ?self.dir, error = %err, "source failed");
-                self.account();
+                tracing::trace!(dir = ?self.pipe.dir, error = %err, "source failed");
+                self.pipe.account();
                 let to_src = match &err {
                     WsError::Io(e) if BudgetExceeded::is(e) => {
                         Some((CloseCode::Again, "memory budget exceeded, try again later", 1013))
@@ -550,41 +664,47 @@ where
         let (close_client_tx, close_client_rx) = oneshot::channel();
         let (close_up_tx, close_up_rx) = oneshot::channel();
         let inbound = Leg {
-            src: &mut client_rx,
-            dst: &mut up_tx,
-            dir: Direction::ClientToUpstream,
+            pipe: Pipe {
+                src: &mut client_rx,
+                dst: &mut up_tx,
+                dir: Direction::ClientToUpstream,
+                batch: Batch::default(),
+                meter,
+                seen: &client_seen,
+                origin,
+                hold: holds.as_ref().map(|h| h.0.as_ref()),
+                queue: queues.as_ref().map(|q| q.1.as_ref()),
+                stopper: &stopper,
+            },
             state: LegState::Open,
-            batch: Batch::default(),
             close_dst: close_up_rx.fuse(),
             close_src: Some(close_client_tx),
             stopper: &stopper,
             stop: &stop,
             first: &first,
-            meter,
             ping: ping_interval(keepalive),
-            seen: &client_seen,
-            origin,
-            hold: holds.as_ref().map(|h| h.0.as_ref()),
-            queue: queues.as_ref().map(|q| q.1.as_ref()),
         }
         .run();
         let outbound = Leg {
-            src: &mut up_rx,
-            dst: &mut client_tx,
-            dir: Direction::UpstreamToClient,
+            pipe: Pipe {
+                src: &mut up_rx,
+                dst: &mut client_tx,
+                dir: Direction::UpstreamToClient,
+                batch: Batch::default(),
+                meter,
+                seen: &app_seen,
+                origin,
+                hold: holds.as_ref().map(|h| h.1.as_ref()),
+                queue: queues.as_ref().map(|q| q.0.as_ref()),
+                stopper: &stopper,
+            },
             state: LegState::Open,
-            batch: Batch::default(),
             close_dst: close_client_rx.fuse(),
             close_src: Some(close_up_tx),
             stopper: &stopper,
             stop: &stop,
             first: &first,
-            meter,
             ping: ping_interval(keepalive),
-            seen: &app_seen,
-            origin,
-            hold: holds.as_ref().map(|h| h.1.as_ref()),
-            queue: queues.as_ref().map(|q| q.0.as_ref()),
         }
         .run();
         let legs = async {
