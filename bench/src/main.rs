@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Runs the comparison and writes the results.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Serves the limit: direct mTLS WebSocket echo (prints `listening ADDR`).
     Limit {
         /// Directory with ca.crt, server.crt and server.key.
@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Run(args) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(run::run(args))?;
+            rt.block_on(run::run(*args))?;
         }
         Cmd::Limit { cert_dir } => {
             // Like wsgate: a multi-threaded runtime whose worker count follows the CPUs it may
