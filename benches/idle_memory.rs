@@ -19,7 +19,10 @@ const STEPS: usize = 3;
 
 #[tokio::main]
 async fn main() {
-    let bench = common::start(&[]).await;
+    // One client identity holds every connection: room beyond the default per-identity cap
+    // (a tenth of --max-connections, 1000).
+    let room = (CONNECTIONS * STEPS + 200).to_string();
+    let bench = common::start(&[("WSGATE_MAX_CONNECTIONS_PER_IDENTITY", room.as_str())]).await;
     let pid = bench.child.id();
     // Warm up the allocator and the runtime.
     let mut warm = Vec::new();

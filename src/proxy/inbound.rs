@@ -139,6 +139,22 @@ struct Established {
     roots: [u8; 32],
 }
 
+/// A connection ready to relay: what [`Inbound::open`] hands to the long-lived part of the
+/// connection's task.
+struct Open {
+    client: WebSocketStream<Budgeted<TokioIo<Upgraded>>>,
+    app: WebSocketStream<Budgeted<TokioIo<Upgraded>>>,
+    _slot: IdentitySlot,
+    _trust: trust::TrustGuard,
+    stopper: Arc<Stopper>,
+    /// The client certificate's expiry, on the runtime's clock and as a Unix time.
+    expires_at: Option<tokio::time::Instant>,
+    client_not_after: Option<i64>,
+    /// What each leg holds of an unfinished message (client's, app's).
+    holds: (Arc<Hold>, Arc<Hold>),
+    peer: SocketAddr,
+}
+
 /// Counts and logs a connection ended because its client is no longer trusted.
 pub(super) fn report_untrusted(metrics: &Metrics, ended: &Untrusted) {
     metrics.connections_untrusted.inc();
@@ -200,33 +216,46 @@ impl Inbound {
     }
 
     /// Serves one accepted connection to its end.
+    ///
+    /// This future is the connection's task for its whole life, so it holds only what the relay
+    /// needs: the handshake and the relay's set-up run boxed ([`Self::open`]), and so does the
+    /// relay itself (its size is the pump's, with no copy of the values moved into it).
     pub async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, permit: Option<OwnedSemaphorePermit>) {
+        let Some(open) = Box::pin(self.open(tcp, peer, permit.is_some())).await else {
+            return;
+        };
+        self.relay(open).await;
+        // The connection slot is held until the relay ends.
+        drop(permit);
+    }
+
+    /// Admission, the handshake and the relay's set-up: the attempt's record is finished here,
+    /// and a connection that will be relayed comes back ready to pump.
+    async fn open(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr, admitted: bool) -> Option<Box<Open>> {
         let server_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
         // A handshake slot first: refused before a byte is read, counted, and logged at debug
         // only (a flood must not become a log flood). Held until the handshake ends.
-        let pending = if permit.is_some() && !self.drain.is_cancelled() {
+        let pending = if admitted && !self.drain.is_cancelled() {
             match self.admission.pending(peer.ip()) {
                 Ok(slot) => Some(slot),
                 Err(refusal) => {
                     self.telemetry.metrics.refused(INBOUND, refusal.label());
                     tracing::debug!(target: "wsgate::limits", %peer, reason = %refusal, "connection refused");
-                    return;
+                    return None;
                 }
             }
         } else {
             None
         };
         let mut rec = HandshakeRecord::start(peer, server_port, self.upstream.authority());
-        let result = if permit.is_none() {
+        let result = if !admitted {
             self.telemetry.metrics.refused(INBOUND, "max_connections");
             Err(HandshakeError::TooManyConnections(self.limits.max_connections))
         } else if self.drain.is_cancelled() {
             Err(HandshakeError::Draining)
         } else {
-            // Boxed: the handshake's state (TLS, hyper on both legs) is large and short-lived;
-            // inline, it would size this task for the whole life of the connection.
             let timeout = self.handshake_timeout;
-            match tokio::time::timeout(timeout, Box::pin(self.handshake(tcp, &mut rec))).await {
+            match tokio::time::timeout(timeout, self.handshake(tcp, &mut rec)).await {
                 Ok(result) => result,
                 Err(_) => Err(HandshakeError::Timeout(timeout)),
             }
@@ -243,10 +272,10 @@ impl Inbound {
                     self.telemetry.metrics.refused(INBOUND, refusal.label());
                 }
                 rec.finish(Err(&e), &self.telemetry);
-                return;
+                return None;
             }
         };
-        self.relay(legs, client_expiry, peer).await;
+        Some(Box::new(self.prepare(legs, client_expiry, peer).await))
     }
 
     /// TLS, identity, the upgrade on both legs; returns the client's and the app's streams.
@@ -396,8 +425,9 @@ impl Inbound {
         guard
     }
 
-    /// Relays between the two upgraded legs until both close.
-    async fn relay(&self, legs: Established, client_expiry: Option<SystemTime>, peer: SocketAddr) {
+    /// Everything the relay needs: both legs as WebSockets, the holds, the stopper registered
+    /// with the trust registry.
+    async fn prepare(&self, legs: Established, client_expiry: Option<SystemTime>, peer: SocketAddr) -> Open {
         let Established {
             client,
             app,
@@ -406,13 +436,6 @@ impl Inbound {
             chain,
             roots,
         } = legs;
-        let metrics = &self.telemetry.metrics;
-        let client_not_after = client_expiry.map(crate::x509::to_unix);
-        let open = metrics.open(INBOUND);
-        open.inc();
-        if let Some(t) = client_not_after {
-            metrics.client_connected(t);
-        }
         let (client_hold, app_hold) = (Hold::new(self.budget.clone()), Hold::new(self.budget.clone()));
         let client = WebSocketStream::from_raw_socket(
             Budgeted::new(TokioIo::new(client), client_hold.clone()),
@@ -432,7 +455,44 @@ impl Inbound {
         });
         let stopper = Stopper::new(&self.drain);
         // Held until the relay ends: a change of trust roots verifies this chain again.
-        let _trust = self.watch_trust(&stopper, &identity, chain, roots, peer);
+        let trust = self.watch_trust(&stopper, &identity, chain, roots, peer);
+        Open {
+            client,
+            app,
+            _slot,
+            _trust: trust,
+            stopper,
+            expires_at,
+            client_not_after: client_expiry.map(crate::x509::to_unix),
+            holds: (client_hold, app_hold),
+            peer,
+        }
+    }
+
+    /// Relays between the two legs until both close.
+    async fn relay(&self, open: Box<Open>) {
+        // Moved out of the box at once (which frees it): what this future keeps across the
+        // relay is the guards and the boxed pump.
+        let Open {
+            client,
+            app,
+            _slot,
+            _trust,
+            stopper,
+            expires_at,
+            client_not_after,
+            holds: (client_hold, app_hold),
+            peer,
+        } = {
+            let open = open;
+            *open
+        };
+        let metrics = &self.telemetry.metrics;
+        let open = metrics.open(INBOUND);
+        open.inc();
+        if let Some(t) = client_not_after {
+            metrics.client_connected(t);
+        }
         let control = pump::Control {
             stopper,
             expires_at,
@@ -441,7 +501,7 @@ impl Inbound {
             queues: Some((Hold::new(self.budget.clone()), Hold::new(self.budget.clone()))),
             meter: metrics.as_ref(),
         };
-        let relay = pump::relay(client, app, control);
+        let relay = Box::pin(pump::relay(client, app, control));
         let summary = tokio::select! {
             summary = relay => summary,
             // The drain timeout passed: drop the connection (both sockets close).

@@ -5,8 +5,9 @@
 //! (the chain its client presented and a closure that ends it) and holds the [`TrustGuard`] for
 //! the connection's life; `proxy` hands every installed set of roots to
 //! [`TrustRegistry::set_roots`] and runs the returned [`Recheck`] off the async workers. Ending
-//! a connection is a closure, so this file knows nothing of the pump. Depends on `tls` (the
-//! client verifier the served config uses, the roots digest) and rustls.
+//! a connection is a closure, so this file knows nothing of the pump. Connections that present
+//! the same chain (a client reconnecting, or holding several connections) share one copy of it.
+//! Depends on `tls` (the client verifier the served config uses, the roots digest) and rustls.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,7 +31,7 @@ pub enum TrustError {
     Verifier(#[from] TlsError),
 }
 
-/// An open connection, as the registry knows it.
+/// An open connection, as it registers.
 pub struct Connection {
     /// The chain the client presented, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
@@ -66,6 +67,19 @@ pub struct Untrusted {
     pub reason: String,
 }
 
+/// A chain as the registry keeps it: one copy for all the connections that presented it.
+type Chain = Arc<[CertificateDer<'static>]>;
+
+/// An open connection, as the registry knows it: a [`Connection`] with its chain shared.
+struct Entry {
+    chain: Chain,
+    name: String,
+    peer: SocketAddr,
+    not_after: SystemTime,
+    verified_with: [u8; 32],
+    stop: Stop,
+}
+
 struct Roots {
     digest: [u8; 32],
     verifier: Arc<dyn ClientCertVerifier>,
@@ -74,8 +88,35 @@ struct Roots {
 #[derive(Default)]
 struct Inner {
     roots: Option<Arc<Roots>>,
-    entries: HashMap<u64, Arc<Connection>>,
+    entries: HashMap<u64, Arc<Entry>>,
+    /// Every chain an entry holds, with how many entries hold it.
+    chains: HashMap<Chain, usize>,
     next: u64,
+}
+
+impl Inner {
+    /// The shared copy of `chain`, counted once more.
+    fn intern(&mut self, chain: Vec<CertificateDer<'static>>) -> Chain {
+        let shared: Chain = match self.chains.get_key_value(chain.as_slice()) {
+            Some((shared, _)) => shared.clone(),
+            None => chain.into(),
+        };
+        *self.chains.entry(shared.clone()).or_insert(0) += 1;
+        shared
+    }
+
+    /// Removes entry `id`, and its chain when no other entry holds it.
+    fn remove(&mut self, id: u64) {
+        let Some(entry) = self.entries.remove(&id) else {
+            return;
+        };
+        if let Some(count) = self.chains.get_mut(&entry.chain) {
+            *count -= 1;
+            if *count == 0 {
+                self.chains.remove(&entry.chain);
+            }
+        }
+    }
 }
 
 /// The open connections and the trust roots they are held to.
@@ -102,7 +143,7 @@ pub struct TrustGuard {
 impl Drop for TrustGuard {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
-            registry.lock().entries.remove(&self.id);
+            registry.lock().remove(self.id);
         }
     }
 }
@@ -111,7 +152,7 @@ impl Drop for TrustGuard {
 /// without it (on a blocking thread: it verifies signatures).
 pub struct Recheck {
     verifier: Arc<dyn ClientCertVerifier>,
-    entries: Vec<Arc<Connection>>,
+    entries: Vec<Arc<Entry>>,
 }
 
 impl std::fmt::Debug for Recheck {
@@ -141,7 +182,7 @@ impl Recheck {
         let mut ended = Vec::new();
         for conn in &self.entries {
             let verdict = verdicts
-                .entry(conn.chain.as_slice())
+                .entry(&conn.chain[..])
                 .or_insert_with(|| verify(self.verifier.as_ref(), conn, now));
             if let Err(reason) = verdict
                 && (conn.stop)()
@@ -153,7 +194,7 @@ impl Recheck {
     }
 }
 
-fn untrusted(conn: &Connection, reason: String) -> Untrusted {
+fn untrusted(conn: &Entry, reason: String) -> Untrusted {
     Untrusted {
         name: conn.name.clone(),
         peer: conn.peer,
@@ -163,7 +204,7 @@ fn untrusted(conn: &Connection, reason: String) -> Untrusted {
 
 /// Whether `conn`'s chain verifies with `verifier` now. A leaf already expired passes: its
 /// expiry ends the connection with its own reason.
-fn verify(verifier: &dyn ClientCertVerifier, conn: &Connection, now: SystemTime) -> Result<(), String> {
+fn verify(verifier: &dyn ClientCertVerifier, conn: &Entry, now: SystemTime) -> Result<(), String> {
     if now >= conn.not_after {
         return Ok(());
     }
@@ -227,13 +268,20 @@ impl TrustRegistry {
     /// since its handshake verified it (and before the re-check could see it), its chain is
     /// verified now, and the connection ended if it fails: the second value says so.
     pub fn register(self: &Arc<Self>, conn: Connection) -> (TrustGuard, Option<Untrusted>) {
-        let conn = Arc::new(conn);
-        let (id, roots) = {
+        let (id, roots, conn) = {
             let mut inner = self.lock();
             let id = inner.next;
             inner.next += 1;
+            let conn = Arc::new(Entry {
+                chain: inner.intern(conn.chain),
+                name: conn.name,
+                peer: conn.peer,
+                not_after: conn.not_after,
+                verified_with: conn.verified_with,
+                stop: conn.stop,
+            });
             inner.entries.insert(id, conn.clone());
-            (id, inner.roots.clone())
+            (id, inner.roots.clone(), conn)
         };
         let guard = TrustGuard {
             registry: Arc::downgrade(self),
@@ -282,6 +330,27 @@ mod tests {
                 true
             }),
         }
+    }
+
+    #[test]
+    fn connections_presenting_the_same_chain_share_one_copy_until_the_last_ends() {
+        let a = Ca::new("A").unwrap();
+        let registry = TrustRegistry::new();
+        let (c, other) = (client(&a), client(&a));
+        let first = registry.register(conn(&c, &a)).0;
+        let second = registry.register(conn(&c, &a)).0;
+        let third = registry.register(conn(&other, &a)).0;
+        {
+            let inner = registry.lock();
+            assert_eq!(inner.chains.len(), 2);
+            let (x, y) = (&inner.entries[&first.id].chain, &inner.entries[&second.id].chain);
+            assert!(Arc::ptr_eq(x, y), "one copy of the shared chain");
+            assert_eq!(inner.chains[x], 2);
+        }
+        drop((first, third));
+        assert_eq!(registry.lock().chains.len(), 1, "a chain still held stays");
+        drop(second);
+        assert!(registry.lock().chains.is_empty(), "the last holder takes it along");
     }
 
     #[test]
