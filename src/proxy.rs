@@ -321,13 +321,13 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
             budget: memory_budget.clone(),
             trust,
         });
-        accepts.push(tokio::spawn(crate::net::accept_loop(
+        accepts.push(serve(
             listener,
-            cfg.limits.max_connections,
-            life.drain_token(),
-            connections.clone(),
+            &cfg.limits,
+            &life,
+            &connections,
             move |stream, peer, permit| inbound.clone().handle(stream, peer, permit),
-        )));
+        ));
     }
     // One keeper for every route: handshakes in all (every app connects from loopback, so no
     // per-address share), connections per destination.
@@ -349,13 +349,13 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
             admission: outbound_admission.clone(),
             budget: memory_budget.clone(),
         });
-        accepts.push(tokio::spawn(crate::net::accept_loop(
+        accepts.push(serve(
             listener,
-            cfg.limits.max_connections,
-            life.drain_token(),
-            connections.clone(),
+            &cfg.limits,
+            &life,
+            &connections,
             move |stream, peer, permit| outbound.clone().handle(stream, peer, permit),
-        )));
+        ));
     }
     let routes: Vec<String> = cfg
         .outbound
@@ -407,4 +407,26 @@ pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
         metrics,
         status,
     })
+}
+
+/// Spawns the accept loop of one listener (the mTLS one or an outbound route's): at most
+/// `--max-connections` at once, stopped by the drain, each connection tracked by `connections`.
+fn serve<H, F>(
+    listener: TcpListener,
+    limits: &settings::Limits,
+    life: &Lifecycle,
+    connections: &TaskTracker,
+    handle: H,
+) -> tokio::task::JoinHandle<()>
+where
+    H: Fn(tokio::net::TcpStream, SocketAddr, Option<tokio::sync::OwnedSemaphorePermit>) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(crate::net::accept_loop(
+        listener,
+        limits.max_connections,
+        life.drain_token(),
+        connections.clone(),
+        handle,
+    ))
 }
