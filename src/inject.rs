@@ -21,8 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 use crate::admin::{AdminState, NotReady};
 use crate::certs::ReloadTiming;
 use crate::certs::watch::{CertWatcher, ReloadReport};
@@ -215,14 +213,12 @@ impl InjectHandle {
 /// Starts the webhook, its certificate watcher, the admin server and (with a client) the
 /// certificate controller and the native-sidecar detection.
 pub async fn start(cfg: InjectConfig, client: Option<kube::Client>) -> Result<InjectHandle, InjectError> {
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| InjectError::Bind {
-            what: "webhook",
-            addr: cfg.listen,
-            source,
-        })?;
-    let admin = TcpListener::bind(cfg.admin).await.map_err(|source| InjectError::Bind {
+    let listener = crate::net::bind(cfg.listen).map_err(|source| InjectError::Bind {
+        what: "webhook",
+        addr: cfg.listen,
+        source,
+    })?;
+    let admin = crate::net::bind(cfg.admin).map_err(|source| InjectError::Bind {
         what: "admin",
         addr: cfg.admin,
         source,

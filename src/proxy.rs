@@ -222,9 +222,7 @@ impl ProxyHandle {
 /// Binds the ports and starts everything; returns once the ports are bound.
 pub async fn start(cfg: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ProxyError::Bind { what, addr, source })
+        crate::net::bind(addr).map_err(|source| ProxyError::Bind { what, addr, source })
     };
     // No upstream: a client-only pod, with no inbound listener at all.
     let listener = match &cfg.upstream {

@@ -2,6 +2,7 @@
 //!
 //! One crypto provider (aws-lc-rs) everywhere, so no second one is linked in.
 
+pub mod chain_cache;
 pub mod client;
 pub mod identity;
 pub mod reloader;

@@ -140,7 +140,15 @@ pub async fn connect(target: &Upstream, peer: &'static str) -> Result<(TcpStream
         source,
     })?;
     let connect_time = t0.elapsed();
-    crate::net::tune(&tcp);
+    match target.addr {
+        // The pod's own app over loopback: the kernel acknowledges at once and reports a dead
+        // peer at once, so keepalive and TCP_USER_TIMEOUT would never fire; only Nagle matters
+        // (five system calls fewer per connection).
+        Some(addr) if addr.ip().is_loopback() => {
+            let _ = tcp.set_nodelay(true);
+        }
+        _ => crate::net::tune(&tcp),
+    }
     Ok((tcp, connect_time))
 }
 

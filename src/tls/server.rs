@@ -1,6 +1,6 @@
 //! Builds the inbound `ServerConfig`: client certificate required and verified against the roots.
 //!
-//! Depends on `certs::bundle`.
+//! Depends on `certs::bundle` and `chain_cache`.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::SingleCertAndKey;
 use rustls_pki_types::CertificateDer;
 
+use super::chain_cache::CachingVerifier;
 use super::{TlsError, TlsMinVersion, provider, root_store, versions};
 use crate::certs::CertBundle;
 
@@ -50,12 +51,15 @@ pub fn client_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<dyn Clie
     client_verifier_with(roots, provider())
 }
 
-/// [`client_verifier`] with the given crypto provider.
+/// [`client_verifier`] with the given crypto provider: webpki's, behind a cache of the chains
+/// it accepted ([`CachingVerifier`]: the same chain again is not verified again until it
+/// expires; a new set of roots is a new verifier with an empty cache).
 fn client_verifier_with(
     roots: &[CertificateDer<'static>],
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    Ok(WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider).build()?)
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(roots)?), provider).build()?;
+    Ok(Arc::new(CachingVerifier::new(webpki)))
 }
 
 /// A server config without client authentication, for the admission webhook (the API server

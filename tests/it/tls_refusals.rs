@@ -93,6 +93,41 @@ async fn an_expired_client_certificate_gets_certificate_expired() {
     .await;
 }
 
+/// wsgate remembers the client chains it has verified (`tls::chain_cache`); a remembered chain
+/// must still be refused once it has expired, exactly as a chain never seen before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_admitted_before_is_refused_once_it_expires() {
+    let env = env().await;
+    let now = SystemTime::now();
+    let not_after = now + Duration::from_secs(3);
+    let spec = LeafSpec::new("frontend")
+        .uri(&spiffe("frontend"))
+        .valid(now - Duration::from_secs(3600), not_after);
+    let leaf = env.pki.ca.leaf(&spec).unwrap();
+    let cfg = crate::support::client_config(
+        Some((leaf.cert_pem.as_str(), leaf.key_pem.as_str())),
+        std::slice::from_ref(&env.pki.ca.cert_der),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let (mut ws, _) = connect(env.proxy.listen_addr, cfg.clone(), "localhost", "/")
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a valid certificate was refused: {e}"));
+        let reply = roundtrip(&mut ws, format!("admitted {round}").into()).await;
+        assert_eq!(reply.to_text().unwrap(), format!("admitted {round}"));
+        ws.close(None).await.unwrap();
+    }
+    // notAfter has one-second resolution: wait until it has surely passed.
+    let wait = not_after.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(2);
+    tokio::time::sleep(wait).await;
+    let err = refused(&env, &leaf).await;
+    assert_eq!(alert(&err), Some(AlertDescription::CertificateExpired), "{err}");
+    crate::support::eventually("counted", Duration::from_secs(5), || {
+        failures(&env, "certificate_expired") == 1.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_not_yet_valid_client_certificate_is_refused() {
     let env = env().await;
