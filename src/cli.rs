@@ -477,8 +477,8 @@ pub struct ProxyArgs {
     /// Longest wait for connections to close on drain.
     #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: Duration,
-    /// Largest WebSocket message accepted from either side (e.g. 1MiB). Each direction of a
-    /// connection may buffer one message being assembled and one being written.
+    /// Largest WebSocket message accepted from either side, all its fragments together (e.g.
+    /// 1MiB). Fragments are forwarded as they arrive; each direction holds one frame at most.
     #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "1MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_message_size: usize,
     /// Largest WebSocket frame accepted from either side.

@@ -1,23 +1,19 @@
 //! The memory budget: a process-wide bound on the bytes the relay holds for messages that have
 //! not arrived whole yet.
 //!
-//! Each leg's byte stream is wrapped in [`Budgeted`], which counts what it reads into the
-//! WebSocket codec until the relay takes a complete frame out ([`Hold::release`]). The first
+//! The relay sets each direction's [`Hold`] to what its peer's unfinished message holds: the
+//! fragments forwarded so far and the frame being received ([`Hold::set`]). The first
 //! [`ALLOWANCE`] bytes a connection holds are free (every ordinary message fits in them, so a
 //! client with small messages never touches the budget); beyond that each byte is charged to
-//! the shared [`MemoryBudget`], and a read that would exceed it fails, which the relay turns
+//! the shared [`MemoryBudget`], and growth that would exceed it is refused, which the relay turns
 //! into Close 1013 (try again later) to that peer. A hold also remembers since when it has been
 //! non-empty, so the relay can close a peer that never finishes its message. A leaf of `proxy`:
 //! depends on tokio only.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 /// Bytes a connection may hold for one unfinished message before the budget is charged.
@@ -98,21 +94,6 @@ impl MemoryBudget {
     }
 }
 
-/// The error a read returns when the budget is exhausted.
-#[derive(Debug, thiserror::Error)]
-#[error("the memory budget for unfinished messages ({limit} bytes) is exhausted")]
-pub struct BudgetExceeded {
-    /// The budget's limit.
-    pub limit: usize,
-}
-
-impl BudgetExceeded {
-    /// Whether `err` is this error (as the codec hands it back).
-    pub fn is(err: &io::Error) -> bool {
-        err.get_ref().is_some_and(|e| e.is::<BudgetExceeded>())
-    }
-}
-
 /// What one direction of one connection holds.
 #[derive(Debug)]
 pub struct Hold {
@@ -157,13 +138,22 @@ impl Hold {
         true
     }
 
-    /// Counts `n` bytes queued for a peer (a message fed to its writer); `false` (and nothing
-    /// counted) when the budget cannot take them.
-    pub fn charge(&self, n: usize) -> bool {
-        self.add(n)
+    /// Sets what is held to `n` bytes (what the relay holds of an unfinished message now);
+    /// `false` (and nothing changed) when the budget cannot take the growth. The time it started
+    /// is kept while something stays held.
+    pub fn set(&self, n: usize) -> bool {
+        let before = self.held.load(Ordering::Relaxed);
+        if n == before {
+            return true;
+        }
+        if n < before {
+            self.consume(before - n);
+            return true;
+        }
+        self.add(n - before)
     }
 
-    /// A frame came out whole, or what was queued was written: what was held is free again.
+    /// The message ended (or its sender did): what was held is free again.
     pub fn release(&self) {
         let before = self.held.swap(0, Ordering::Relaxed);
         self.since_ms.store(0, Ordering::Relaxed);
@@ -173,9 +163,8 @@ impl Hold {
         }
     }
 
-    /// A control frame of `n` bytes came out, which may have come between the fragments of a
-    /// message: only its own bytes are free again; what the unfinished message holds stays held,
-    /// charged and timed from when it started.
+    /// `n` of the bytes held are free again; what stays held stays charged and timed from when
+    /// it started.
     pub fn consume(&self, n: usize) {
         let before = self.held.load(Ordering::Relaxed);
         let after = before.saturating_sub(n);
@@ -214,70 +203,6 @@ impl Drop for Hold {
         if charged > 0 {
             self.budget.refund(charged);
         }
-    }
-}
-
-/// A byte stream whose reads are counted in a [`Hold`].
-#[derive(Debug)]
-pub struct Budgeted<S> {
-    inner: S,
-    hold: Arc<Hold>,
-}
-
-impl<S> Budgeted<S> {
-    /// Wraps `inner`, counting its reads in `hold`.
-    pub fn new(inner: S, hold: Arc<Hold>) -> Self {
-        Self { inner, hold }
-    }
-
-    /// The wrapped stream.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Budgeted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let n = buf.filled().len() - before;
-                if n > 0 && !this.hold.add(n) {
-                    return Poll::Ready(Err(io::Error::other(BudgetExceeded {
-                        limit: this.hold.budget.limit,
-                    })));
-                }
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Budgeted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
@@ -331,22 +256,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_read_past_the_budget_fails_with_budget_exceeded() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn set_charges_growth_refunds_shrinkage_and_keeps_the_start_while_held() {
         let budget = MemoryBudget::new(1000);
-        let (mut peer, io) = tokio::io::duplex(1 << 20);
-        let mut io = Budgeted::new(io, Hold::new(budget.clone()));
-        peer.write_all(&vec![0u8; ALLOWANCE + 4000]).await.unwrap();
-        let mut buf = vec![0u8; ALLOWANCE + 4000];
-        let mut got = 0;
-        let err = loop {
-            match io.read(&mut buf[got..]).await {
-                Ok(n) => got += n,
-                Err(e) => break e,
-            }
-        };
-        assert!(BudgetExceeded::is(&err), "{err}");
-        assert!(got <= ALLOWANCE + 1000, "read {got} bytes past a 1000-byte budget");
-        assert!(budget.used() <= 1000);
+        let hold = Hold::new(budget.clone());
+        assert!(hold.set(ALLOWANCE + 500));
+        assert_eq!(budget.used(), 500);
+        let since = hold.since();
+        assert!(since.is_some());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(!hold.set(ALLOWANCE + 1001), "past the budget");
+        assert_eq!(
+            (hold.held(), budget.used()),
+            (ALLOWANCE + 500, 500),
+            "a refusal changes nothing"
+        );
+        assert!(hold.set(ALLOWANCE + 1000));
+        assert!(hold.set(10));
+        assert_eq!(budget.used(), 0);
+        assert_eq!(hold.since(), since, "still held: timed from its start");
+        assert!(hold.set(0));
+        assert_eq!((hold.held(), hold.since()), (0, None));
     }
 }

@@ -15,13 +15,11 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::{self, AcceptError};
 use super::admission::{Admission, IdentitySlot, Refusal};
-use super::budget::{Budgeted, Hold, MemoryBudget};
+use super::budget::{Hold, MemoryBudget};
 use super::dial::{self, DialError};
 use super::exchange::{self, ExchangeError};
 use super::outcome::FailureKind;
@@ -36,14 +34,6 @@ use crate::telemetry::{Metrics, Telemetry};
 use crate::tls::{PeerIdentity, TlsStore};
 use opentelemetry::trace::SpanKind;
 use rustls_pki_types::CertificateDer;
-
-/// Read buffer of the client's leg (a TLS leg). rustls already holds the decrypted bytes, so reading them out
-/// in smaller pieces costs copies, not system calls; a sidecar holds many idle connections.
-pub(super) const CLIENT_READ_BUFFER: usize = 2 * 1024;
-/// Read buffer of the app's leg (plain TCP: each read is a system call).
-pub(super) const APP_READ_BUFFER: usize = 4 * 1024;
-/// Bytes buffered before tungstenite writes on its own (the pump flushes earlier when idle).
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Why a handshake attempt did not end in a relayed WebSocket: the first stage that refused.
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +132,8 @@ struct Established {
 /// A connection ready to relay: what [`Inbound::open`] hands to the long-lived part of the
 /// connection's task.
 struct Open {
-    client: WebSocketStream<Budgeted<TokioIo<Upgraded>>>,
-    app: WebSocketStream<Budgeted<TokioIo<Upgraded>>>,
+    client: TokioIo<Upgraded>,
+    app: TokioIo<Upgraded>,
     _slot: IdentitySlot,
     _trust: trust::TrustGuard,
     stopper: Arc<Stopper>,
@@ -178,15 +168,12 @@ impl RelayMeter for Metrics {
     }
 }
 
-/// The WebSocket settings of one leg: its read buffer, the shared write buffer, the size limits.
-/// Shared with the outbound root.
-pub(super) fn ws_config(limits: &Limits, read_buffer: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + limits.max_message_size + 64)
-        .max_message_size(Some(limits.max_message_size))
-        .max_frame_size(Some(limits.max_frame_size))
+/// The frame and message limits of the relay (shared with the outbound root).
+pub(super) fn frame_limits(limits: &Limits) -> pump::FrameLimits {
+    pump::FrameLimits {
+        max_frame: limits.max_frame_size,
+        max_message: limits.max_message_size,
+    }
 }
 
 /// Counts and logs a relayed connection's end (shared with the outbound root).
@@ -211,10 +198,6 @@ pub(super) fn closed(metrics: &Metrics, direction: &'static str, summary: &pump:
 }
 
 impl Inbound {
-    fn ws_config(&self, read_buffer: usize) -> WebSocketConfig {
-        ws_config(&self.limits, read_buffer)
-    }
-
     /// Serves one accepted connection to its end.
     ///
     /// This future is the connection's task for its whole life, so it holds only what the relay
@@ -425,7 +408,7 @@ impl Inbound {
         guard
     }
 
-    /// Everything the relay needs: both legs as WebSockets, the holds, the stopper registered
+    /// Everything the relay needs: both legs (upgraded), the holds, the stopper registered
     /// with the trust registry.
     async fn prepare(&self, legs: Established, client_expiry: Option<SystemTime>, peer: SocketAddr) -> Open {
         let Established {
@@ -437,18 +420,7 @@ impl Inbound {
             roots,
         } = legs;
         let (client_hold, app_hold) = (Hold::new(self.budget.clone()), Hold::new(self.budget.clone()));
-        let client = WebSocketStream::from_raw_socket(
-            Budgeted::new(TokioIo::new(client), client_hold.clone()),
-            Role::Server,
-            Some(self.ws_config(CLIENT_READ_BUFFER)),
-        )
-        .await;
-        let app = WebSocketStream::from_raw_socket(
-            Budgeted::new(TokioIo::new(app), app_hold.clone()),
-            Role::Client,
-            Some(self.ws_config(APP_READ_BUFFER)),
-        )
-        .await;
+        let (client, app) = (TokioIo::new(client), TokioIo::new(app));
         let expires_at = client_expiry.map(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::Instant::now() + left
@@ -498,7 +470,7 @@ impl Inbound {
             expires_at,
             keepalive: self.limits.keepalive,
             holds: Some((client_hold, app_hold, self.limits.message_timeout)),
-            queues: Some((Hold::new(self.budget.clone()), Hold::new(self.budget.clone()))),
+            limits: frame_limits(&self.limits),
             meter: metrics.as_ref(),
         };
         let relay = Box::pin(pump::relay(client, app, control));

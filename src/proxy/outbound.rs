@@ -26,15 +26,13 @@ use hyper_util::rt::TokioIo;
 use opentelemetry::trace::SpanKind;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::{Admission, IdentitySlot, Refusal};
-use super::budget::{Budgeted, Hold, MemoryBudget};
+use super::budget::{Hold, MemoryBudget};
 use super::dial::{self, DialError};
 use super::exchange::{self, ExchangeError};
-use super::inbound::{APP_READ_BUFFER, CLIENT_READ_BUFFER, closed, ws_config};
+use super::inbound::{closed, frame_limits};
 use super::outcome::FailureKind;
 use super::pump::{self, Stopper};
 use super::record::{Failure, HandshakeRecord};
@@ -365,26 +363,15 @@ impl Outbound {
         let open = metrics.open(OUTBOUND);
         open.inc();
         let (app_hold, remote_hold) = (Hold::new(self.budget.clone()), Hold::new(self.budget.clone()));
-        // The app is this proxy's client here: it is the server side of its leg.
-        let app = WebSocketStream::from_raw_socket(
-            Budgeted::new(TokioIo::new(app), app_hold.clone()),
-            Role::Server,
-            Some(ws_config(&self.limits, APP_READ_BUFFER)),
-        )
-        .await;
-        let remote = WebSocketStream::from_raw_socket(
-            Budgeted::new(TokioIo::new(remote), remote_hold.clone()),
-            Role::Client,
-            Some(ws_config(&self.limits, CLIENT_READ_BUFFER)),
-        )
-        .await;
+        // The app is this proxy's client here: the relay's client side (its frames are masked).
+        let (app, remote) = (TokioIo::new(app), TokioIo::new(remote));
         let control = pump::Control {
             stopper: Stopper::new(&self.drain),
             // The remote's wsgate ends the connection when this pod's certificate expires.
             expires_at: None,
             keepalive: self.limits.keepalive,
             holds: Some((app_hold, remote_hold, self.limits.message_timeout)),
-            queues: Some((Hold::new(self.budget.clone()), Hold::new(self.budget.clone()))),
+            limits: frame_limits(&self.limits),
             meter: metrics.as_ref(),
         };
         let relay = pump::relay(app, remote, control);

@@ -1,23 +1,27 @@
-//! The frame pump: relays WebSocket messages both ways until either side closes.
+//! The frame relay: forwards WebSocket frames both ways until both peers have closed.
 //!
-//! Each direction is a loop that reads one leg and writes the other; both loops run in the
-//! connection's one task (no extra spawn, no lock held across an await). Writes are batched:
-//! a loop flushes only when its source has nothing more ready. Pings are answered on each leg
-//! by tungstenite and not forwarded; Close frames are forwarded with their code and reason; a
-//! drain sends Close 1001 "going away" on both legs, and the expiry of the client's certificate
-//! Close 1008; an oversized message closes its sender's leg with 1009, invalid UTF-8 with 1007
-//! and another protocol violation with 1002. Depends on tokio-tungstenite.
+//! Frames are forwarded as they came, mask and all (a client's frames go on to a server, a
+//! server's to a client), once each is whole and checked: reserved bits, opcodes, masking,
+//! control frame rules, the frame and message size limits, fragment order, UTF-8 in text, Close
+//! codes ([`wire`]). Nothing is decoded into messages or encoded again; a batch of frames read
+//! at once goes out in one write. Both directions are driven by one poll of the connection's
+//! task, with no lock and no channel between them.
 //!
-//! Each leg is a small state machine (`LegState`: `dst` open, or done) stepped by `Next`
-//! (wait, handle an item already read, done). Every write races the drain/expiry stop and is
-//! given up `STOP_WRITE_TIMEOUT` after it, so a peer that reads nothing cannot hold a leg;
-//! after a stop the relay ends within [`CLOSE_GRACE`].
+//! Pings are answered on each leg and not forwarded; a Close is forwarded and answered on its
+//! own leg at once. A peer that breaks the protocol is closed with 1002, oversize with 1009,
+//! invalid UTF-8 with 1007, and the other peer gets 1001 "peer connection failed". wsgate ends a
+//! connection itself through its [`Stopper`]: drain (1001), the client certificate's expiry or a
+//! trust change that no longer admits it (1008), no frame from a peer within the idle timeout
+//! although each leg is pinged (1001), a message left unfinished past the message timeout
+//! (1008); a peer whose unfinished message would exceed the memory budget is closed with 1013.
 //!
-//! wsgate ends a connection itself through its [`Stopper`]: drain (1001), the client
-//! certificate's expiry or a trust change that no longer admits it (1008), no frame from a peer
-//! within the idle timeout although each leg is pinged (1001), a message left unfinished past
-//! the message timeout (1008); a peer whose unfinished message would exceed the memory budget
-//! is closed with 1013. Depends on tokio-tungstenite and `budget`.
+//! What one connection holds is bounded: one frame being received (up to the frame limit,
+//! charged to the budget beyond the allowance) and the frames read with it, which are not read
+//! past while the other peer does not take them (backpressure). The read buffer is freed
+//! whenever it is empty, so an idle connection holds none. After a stop every write gets
+//! [`STOP_WRITE_TIMEOUT`], and the relay ends within [`CLOSE_GRACE`]. Depends on `budget`.
+
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,20 +29,12 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::Fuse;
-use futures_util::sink::Sink;
-use futures_util::stream::Stream;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::budget::{BudgetExceeded, Hold};
+use self::wire::{Opcode, Utf8Check, WireError};
+use super::budget::Hold;
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,35 +91,24 @@ pub enum StopReason {
     Idle,
     /// A peer left a message unfinished past the message timeout.
     Unfinished,
-    /// Messages queued for a peer that does not read would exceed the memory budget.
-    Budget,
 }
 
 impl StopReason {
     /// The Close frame to send, and the note for the close summary.
-    fn close(self) -> (CloseCode, &'static str, &'static str) {
+    fn close(self) -> (u16, &'static str, &'static str) {
         match self {
-            StopReason::Drain => (CloseCode::Away, "going away", "going away (drain)"),
-            StopReason::Expired => (
-                CloseCode::Policy,
-                "client certificate expired",
-                "client certificate expired",
-            ),
+            StopReason::Drain => (1001, "going away", "going away (drain)"),
+            StopReason::Expired => (1008, "client certificate expired", "client certificate expired"),
             StopReason::Untrusted => (
-                CloseCode::Policy,
+                1008,
                 "client certificate no longer trusted",
                 "client certificate no longer trusted (trust roots changed)",
             ),
-            StopReason::Idle => (CloseCode::Away, "idle timeout", "idle timeout: no frame from a peer"),
+            StopReason::Idle => (1001, "idle timeout", "idle timeout: no frame from a peer"),
             StopReason::Unfinished => (
-                CloseCode::Policy,
+                1008,
                 "message not finished in time",
                 "message not finished within the message timeout",
-            ),
-            StopReason::Budget => (
-                CloseCode::Again,
-                "memory budget exceeded, try again later",
-                "memory budget exceeded by messages queued for a peer that does not read",
             ),
         }
     }
@@ -186,46 +171,614 @@ pub struct Control<'m> {
     /// What each direction holds of unfinished messages (client's, app's), and how long a
     /// message may stay unfinished.
     pub holds: Option<(Arc<Hold>, Arc<Hold>, Duration)>,
-    /// What is queued for each peer and not yet written (to the client, to the app).
-    pub queues: Option<(Arc<Hold>, Arc<Hold>)>,
+    /// The largest frame and message a peer may send.
+    pub limits: FrameLimits,
     /// Counts relayed messages.
     pub meter: &'m dyn RelayMeter,
 }
 
-/// Receives relay counts, once per flushed batch.
+/// The largest frame and message a peer may send (1009 beyond either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest frame payload, in bytes.
+    pub max_frame: usize,
+    /// Largest message (the payloads of all its fragments), in bytes.
+    pub max_message: usize,
+}
+
+/// Receives relay counts, once per poll of the relay that relayed any.
 pub trait RelayMeter: Send + Sync {
     /// `messages` data messages carrying `bytes` payload bytes went `dir`.
     fn relayed(&self, dir: Direction, messages: u64, bytes: u64);
 }
 
-/// How long the other direction may take to finish its close handshake once one has ended.
+/// How long the other peer may take to finish its close handshake once one has finished, and
+/// how long the relay lasts at most after a stop.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// Most messages relayed back to back before checking drain and close requests again.
-const MAX_BATCH: usize = 64;
-
-fn close(code: CloseCode, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }))
-}
 
 /// How long a write may still take once stop (drain or expiry) has fired. Before stop a write
 /// waits as long as its peer makes it (backpressure: a slow reader slows its sender); after it, a
-/// peer that has not taken the frame within this is not reading, and the leg gives up on it.
+/// peer that has not taken what is due within this is not reading, and nothing more is written
+/// to it.
 const STOP_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs one write (`feed`, `flush` or `send`) so that stop can always reach it: the write races
-/// the stop token, and once stop has fired it gets at most [`STOP_WRITE_TIMEOUT`] more. `false`
-/// when the write failed or was given up; dropping it then is safe for the framing, since
-/// tungstenite keeps whole frames in its write buffer and never half-queues a message.
-async fn guarded_write(stop: &CancellationToken, write: impl Future<Output = Result<(), WsError>>) -> bool {
-    let mut write = std::pin::pin!(write);
-    tokio::select! {
-        biased;
-        done = &mut write => done.is_ok(),
-        _ = stop.cancelled() => matches!(tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await, Ok(Ok(()))),
+/// Room for one read when no frame is being received: a TLS record's worth.
+const READ_CHUNK: usize = 16 * 1024;
+/// Most room made for one read into a large frame being received.
+const MAX_READ: usize = 256 * 1024;
+/// Most bytes of wsgate's own Pings and Pongs waiting for one peer; a Pong beyond is dropped
+/// (RFC 6455 lets a peer answer only some Pings), so a peer that pings and never reads holds
+/// no more than this.
+const CTL_CAP: usize = 1024;
+/// Reads per poll of the relay before it lets the connection's other work and other tasks run.
+const MAX_READS_PER_POLL: usize = 64;
+
+/// The message a peer is in the middle of sending.
+struct Partial {
+    /// The UTF-8 check of a text message; `None` for binary.
+    text: Option<Utf8Check>,
+    /// Payload bytes so far.
+    len: u64,
+    /// Frame bytes so far (headers included): what the hold counts for it.
+    wire: u64,
+}
+
+/// One peer: its connection, what was read from it, what wsgate owes it.
+struct Side<S> {
+    io: S,
+    who: Initiator,
+    /// Its frames are masked (it is the WebSocket client of this leg); wsgate's own frames to it
+    /// are then not, and the other way round.
+    masked: bool,
+    /// Bytes read from it. `rbuf[..fwd]` are whole, checked frames due to the other peer and
+    /// written from here; the rest is the start of a frame not yet whole.
+    rbuf: BytesMut,
+    fwd: usize,
+    /// The frames due to the other peer end with a Close.
+    fwd_close: bool,
+    /// Bytes still missing of the frame being received (0: not known yet).
+    need: usize,
+    /// The message it is sending, if unfinished.
+    msg: Option<Partial>,
+    /// wsgate's own Pings and Pongs for it, written at a frame boundary.
+    ctl: Vec<u8>,
+    /// wsgate's Close for it, written after everything else due to it.
+    close: Option<Vec<u8>>,
+    /// A Close is due to it (wsgate's, or the other peer's forwarded): nothing after it.
+    close_queued: bool,
+    /// That Close was written.
+    closed_out: bool,
+    /// A write to it stopped inside forwarded frames: its own frames wait for the next boundary.
+    mid: bool,
+    /// Written and not yet flushed.
+    dirty: bool,
+    /// Nothing more is read from it: it sent its Close, ended, or broke the protocol.
+    read_done: bool,
+    /// Nothing more is written to it: a write failed, or was given up after a stop.
+    write_dead: bool,
+    /// Data messages finished and their payload bytes, not yet metered.
+    msgs: u64,
+    bytes: u64,
+}
+
+impl<S> Side<S> {
+    fn new(io: S, who: Initiator, masked: bool) -> Self {
+        Self {
+            io,
+            who,
+            masked,
+            rbuf: BytesMut::new(),
+            fwd: 0,
+            fwd_close: false,
+            need: 0,
+            msg: None,
+            ctl: Vec::new(),
+            close: None,
+            close_queued: false,
+            closed_out: false,
+            mid: false,
+            dirty: false,
+            read_done: false,
+            write_dead: false,
+            msgs: 0,
+            bytes: 0,
+        }
     }
+
+    /// It takes more frames: no Close is due to it and writes to it work.
+    fn accepts(&self) -> bool {
+        !self.close_queued && !self.write_dead
+    }
+
+    /// Everything due to it, its Close last, is written and flushed (or it cannot be written).
+    fn out_done(&self) -> bool {
+        self.write_dead || (self.closed_out && !self.dirty)
+    }
+
+    /// Both ways are over with this peer.
+    fn done(&self) -> bool {
+        self.read_done && self.out_done()
+    }
+
+    /// Queues wsgate's Close for it, unless a Close is due to it already.
+    fn queue_close(&mut self, code: Option<u16>, reason: &str) {
+        if self.accepts() {
+            let mut frame = Vec::with_capacity(8 + reason.len().min(123));
+            wire::push_close(&mut frame, code, reason, !self.masked);
+            self.close = Some(frame);
+        }
+        self.close_queued = true;
+    }
+
+    /// Queues a Ping or Pong for it, within [`CTL_CAP`].
+    fn queue_control(&mut self, opcode: Opcode, payload: &[u8]) {
+        if self.accepts() && self.ctl.len() < CTL_CAP {
+            wire::push_control(&mut self.ctl, opcode, payload, !self.masked);
+        }
+    }
+
+    /// Cuts `len` bytes out of `rbuf` at the end of the frames due (a control frame consumed,
+    /// or a frame for a peer that takes no more).
+    fn cut(&mut self, len: usize) {
+        let (at, end) = (self.fwd, self.rbuf.len());
+        self.rbuf.copy_within(at + len..end, at);
+        self.rbuf.truncate(end - len);
+    }
+
+    fn direction(&self) -> Direction {
+        match self.who {
+            Initiator::Client => Direction::ClientToUpstream,
+            _ => Direction::UpstreamToClient,
+        }
+    }
+}
+
+/// Why a peer is closed by wsgate for what it sent.
+enum Refusal {
+    /// Its frames broke the protocol or a limit.
+    Wire(WireError),
+    /// Its unfinished message would exceed the memory budget.
+    Budget,
+}
+
+impl Refusal {
+    fn close(&self) -> (u16, &'static str) {
+        match self {
+            Refusal::Wire(e) => (e.code(), e.reason()),
+            Refusal::Budget => (1013, "memory budget exceeded, try again later"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Refusal::Wire(e) => e.to_string(),
+            Refusal::Budget => "the memory budget for unfinished messages is exhausted".into(),
+        }
+    }
+}
+
+impl From<WireError> for Refusal {
+    fn from(e: WireError) -> Self {
+        Refusal::Wire(e)
+    }
+}
+
+/// What the relay keeps besides the two peers.
+struct Books<'a> {
+    limits: FrameLimits,
+    /// What each peer's unfinished message holds (client's, app's).
+    holds: [Option<&'a Hold>; 2],
+    /// When each peer last sent anything, in milliseconds since `origin`.
+    seen: [&'a AtomicU64; 2],
+    origin: tokio::time::Instant,
+    /// The first close seen.
+    first: Option<CloseSummary>,
+}
+
+impl Books<'_> {
+    fn note(&mut self, initiator: Initiator, code: Option<u16>, reason: impl Into<String>) {
+        if self.first.is_none() {
+            self.first = Some(CloseSummary {
+                initiator,
+                code,
+                reason: reason.into(),
+            });
+        }
+    }
+
+    fn index(who: Initiator) -> usize {
+        match who {
+            Initiator::Client => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// Writes to `dst` what is due to it: its own Pings and Pongs at a frame boundary, the frames
+/// `src` forwards, then its Close. `true` when anything was written.
+fn poll_write_out<A, B>(dst: &mut Side<B>, src: &mut Side<A>, cx: &mut Context<'_>) -> bool
+where
+    B: AsyncWrite + Unpin,
+{
+    #[derive(Clone, Copy)]
+    enum What {
+        Forwarded,
+        Own,
+        Close,
+    }
+    let mut wrote = false;
+    loop {
+        if dst.write_dead {
+            src.rbuf.advance(src.fwd);
+            (src.fwd, src.fwd_close) = (0, false);
+            dst.ctl = Vec::new();
+            dst.close = None;
+            return wrote;
+        }
+        let what = if dst.mid && src.fwd > 0 {
+            What::Forwarded
+        } else if !dst.ctl.is_empty() {
+            What::Own
+        } else if src.fwd > 0 {
+            What::Forwarded
+        } else if dst.close.is_some() {
+            What::Close
+        } else {
+            return wrote;
+        };
+        let buf: &[u8] = match what {
+            What::Forwarded => &src.rbuf[..src.fwd],
+            What::Own => &dst.ctl,
+            What::Close => dst.close.as_deref().unwrap_or_default(),
+        };
+        let n = match Pin::new(&mut dst.io).poll_write(cx, buf) {
+            Poll::Pending => return wrote,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                dst.write_dead = true;
+                continue;
+            }
+            Poll::Ready(Ok(n)) => n,
+        };
+        wrote = true;
+        dst.dirty = true;
+        match what {
+            What::Forwarded => {
+                src.rbuf.advance(n);
+                src.fwd -= n;
+                dst.mid = src.fwd > 0;
+                if src.fwd == 0 && src.fwd_close {
+                    src.fwd_close = false;
+                    dst.closed_out = true;
+                }
+            }
+            What::Own => {
+                dst.ctl.drain(..n);
+            }
+            What::Close => match dst.close.as_mut() {
+                Some(frame) if n < frame.len() => {
+                    frame.drain(..n);
+                }
+                _ => {
+                    dst.close = None;
+                    dst.closed_out = true;
+                }
+            },
+        }
+    }
+}
+
+/// Flushes what was written to `side`.
+fn poll_flush_out<S: AsyncWrite + Unpin>(side: &mut Side<S>, cx: &mut Context<'_>) {
+    if side.dirty && !side.write_dead {
+        match Pin::new(&mut side.io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => side.dirty = false,
+            Poll::Ready(Err(_)) => side.write_dead = true,
+            Poll::Pending => {}
+        }
+    }
+}
+
+/// Reads `src` when all it had is forwarded, and takes the frames out. `true` when anything
+/// was read or `src` ended.
+fn poll_read_in<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &mut Books<'_>, cx: &mut Context<'_>) -> bool
+where
+    A: AsyncRead + Unpin,
+{
+    if src.read_done || src.fwd > 0 {
+        return false;
+    }
+    let room = match src.need {
+        0 => READ_CHUNK,
+        n => n.clamp(READ_CHUNK, MAX_READ),
+    };
+    src.rbuf.reserve(room);
+    let i = Books::index(src.who);
+    match tokio_util::io::poll_read_buf(Pin::new(&mut src.io), cx, &mut src.rbuf) {
+        Poll::Pending => {
+            // Idle: an idle connection holds no read buffer.
+            if src.rbuf.is_empty() {
+                src.rbuf = BytesMut::new();
+            }
+            false
+        }
+        Poll::Ready(Ok(0)) => {
+            books.note(src.who, None, "connection closed without a Close frame");
+            end_source(src, dst, books, "peer went away");
+            true
+        }
+        Poll::Ready(Ok(_)) => {
+            books.seen[i].store(books.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            if let Err(refusal) = take_frames(src, dst, books) {
+                let (code, reason) = refusal.close();
+                books.note(
+                    Initiator::Proxy,
+                    Some(code),
+                    format!("{}: {}", src.who.as_str(), refusal.describe()),
+                );
+                src.queue_close(Some(code), reason);
+                end_source(src, dst, books, "peer connection failed");
+            }
+            true
+        }
+        Poll::Ready(Err(err)) => {
+            books.note(src.who, None, format!("read failed: {err}"));
+            end_source(src, dst, books, "peer connection failed");
+            true
+        }
+    }
+}
+
+/// Nothing more is read from `src`: what it sent whole still goes to `dst`, then 1001 `why`.
+fn end_source<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &Books<'_>, why: &'static str) {
+    src.read_done = true;
+    src.rbuf.truncate(src.fwd);
+    (src.need, src.msg) = (0, None);
+    if !src.close_queued {
+        // It ended without a Close (a vanished peer): nothing can be written to it either.
+        src.close_queued = true;
+        src.write_dead = true;
+    }
+    dst.queue_close(Some(1001), why);
+    if let Some(hold) = books.holds[Books::index(src.who)] {
+        hold.release();
+    }
+}
+
+/// Takes the whole frames out of what `src` sent: data frames become due to `dst` as they
+/// are, control frames are handled here. Counts what `src`'s unfinished message holds.
+fn take_frames<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &mut Books<'_>) -> Result<(), Refusal> {
+    loop {
+        let avail = &src.rbuf[src.fwd..];
+        let Some(h) = wire::parse_header(avail, src.masked, books.limits.max_frame)? else {
+            src.need = 0;
+            break;
+        };
+        // Order and size are checked from the header, before the frame is waited for.
+        if !h.opcode.is_control() {
+            let so_far = match (h.opcode, src.msg.as_ref()) {
+                (Opcode::Continuation, Some(msg)) => msg.len,
+                (Opcode::Continuation, None) => {
+                    return Err(WireError::Protocol("continuation frame outside a message").into());
+                }
+                (_, Some(_)) => return Err(WireError::Protocol("new message before the last one ended").into()),
+                (_, None) => 0,
+            };
+            let size = so_far + h.payload_len;
+            if size > books.limits.max_message as u64 {
+                return Err(WireError::TooBig {
+                    what: "message",
+                    size,
+                    limit: books.limits.max_message,
+                }
+                .into());
+            }
+        }
+        // At most the frame limit plus a header: fits.
+        let total = h.frame_len() as usize;
+        if avail.len() < total {
+            src.need = total - avail.len();
+            break;
+        }
+        src.need = 0;
+        let payload = src.fwd + h.header_len..src.fwd + total;
+        if h.opcode.is_control() {
+            let mut body = [0u8; 125];
+            let body = &mut body[..payload.len()];
+            body.copy_from_slice(&src.rbuf[payload]);
+            if let Some(key) = h.mask {
+                wire::apply_mask(body, key, 0);
+            }
+            match h.opcode {
+                Opcode::Ping => {
+                    src.cut(total);
+                    src.queue_control(Opcode::Pong, body);
+                }
+                Opcode::Close => {
+                    let (code, reason) = match wire::parse_close(body)? {
+                        Some((code, reason)) => (Some(code), reason),
+                        None => (None, ""),
+                    };
+                    books.note(src.who, code, reason);
+                    // Forwarded as it came; answered on its own leg unless this answers ours.
+                    if dst.accepts() {
+                        src.fwd += total;
+                        src.fwd_close = true;
+                        dst.close_queued = true;
+                    } else {
+                        src.cut(total);
+                    }
+                    let reason = reason.to_owned();
+                    src.queue_close(code, &reason);
+                    src.read_done = true;
+                    src.rbuf.truncate(src.fwd);
+                    if let Some(hold) = books.holds[Books::index(src.who)] {
+                        hold.release();
+                    }
+                    return Ok(());
+                }
+                _ => src.cut(total),
+            }
+            continue;
+        }
+        let msg = src.msg.get_or_insert_with(|| Partial {
+            text: (h.opcode == Opcode::Text).then(Utf8Check::default),
+            len: 0,
+            wire: 0,
+        });
+        msg.len += h.payload_len;
+        if let Some(check) = msg.text.as_mut() {
+            check.feed(&src.rbuf[payload], h.mask, 0)?;
+            if h.fin {
+                check.finish()?;
+            }
+        }
+        msg.wire += total as u64;
+        if h.fin {
+            src.msgs += 1;
+            src.bytes += msg.len;
+            src.msg = None;
+        }
+        if dst.accepts() {
+            src.fwd += total;
+        } else {
+            src.cut(total);
+        }
+    }
+    // What the unfinished message holds: its frames so far and the frame being received.
+    if let Some(hold) = books.holds[Books::index(src.who)] {
+        let held = src.msg.as_ref().map_or(0, |m| m.wire) as usize + (src.rbuf.len() - src.fwd);
+        if !hold.set(held) {
+            return Err(Refusal::Budget);
+        }
+    }
+    Ok(())
+}
+
+/// What a poll of the relay ended with.
+enum Polled {
+    /// Both peers are done.
+    Finished,
+    /// One peer is done: the other gets [`CLOSE_GRACE`].
+    OneDone,
+}
+
+/// The two peers and the books: the relay's state between polls.
+struct Relay<'a, C, U> {
+    client: &'a mut Side<C>,
+    app: &'a mut Side<U>,
+    books: Books<'a>,
+    meter: &'a dyn RelayMeter,
+    one_done: bool,
+}
+
+impl<C, U> Relay<'_, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Relays everything ready both ways. One poll moves every frame that is ready with no
+    /// future built per frame: this is the per-message cost of the proxy.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Polled> {
+        let Relay {
+            client,
+            app,
+            books,
+            meter,
+            one_done,
+        } = self;
+        let mut reads = 0;
+        loop {
+            let mut moved = poll_write_out(&mut **app, &mut **client, cx);
+            moved |= poll_write_out(&mut **client, &mut **app, cx);
+            if reads == MAX_READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                break;
+            }
+            reads += 1;
+            moved |= poll_read_in(&mut **client, &mut **app, books, cx);
+            moved |= poll_read_in(&mut **app, &mut **client, books, cx);
+            if !moved {
+                break;
+            }
+        }
+        poll_flush_out(client, cx);
+        poll_flush_out(app, cx);
+        if client.msgs > 0 {
+            meter.relayed(client.direction(), client.msgs, client.bytes);
+            (client.msgs, client.bytes) = (0, 0);
+        }
+        if app.msgs > 0 {
+            meter.relayed(app.direction(), app.msgs, app.bytes);
+            (app.msgs, app.bytes) = (0, 0);
+        }
+        match (client.done(), app.done()) {
+            (true, true) => Poll::Ready(Polled::Finished),
+            (true, _) | (_, true) if !*one_done => {
+                *one_done = true;
+                Poll::Ready(Polled::OneDone)
+            }
+            _ => Poll::Pending,
+        }
+    }
+
+    /// wsgate ends the connection: a Close to both peers.
+    fn stop(&mut self, reason: StopReason) {
+        let (code, text, note) = reason.close();
+        self.books.note(Initiator::Proxy, Some(code), note);
+        self.client.queue_close(Some(code), text);
+        self.app.queue_close(Some(code), text);
+    }
+
+    /// [`STOP_WRITE_TIMEOUT`] after a stop: a peer that has not taken what was due gets nothing more.
+    fn give_up(&mut self) {
+        if !self.client.out_done() {
+            self.client.write_dead = true;
+        }
+        if !self.app.out_done() {
+            self.app.write_dead = true;
+        }
+    }
+
+    /// Keep-alive: a Ping to each peer that has none waiting.
+    fn ping(&mut self) {
+        if self.client.ctl.is_empty() {
+            self.client.queue_control(Opcode::Ping, &[]);
+        }
+        if self.app.ctl.is_empty() {
+            self.app.queue_control(Opcode::Ping, &[]);
+        }
+    }
+}
+
+/// Relays frames between the client's and the app's WebSocket connections (after their
+/// upgrades) until both have closed (or one has and the other did not finish within
+/// [`CLOSE_GRACE`]), then closes the client's connection gracefully. Resolves to the first close
+/// seen. `client` is the WebSocket client of its leg (its frames are masked) and `upstream` the
+/// server of its.
+///
+/// A drain or the client certificate's expiry ends the relay within [`CLOSE_GRACE`] (plus the
+/// client connection's linger) whatever the peers do.
+///
+/// Not an `async fn`: its arguments would stay in the future next to the state they move into;
+/// `run` keeps the two peers in place.
+pub fn relay<'m, C, U>(client: C, upstream: U, control: Control<'m>) -> impl Future<Output = CloseSummary> + 'm
+where
+    C: AsyncRead + AsyncWrite + Unpin + 'm,
+    U: AsyncRead + AsyncWrite + Unpin + 'm,
+{
+    run(
+        Side::new(client, Initiator::Client, true),
+        Side::new(upstream, Initiator::Upstream, false),
+        control,
+    )
+}
+
+fn ping_interval(keepalive: Option<Keepalive>) -> Option<tokio::time::Interval> {
+    keepalive.map(|k| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + k.ping_interval, k.ping_interval);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    })
 }
 
 /// The next tick of a keep-alive interval; never, without one.
@@ -238,513 +791,85 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// Where a leg stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LegState {
-    /// Relaying: data from `src` is written to `dst`; close requests and stop are watched.
-    Open,
-    /// `dst` is done: it got a Close (forwarded, asked for by the other leg, or sent on stop), or
-    /// a write to it failed or was given up. The leg still reads `src`, so that tungstenite
-    /// answers its pings and its Close, and discards its data until it ends.
-    DstClosed,
-}
-
-/// What a leg does next.
-enum Next {
-    /// Wait for a close request, stop, a ping tick, or the next item from `src` that is not
-    /// data (the pump relays data meanwhile).
-    Wait,
-    /// Handle an item `src` had that is not a data message (control frame, end, error).
-    Handle(Option<Result<Message, WsError>>),
-    /// `src` ended: the leg is done.
-    Done,
-}
-
-/// Why the pump stopped relaying.
-enum Pumped {
-    /// `src` gave an item that is not a data message: the leg handles it.
-    Item(Option<Result<Message, WsError>>),
-    /// [`MAX_BATCH`] items in a row: the leg checks close requests and stop before more.
-    Yield,
-    /// A write to `dst` failed.
-    DstFailed,
-    /// The budget refused a message queued for `dst`; the connection is being stopped.
-    Stopped,
-}
-
-/// The messages written to `dst` since the last flush.
-#[derive(Default)]
-struct Batch {
-    /// Data messages fed and not yet metered.
-    msgs: u64,
-    /// Their payload bytes.
-    bytes: u64,
-    /// Items relayed since the last yield.
-    len: usize,
-    /// What was fed must be flushed before `src` is read again.
-    flushing: bool,
-}
-
-/// The data path of a leg: reads `src`, writes its data messages to `dst`, flushes when `src`
-/// has nothing more ready, and keeps the books (liveness, holds, meter).
-struct Pipe<'a, S, D> {
-    src: &'a mut SplitStream<WebSocketStream<S>>,
-    dst: &'a mut SplitSink<WebSocketStream<D>, Message>,
-    dir: Direction,
-    batch: Batch,
-    meter: &'a dyn RelayMeter,
-    /// When `src` last sent a frame, in milliseconds since the relay started.
-    seen: &'a AtomicU64,
-    origin: tokio::time::Instant,
-    /// What `src`'s stream holds of an unfinished message.
-    hold: Option<&'a Hold>,
-    /// What is queued for `dst` and not yet written.
-    queue: Option<&'a Hold>,
-    /// Ends the connection when the budget refuses a queued message.
-    stopper: &'a Stopper,
-}
-
-impl<S, D> Pipe<'_, S, D>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    D: AsyncRead + AsyncWrite + Unpin,
-{
-    /// `src` sent a frame now: the peer is alive.
-    fn saw(&self) {
-        self.seen
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    fn account(&mut self) {
-        if self.batch.msgs > 0 {
-            self.meter.relayed(self.dir, self.batch.msgs, self.batch.bytes);
-            (self.batch.msgs, self.batch.bytes) = (0, 0);
-        }
-    }
-
-    /// Flushes what the batch fed, if it must be (`dst` not `open`: only meters it). `Err` when
-    /// the flush failed; pending with `batch.flushing` still set.
-    fn poll_flushed(&mut self, open: bool, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-        if !self.batch.flushing {
-            return Poll::Ready(Ok(()));
-        }
-        let flushed = match open {
-            true => match Pin::new(&mut *self.dst).poll_flush(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(result) => result.map_err(drop),
-            },
-            false => Ok(()),
-        };
-        if flushed.is_ok()
-            && open
-            && let Some(queue) = self.queue
-        {
-            queue.release();
-        }
-        self.batch.flushing = false;
-        self.account();
-        Poll::Ready(flushed)
-    }
-
-    /// Relays data messages from `src` to `dst` (discards them when `dst` is not `open`) until
-    /// `src` gives something else, the batch is full, or a write fails. Pending while `src` has
-    /// nothing ready (after flushing what was fed) or `dst` takes no more (backpressure).
-    ///
-    /// One poll relays every message ready, with no future built or moved per message: this is
-    /// the per-message cost of the proxy. Dropping it between polls is safe: a message is taken
-    /// from `src` only once `dst` is ready for it, and what was fed stays queued in `dst`.
-    fn poll_pump(&mut self, open: bool, cx: &mut Context<'_>) -> Poll<Pumped> {
-        // The liveness clock is read once per wake-up, not once per frame.
-        let mut stamped = false;
-        loop {
-            match self.poll_flushed(open, cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(())) => return Poll::Ready(Pumped::DstFailed),
-                Poll::Ready(Ok(())) => {}
-            }
-            if open {
-                match Pin::new(&mut *self.dst).poll_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(_)) => return Poll::Ready(Pumped::DstFailed),
-                }
-            }
-            let msg = match Pin::new(&mut *self.src).poll_next(cx) {
-                Poll::Pending => {
-                    // Nothing more ready: flush the batch. `src`'s waker is set, so once the
-                    // flush is done there is nothing to do until a wake-up.
-                    self.batch.len = 0;
-                    self.batch.flushing = self.batch.msgs > 0;
-                    return match self.poll_flushed(open, cx) {
-                        Poll::Ready(Err(())) => Poll::Ready(Pumped::DstFailed),
-                        _ => Poll::Pending,
-                    };
-                }
-                Poll::Ready(Some(Ok(msg @ (Message::Text(_) | Message::Binary(_))))) => msg,
-                Poll::Ready(item) => {
-                    // Flushed before anything else is read (the leg may write a Close first,
-                    // which flushes too).
-                    self.batch.flushing = self.batch.msgs > 0;
-                    self.batch.len = 0;
-                    return Poll::Ready(Pumped::Item(item));
-                }
-            };
-            if !stamped {
-                self.saw();
-                stamped = true;
-            }
-            // A message's end frees what `src`'s stream held for it.
-            if let Some(hold) = self.hold {
-                hold.release();
-            }
-            if open {
-                let len = msg.len();
-                if let Some(queue) = self.queue
-                    && !queue.charge(len)
-                {
-                    // `dst` does not read and the budget is spent: end the connection (1013
-                    // both ways); the message is not relayed.
-                    self.batch.flushing = self.batch.msgs > 0;
-                    self.stopper.stop(StopReason::Budget);
-                    return Poll::Ready(Pumped::Stopped);
-                }
-                if Pin::new(&mut *self.dst).start_send(msg).is_err() {
-                    return Poll::Ready(Pumped::DstFailed);
-                }
-                self.batch.msgs += 1;
-                self.batch.bytes += len as u64;
-            }
-            self.batch.len += 1;
-            if self.batch.len >= MAX_BATCH {
-                self.batch.len = 0;
-                self.batch.flushing = self.batch.msgs > 0;
-                return Poll::Ready(Pumped::Yield);
-            }
-        }
+/// Sleeps until `at`; never, without it.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
-struct Leg<'a, S, D> {
-    pipe: Pipe<'a, S, D>,
-    state: LegState,
-    /// Requests from the other loop to close `dst` with a given frame (fused: pending once used).
-    close_dst: Fuse<oneshot::Receiver<Message>>,
-    /// Asks the other loop to close `src`.
-    close_src: Option<oneshot::Sender<Message>>,
-    /// Fires when wsgate ends the connection; its reason says why.
-    stopper: &'a Stopper,
-    stop: &'a CancellationToken,
-    first: &'a OnceLock<CloseSummary>,
-    /// Pings `dst` on each tick (keep-alive).
-    ping: Option<tokio::time::Interval>,
-}
-
-impl<S, D> Leg<'_, S, D>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    D: AsyncRead + AsyncWrite + Unpin,
-{
-    fn source(&self) -> Initiator {
-        match self.pipe.dir {
-            Direction::ClientToUpstream => Initiator::Client,
-            Direction::UpstreamToClient => Initiator::Upstream,
-        }
-    }
-
-    fn note(&self, initiator: Initiator, code: Option<u16>, reason: String) {
-        let _ = self.first.set(CloseSummary {
-            initiator,
-            code,
-            reason,
-        });
-    }
-
-    /// Sends `frame` (a Close) to `dst` unless it is done already; `dst` is done after.
-    async fn close_dst(&mut self, frame: Message) {
-        if self.state == LegState::Open {
-            self.state = LegState::DstClosed;
-            let _ = guarded_write(self.stop, self.pipe.dst.send(frame)).await;
-        }
-    }
-
-    /// Relays until the source ends.
-    async fn run(mut self) {
-        let mut next = Next::Wait;
-        loop {
-            next = match next {
-                Next::Wait => self.wait().await,
-                Next::Handle(item) => self.handle(item).await,
-                Next::Done => return,
-            };
-        }
-    }
-
-    /// Relays data until something else needs doing: a close request, stop, a ping tick, or an
-    /// item from `src` that is not data.
-    async fn wait(&mut self) -> Next {
-        let open = self.state == LegState::Open;
-        let pipe = &mut self.pipe;
-        tokio::select! {
-            biased;
-            frame = &mut self.close_dst, if open => {
-                if let Ok(frame) = frame {
-                    self.close_dst(frame).await;
-                }
-                Next::Wait
-            }
-            _ = self.stop.cancelled(), if open => {
-                let reason = self.stopper.reason();
-                let (code, text, note) = reason.close();
-                self.note(Initiator::Proxy, Some(u16::from(code)), note.into());
-                self.close_dst(close(code, text)).await;
-                Next::Wait
-            }
-            pumped = std::future::poll_fn(|cx| pipe.poll_pump(open, cx)) => match pumped {
-                Pumped::Item(item) => Next::Handle(item),
-                Pumped::Yield | Pumped::Stopped => Next::Wait,
-                Pumped::DstFailed => {
-                    self.state = LegState::DstClosed;
-                    Next::Wait
-                }
-            },
-            _ = tick(&mut self.ping), if open => {
-                if !guarded_write(self.stop, self.pipe.dst.send(Message::Ping(Default::default()))).await {
-                    self.state = LegState::DstClosed;
-                }
-                Next::Wait
-            }
-        }
-    }
-
-    /// Handles one item read from `src` that is not a data message.
-    async fn handle(&mut self, item: Option<Result<Message, WsError>>) -> Next {
-        if let Some(Ok(msg)) = &item {
-            // A whole frame came out: the peer is alive. A Ping or Pong, which may come between
-            // the fragments of a message, frees only its own bytes, or a peer could keep a
-            // fragmented message unfinished (and uncharged) for ever by pinging between its
-            // fragments; any other frame ends what was held.
-            self.pipe.saw();
-            if let Some(hold) = self.pipe.hold {
-                match msg {
-                    Message::Ping(payload) | Message::Pong(payload) => {
-                        hold.consume(control_frame_len(
-                            payload.len(),
-                            self.pipe.dir == Direction::ClientToUpstream,
-                        ));
-                    }
-                    _ => hold.release(),
-                }
-            }
-        }
-        match item {
-            // Data is relayed by the pump; Pings are answered on this leg by tungstenite; each leg
-            // keeps its own liveness.
-            Some(Ok(
-                Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_),
-            )) => Next::Wait,
-            Some(Ok(Message::Close(frame))) => {
-                let (code, reason) = frame
-                    .as_ref()
-                    .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
-                    .unwrap_or((None, String::new()));
-                self.note(self.source(), code, reason);
-                // A Close without a code is forwarded as such; tungstenite replies on `src`.
-                self.close_dst(Message::Close(frame)).await;
-                Next::Wait
-            }
-            // A peer that closed TCP without a Close frame (a crash, a restart, close_notify
-            // and FIN) is a vanished peer, not a protocol violation.
-            None
-            | Some(Err(
-                WsError::ConnectionClosed
-                | WsError::AlreadyClosed
-                | WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake),
-            )) => {
-                tracing::trace!(dir = ?self.pipe.dir, "source ended");
-                self.pipe.account();
-                self.note(self.source(), None, "connection closed without a Close frame".into());
-                self.close_dst(close(CloseCode::Away, "peer went away")).await;
-                Next::Done
-            }
-            Some(Err(err)) => {
-                tracing::trace!(dir = ?self.pipe.dir, error = %err, "source failed");
-                self.pipe.account();
-                let to_src = match &err {
-                    WsError::Io(e) if BudgetExceeded::is(e) => {
-                        Some((CloseCode::Again, "memory budget exceeded, try again later", 1013))
-                    }
-                    WsError::Capacity(_) => Some((CloseCode::Size, "message too big", 1009)),
-                    WsError::Utf8(_) => Some((CloseCode::Invalid, "invalid UTF-8 in a text message", 1007)),
-                    WsError::Protocol(_) => Some((CloseCode::Protocol, "protocol error", 1002)),
-                    _ => None,
-                };
-                match to_src {
-                    Some((code, reason, num)) => {
-                        self.note(
-                            Initiator::Proxy,
-                            Some(num),
-                            format!("{}: {err}", self.source().as_str()),
-                        );
-                        if let Some(tx) = self.close_src.take() {
-                            let _ = tx.send(close(code, reason));
-                        }
-                    }
-                    None => self.note(self.source(), None, format!("read failed: {err}")),
-                }
-                self.close_dst(close(CloseCode::Away, "peer connection failed")).await;
-                Next::Done
-            }
-        }
-    }
-}
-
-/// Relays messages between the client's and the app's WebSocket until both have closed (or one
-/// has and the other did not finish within [`CLOSE_GRACE`]), then closes the client's
-/// connection gracefully. Resolves to the first close seen.
-///
-/// A drain or the client certificate's expiry ends the relay within [`CLOSE_GRACE`] (plus the
-/// client connection's linger) whatever the peers do: every write races the stop (see
-/// `guarded_write`), and after the stop the legs get [`CLOSE_GRACE`] to finish their close
-/// handshakes.
-///
-/// Not an `async fn`: its arguments would stay in the future for its whole life (an async fn
-/// keeps its parameters' storage), and an idle connection should hold only what it uses.
-pub fn relay<'m, C, U>(
-    client: WebSocketStream<C>,
-    upstream: WebSocketStream<U>,
-    control: Control<'m>,
-) -> impl std::future::Future<Output = CloseSummary> + 'm
-where
-    C: AsyncRead + AsyncWrite + Unpin + 'm,
-    U: AsyncRead + AsyncWrite + Unpin + 'm,
-{
-    let (client_tx, client_rx) = client.split();
-    let (up_tx, up_rx) = upstream.split();
-    relay_halves(client_tx, client_rx, up_tx, up_rx, control)
-}
-
-/// The bytes of a control frame on the wire: two of header (a control payload is at most 125
-/// bytes, no extended length), the masking key when a client sent it, the payload.
-fn control_frame_len(payload: usize, masked: bool) -> usize {
-    2 + if masked { 4 } else { 0 } + payload
-}
-
-fn ping_interval(keepalive: Option<Keepalive>) -> Option<tokio::time::Interval> {
-    keepalive.map(|k| {
-        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + k.ping_interval, k.ping_interval);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    })
-}
-
-async fn relay_halves<C, U>(
-    mut client_tx: SplitSink<WebSocketStream<C>, Message>,
-    mut client_rx: SplitStream<WebSocketStream<C>>,
-    mut up_tx: SplitSink<WebSocketStream<U>, Message>,
-    mut up_rx: SplitStream<WebSocketStream<U>>,
-    control: Control<'_>,
-) -> CloseSummary
+async fn run<C, U>(mut client: Side<C>, mut app: Side<U>, control: Control<'_>) -> CloseSummary
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let first = OnceLock::new();
+    use futures_util::FutureExt;
     let Control {
         stopper,
         expires_at,
         keepalive,
         holds,
-        queues,
+        limits,
         meter,
     } = control;
     let stop = stopper.token.clone();
     let origin = tokio::time::Instant::now();
-    let (client_seen, app_seen) = (AtomicU64::new(0), AtomicU64::new(0));
-    {
-        let (close_client_tx, close_client_rx) = oneshot::channel();
-        let (close_up_tx, close_up_rx) = oneshot::channel();
-        let inbound = Leg {
-            pipe: Pipe {
-                src: &mut client_rx,
-                dst: &mut up_tx,
-                dir: Direction::ClientToUpstream,
-                batch: Batch::default(),
-                meter,
-                seen: &client_seen,
+    let seen = [AtomicU64::new(0), AtomicU64::new(0)];
+    let first = {
+        let mut relay = Relay {
+            client: &mut client,
+            app: &mut app,
+            books: Books {
+                limits,
+                holds: [
+                    holds.as_ref().map(|h| h.0.as_ref()),
+                    holds.as_ref().map(|h| h.1.as_ref()),
+                ],
+                seen: [&seen[0], &seen[1]],
                 origin,
-                hold: holds.as_ref().map(|h| h.0.as_ref()),
-                queue: queues.as_ref().map(|q| q.1.as_ref()),
-                stopper: &stopper,
+                first: None,
             },
-            state: LegState::Open,
-            close_dst: close_up_rx.fuse(),
-            close_src: Some(close_client_tx),
-            stopper: &stopper,
-            stop: &stop,
-            first: &first,
-            ping: ping_interval(keepalive),
-        }
-        .run();
-        let outbound = Leg {
-            pipe: Pipe {
-                src: &mut up_rx,
-                dst: &mut client_tx,
-                dir: Direction::UpstreamToClient,
-                batch: Batch::default(),
-                meter,
-                seen: &app_seen,
-                origin,
-                hold: holds.as_ref().map(|h| h.1.as_ref()),
-                queue: queues.as_ref().map(|q| q.0.as_ref()),
-                stopper: &stopper,
-            },
-            state: LegState::Open,
-            close_dst: close_client_rx.fuse(),
-            close_src: Some(close_up_tx),
-            stopper: &stopper,
-            stop: &stop,
-            first: &first,
-            ping: ping_interval(keepalive),
-        }
-        .run();
-        // Pinned here, not inside the `legs` block: a block that captured them by value would
-        // hold each loop twice in the relay's future (its capture and its pinned copy), about
-        // 2 KiB more per idle connection.
-        let (mut inbound, mut outbound) = (std::pin::pin!(inbound), std::pin::pin!(outbound));
-        let legs = async {
-            tokio::select! {
-                _ = &mut inbound => { let _ = tokio::time::timeout(CLOSE_GRACE, outbound).await; }
-                _ = &mut outbound => { let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await; }
-            }
+            meter,
+            one_done: false,
         };
-        // Stops both legs on drain, expiry, trust change or a timeout, then gives them
-        // CLOSE_GRACE to finish.
-        let stopper_task = async {
-            let expiry = async {
-                match expires_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let timeouts = watch_timeouts(keepalive, holds.as_ref(), origin, [&client_seen, &app_seen]);
+        let mut ping = ping_interval(keepalive);
+        let timeouts = std::pin::pin!(watch_timeouts(keepalive, holds.as_ref(), origin, [&seen[0], &seen[1]]).fuse());
+        let expiry = std::pin::pin!(until(expires_at).fuse());
+        let (mut timeouts, mut expiry) = (timeouts, expiry);
+        let (mut stopping, mut give_up, mut end_by) = (false, None, None::<tokio::time::Instant>);
+        let grace = |end_by: Option<tokio::time::Instant>| {
+            let at = tokio::time::Instant::now() + CLOSE_GRACE;
+            Some(end_by.map_or(at, |t| t.min(at)))
+        };
+        loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {}
-                _ = expiry => stopper.stop(StopReason::Expired),
-                reason = timeouts => stopper.stop(reason),
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    relay.stop(stopper.reason());
+                    give_up = Some(tokio::time::Instant::now() + STOP_WRITE_TIMEOUT);
+                    end_by = grace(end_by);
+                }
+                _ = &mut expiry, if !stopping => stopper.stop(StopReason::Expired),
+                reason = &mut timeouts, if !stopping => stopper.stop(reason),
+                _ = until(give_up), if give_up.is_some() => {
+                    give_up = None;
+                    relay.give_up();
+                }
+                _ = until(end_by), if end_by.is_some() => break,
+                _ = tick(&mut ping), if !stopping => relay.ping(),
+                polled = std::future::poll_fn(|cx| relay.poll_io(cx)) => match polled {
+                    Polled::Finished => break,
+                    Polled::OneDone => end_by = grace(end_by),
+                },
             }
-            tokio::time::sleep(CLOSE_GRACE).await;
-        };
-        tokio::select! {
-            _ = legs => {}
-            _ = stopper_task => {}
         }
-    }
-    drop((up_tx, up_rx));
-    if let Ok(client) = client_rx.reunite(client_tx) {
-        linger(client.into_inner()).await;
-    }
-    first.into_inner().unwrap_or(CloseSummary {
+        relay.books.first
+    };
+    drop(app);
+    linger(client.io).await;
+    first.unwrap_or(CloseSummary {
         initiator: Initiator::Proxy,
         code: None,
         reason: "closed".into(),
@@ -839,10 +964,14 @@ async fn linger<C: AsyncRead + AsyncWrite + Unpin>(mut io: C) {
 mod tests {
     use std::sync::Mutex;
 
-    use tokio::io::DuplexStream;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncWriteExt, DuplexStream};
     use tokio::task::JoinHandle;
     use tokio::time::Instant;
-    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
     use super::*;
 
@@ -872,17 +1001,23 @@ mod tests {
         }
     }
 
-    /// One leg: the proxy's end in `proxy_role` (with `cfg`) and the peer's end in the other.
-    async fn pipe(proxy_role: Role, cfg: Option<WebSocketConfig>) -> (Ws, Ws) {
+    /// Limits no test message reaches.
+    const LIMITS: FrameLimits = FrameLimits {
+        max_frame: 1 << 20,
+        max_message: 1 << 20,
+    };
+
+    /// One leg: the proxy's raw end and the peer's WebSocket end in `peer_role`.
+    async fn pipe(peer_role: Role) -> (DuplexStream, Ws) {
         let (proxy, peer) = tokio::io::duplex(PIPE);
-        let peer_role = match proxy_role {
-            Role::Server => Role::Client,
-            Role::Client => Role::Server,
-        };
-        (
-            WebSocketStream::from_raw_socket(proxy, proxy_role, cfg).await,
-            WebSocketStream::from_raw_socket(peer, peer_role, None).await,
-        )
+        (proxy, WebSocketStream::from_raw_socket(peer, peer_role, None).await)
+    }
+
+    fn close(code: CloseCode, reason: &'static str) -> Message {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
     }
 
     struct Relay {
@@ -895,9 +1030,9 @@ mod tests {
         task: JoinHandle<CloseSummary>,
     }
 
-    async fn start(client_cfg: Option<WebSocketConfig>, expires_at: Option<Instant>) -> Relay {
-        let (proxy_client, client) = pipe(Role::Server, client_cfg).await;
-        let (proxy_app, app) = pipe(Role::Client, None).await;
+    async fn start(limits: FrameLimits, expires_at: Option<Instant>) -> Relay {
+        let (proxy_client, client) = pipe(Role::Client).await;
+        let (proxy_app, app) = pipe(Role::Server).await;
         let drain = CancellationToken::new();
         let meter: &'static Counter = Box::leak(Box::default());
         let control = Control {
@@ -905,7 +1040,7 @@ mod tests {
             expires_at,
             keepalive: None,
             holds: None,
-            queues: None,
+            limits,
             meter,
         };
         let task = tokio::spawn(relay(proxy_client, proxy_app, control));
@@ -959,7 +1094,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn relays_both_ways_in_order_answers_pings_and_meters() {
-        let mut r = start(None, None).await;
+        let mut r = start(LIMITS, None).await;
         r.client.send(Message::text("one")).await.unwrap();
         r.client.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
         r.client.send(Message::text("two")).await.unwrap();
@@ -996,7 +1131,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_close_reaches_the_app_with_its_code_and_reason() {
-        let mut r = start(None, None).await;
+        let mut r = start(LIMITS, None).await;
         r.client.send(text_close(4000, "done here")).await.unwrap();
         assert_eq!(recv_close(&mut r.app).await, (4000, "done here".into()));
         tokio::join!(finish(r.client), finish(r.app));
@@ -1013,7 +1148,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_app_that_vanishes_gives_the_client_1001() {
-        let mut r = start(None, None).await;
+        let mut r = start(LIMITS, None).await;
         drop(r.app);
         assert_eq!(recv_close(&mut r.client).await, (1001, "peer went away".into()));
         finish(r.client).await;
@@ -1025,7 +1160,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn drain_sends_1001_to_both_legs() {
-        let mut r = start(None, None).await;
+        let mut r = start(LIMITS, None).await;
         let t0 = Instant::now();
         r.drain.cancel();
         assert_eq!(recv_close(&mut r.client).await, (1001, "going away".into()));
@@ -1041,7 +1176,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expiry_sends_1008_to_the_client_and_ends_the_relay() {
         let t0 = Instant::now();
-        let mut r = start(None, Some(t0 + Duration::from_secs(60))).await;
+        let mut r = start(LIMITS, Some(t0 + Duration::from_secs(60))).await;
         r.client.send(Message::text("before")).await.unwrap();
         assert_eq!(recv(&mut r.app).await, Message::text("before"));
         assert_eq!(
@@ -1062,8 +1197,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_oversized_message_closes_its_sender_with_1009() {
-        let cfg = WebSocketConfig::default().max_message_size(Some(1024));
-        let mut r = start(Some(cfg), None).await;
+        let limits = FrameLimits {
+            max_frame: 1 << 20,
+            max_message: 1024,
+        };
+        let mut r = start(limits, None).await;
         r.client.send(Message::binary(vec![0u8; 4096])).await.unwrap();
         assert_eq!(recv_close(&mut r.client).await, (1009, "message too big".into()));
         assert_eq!(recv_close(&mut r.app).await, (1001, "peer connection failed".into()));
@@ -1076,7 +1214,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_close_handshake_left_unfinished_is_cut_after_the_grace() {
-        let mut r = start(None, None).await;
+        let mut r = start(LIMITS, None).await;
         let t0 = Instant::now();
         r.client.send(text_close(1000, "bye")).await.unwrap();
         // The client's leg finishes its handshake (tungstenite echoes the Close) ...
@@ -1107,7 +1245,7 @@ mod tests {
             drain,
             meter,
             task,
-        } = start(None, None).await;
+        } = start(LIMITS, None).await;
         // The app sends far more than the pipes and buffers hold; the client reads nothing.
         const SENT: usize = 1000;
         let app_task = tokio::spawn(async move {
@@ -1139,19 +1277,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn messages_queued_for_a_client_that_does_not_read_are_bounded_by_the_budget() {
-        use crate::proxy::budget::{ALLOWANCE, Hold, MemoryBudget};
+    async fn a_client_that_does_not_read_holds_back_its_sender_and_nothing_is_charged() {
+        use crate::proxy::budget::{Hold, MemoryBudget};
         // The client's pipe holds almost nothing and the client never reads.
-        let (proxy_client_io, _client_io) = tokio::io::duplex(1024);
-        let proxy_client = WebSocketStream::from_raw_socket(proxy_client_io, Role::Server, None).await;
-        let (proxy_app_io, app_io) = tokio::io::duplex(1 << 20);
-        let proxy_app = WebSocketStream::from_raw_socket(proxy_app_io, Role::Client, None).await;
-        let mut app = WebSocketStream::from_raw_socket(app_io, Role::Server, None).await;
-        // A burst from the app, already there when the relay starts: one batch.
-        let size = ALLOWANCE / 2 + 8 * 1024;
-        for _ in 0..3 {
-            app.send(Message::binary(vec![1u8; size])).await.unwrap();
-        }
+        let (proxy_client, _client_io) = tokio::io::duplex(1024);
+        let (proxy_app, mut app) = pipe(Role::Server).await;
         let budget = MemoryBudget::new(8 * 1024);
         let drain = CancellationToken::new();
         let meter: &'static Counter = Box::leak(Box::default());
@@ -1159,22 +1289,163 @@ mod tests {
             stopper: Stopper::new(&drain),
             expires_at: None,
             keepalive: None,
-            holds: None,
-            queues: Some((Hold::new(budget.clone()), Hold::new(budget.clone()))),
+            holds: Some((
+                Hold::new(budget.clone()),
+                Hold::new(budget.clone()),
+                Duration::from_secs(600),
+            )),
+            limits: LIMITS,
             meter,
         };
         let task = tokio::spawn(relay(proxy_client, proxy_app, control));
-        let (code, reason) = recv_close(&mut app).await;
-        assert_eq!(
-            (code, reason.as_str()),
-            (1013, "memory budget exceeded, try again later")
+        const SENT: usize = 100;
+        let sender = tokio::spawn(async move {
+            for _ in 0..SENT {
+                app.send(Message::binary(vec![1u8; 16 * 1024])).await.unwrap();
+            }
+            app
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // The relay stopped reading the app: the app's writes wait (backpressure), nothing
+        // was refused, and whole frames held for the client are not charged.
+        assert!(
+            !sender.is_finished(),
+            "the app wrote everything to a client that reads nothing"
         );
-        let summary = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(5), task)
-            .await
-            .expect("the relay ends although the client never reads")
-            .unwrap();
-        assert_eq!(summary.initiator, Initiator::Proxy);
-        assert_eq!(summary.code, Some(1013));
-        assert!(budget.used() <= 8 * 1024, "charged {} of 8 KiB", budget.used());
+        let (relayed, _) = meter.get(Direction::UpstreamToClient);
+        assert!(relayed < 10, "{relayed} messages read for a client that reads nothing");
+        assert_eq!(budget.used(), 0);
+        assert!(!task.is_finished());
+        drain.cancel();
+        let s = summary(task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
+    }
+
+    /// Writes `frames` (raw bytes) on `io`, then makes it the WebSocket client end.
+    async fn raw_client(mut io: DuplexStream, frames: &[Vec<u8>]) -> Ws {
+        for f in frames {
+            io.write_all(f).await.unwrap();
+        }
+        WebSocketStream::from_raw_socket(io, Role::Client, None).await
+    }
+
+    /// A client frame (masked with a fixed key).
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        assert!(payload.len() < 126);
+        let mut f = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&key);
+        let start = f.len();
+        f.extend_from_slice(payload);
+        wire::apply_mask(&mut f[start..], key, 0);
+        f
+    }
+
+    /// Starts a relay whose client sends `frames` raw; returns the client and app ends.
+    async fn start_raw(frames: &[Vec<u8>]) -> (Ws, Ws, JoinHandle<CloseSummary>) {
+        let (proxy_client, client_io) = tokio::io::duplex(PIPE);
+        let (proxy_app, app) = pipe(Role::Server).await;
+        let drain: &'static CancellationToken = Box::leak(Box::default());
+        let meter: &'static Counter = Box::leak(Box::default());
+        let control = Control {
+            stopper: Stopper::new(drain),
+            expires_at: None,
+            keepalive: None,
+            holds: None,
+            limits: LIMITS,
+            meter,
+        };
+        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        (raw_client(client_io, frames).await, app, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_that_break_the_protocol_close_the_client_with_1002_1007_or_1009() {
+        let unmasked = vec![0x82, 0x02, 1, 2];
+        let bad_utf8 = client_frame(true, 0x1, b"ok \xff no");
+        let orphan = client_frame(true, 0x0, b"more");
+        let interleaved = [client_frame(false, 0x2, b"a"), client_frame(true, 0x1, b"b")].concat();
+        let bad_close = client_frame(true, 0x8, &1005u16.to_be_bytes());
+        let too_big = [vec![0x82, 0xFF], (2u64 << 20).to_be_bytes().to_vec(), vec![0; 4]].concat();
+        for (frame, code) in [
+            (unmasked, 1002),
+            (bad_utf8, 1007),
+            (orphan, 1002),
+            (interleaved, 1002),
+            (bad_close, 1002),
+            (too_big, 1009),
+        ] {
+            let (mut client, mut app, task) = start_raw(std::slice::from_ref(&frame)).await;
+            assert_eq!(recv_close(&mut client).await.0, code, "{frame:x?}");
+            assert_eq!(recv_close(&mut app).await, (1001, "peer connection failed".into()));
+            tokio::join!(finish(client), finish(app));
+            let s = summary(task).await;
+            assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(code)), "{s:?}");
+            assert!(s.reason.starts_with("client: "), "{}", s.reason);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fragmented_text_split_inside_a_character_with_a_ping_between_arrives_whole() {
+        let frames = [
+            client_frame(false, 0x1, "h\u{e9}".as_bytes().split_at(2).0),
+            client_frame(true, 0x9, b"hi"),
+            client_frame(false, 0x0, &"h\u{e9}".as_bytes()[2..]),
+            client_frame(true, 0x0, "llo \u{1D11E}".as_bytes()),
+            client_frame(true, 0x2, &[9; 100]),
+        ];
+        let (mut client, mut app, task) = start_raw(&frames).await;
+        assert_eq!(recv(&mut app).await, Message::text("h\u{e9}llo \u{1D11E}"));
+        assert_eq!(recv(&mut app).await, Message::binary(vec![9u8; 100]));
+        assert_eq!(recv(&mut client).await, Message::Pong(b"hi".to_vec().into()));
+        client.close(None).await.unwrap();
+        tokio::join!(finish(client), finish(app));
+        assert_eq!(summary(task).await.initiator, Initiator::Client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_message_in_many_small_writes_is_forwarded_intact() {
+        let mut r = start(LIMITS, None).await;
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        r.client.send(Message::binary(big.clone())).await.unwrap();
+        r.app.send(Message::text("x".repeat(70_000))).await.unwrap();
+        assert_eq!(recv(&mut r.app).await, Message::binary(big));
+        assert_eq!(recv(&mut r.client).await, Message::text("x".repeat(70_000)));
+        r.app.close(None).await.unwrap();
+        tokio::join!(finish(r.client), finish(r.app));
+        assert_eq!(summary(r.task).await.initiator, Initiator::Upstream);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_pings_both_peers_and_a_silent_peer_is_closed_at_the_idle_timeout() {
+        let (proxy_client, mut client) = pipe(Role::Client).await;
+        let (proxy_app, mut app) = pipe(Role::Server).await;
+        let drain = CancellationToken::new();
+        let meter: &'static Counter = Box::leak(Box::default());
+        let control = Control {
+            stopper: Stopper::new(&drain),
+            expires_at: None,
+            keepalive: Some(Keepalive {
+                ping_interval: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(25),
+            }),
+            holds: None,
+            limits: LIMITS,
+            meter,
+        };
+        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        // Both read (so tungstenite answers the Pings) until the first Ping each.
+        let t0 = Instant::now();
+        assert!(matches!(recv(&mut client).await, Message::Ping(_)));
+        assert!(matches!(recv(&mut app).await, Message::Ping(_)));
+        assert!(t0.elapsed() >= Duration::from_secs(10));
+        // From now on the app answers (its reader runs) and the client does not.
+        let app_reader = tokio::spawn(async move { recv_close(&mut app).await });
+        let (code, reason) = tokio::time::timeout(PATIENCE, app_reader).await.unwrap().unwrap();
+        assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
+        assert!(t0.elapsed() >= Duration::from_secs(25), "{:?}", t0.elapsed());
+        drop(client);
+        let s = summary(task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
     }
 }

@@ -265,9 +265,10 @@ async fn a_client_that_sends_big_messages_but_never_reads_is_closed_with_1013_wi
     })
     .await;
     let mut good = env.connect_as("frontend", "/good").await.unwrap();
-    // The app echoes; this client sends 1 MiB messages and never reads the echoes. Whichever
-    // the budget refuses first (the next message read from it, or the echoes queued for it;
-    // proxy::pump's unit tests prove the queued case alone), the connection ends with 1013.
+    // The app echoes; this client sends 1 MiB messages and never reads the echoes. The echoes
+    // are not queued for it (the relay stops reading the app, proxy::pump's unit tests prove
+    // it); the 1 MiB frames it sends are held while being received, charged to the budget
+    // beyond the allowance, and the budget refuses them: the connection ends with 1013.
     let deaf = env.connect_as("frontend", "/deaf").await.unwrap();
     let sender = tokio::spawn(async move {
         let mut deaf = deaf;
