@@ -213,6 +213,50 @@ const CTL_CAP: usize = 1024;
 /// Reads per poll of the relay before it lets the connection's other work and other tasks run.
 const MAX_READS_PER_POLL: usize = 64;
 
+/// Read buffers that connections gave back when they went idle, kept per thread for the next
+/// connection that has something to read: an idle connection holds no read buffer, and a busy
+/// one does not pay an allocation per wake-up.
+mod spare {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    use super::READ_CHUNK;
+
+    /// Buffers kept per thread, at most.
+    const KEPT: usize = 16;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A buffer to read into: a spare one, or a new empty one (allocated by the caller's
+    /// `reserve`).
+    pub(super) fn take() -> BytesMut {
+        SPARE
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Gives back an empty buffer: kept if it is of the usual size and there is room, freed
+    /// otherwise (a buffer grown for a large frame is not kept).
+    pub(super) fn give(mut buf: BytesMut) {
+        buf.clear();
+        // What was read and consumed is room again (no allocation, no copy: it is empty).
+        if !buf.try_reclaim(READ_CHUNK) || buf.capacity() > 2 * READ_CHUNK {
+            return;
+        }
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEPT {
+                s.push(buf);
+            }
+        });
+    }
+}
+
 /// The message a peer is in the middle of sending.
 struct Partial {
     /// The UTF-8 check of a text message; `None` for binary.
@@ -491,13 +535,16 @@ where
         0 => READ_CHUNK,
         n => n.clamp(READ_CHUNK, MAX_READ),
     };
+    if src.rbuf.capacity() == 0 {
+        src.rbuf = spare::take();
+    }
     src.rbuf.reserve(room);
     let i = Books::index(src.who);
     match tokio_util::io::poll_read_buf(Pin::new(&mut src.io), cx, &mut src.rbuf) {
         Poll::Pending => {
             // Idle: an idle connection holds no read buffer.
             if src.rbuf.is_empty() {
-                src.rbuf = BytesMut::new();
+                spare::give(std::mem::take(&mut src.rbuf));
             }
             false
         }
@@ -1319,6 +1366,33 @@ mod tests {
         drain.cancel();
         let s = summary(task).await;
         assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
+    }
+
+    #[test]
+    fn idle_read_buffers_are_kept_for_reuse_up_to_a_bound_and_grown_ones_are_freed() {
+        std::thread::spawn(|| {
+            let mut used = BytesMut::with_capacity(READ_CHUNK);
+            used.extend_from_slice(&[1u8; 5000]);
+            used.advance(5000);
+            let at = used.as_ptr();
+            spare::give(used);
+            let again = spare::take();
+            assert!(again.capacity() >= READ_CHUNK && again.is_empty());
+            assert_eq!(again.as_ptr(), at.wrapping_sub(5000), "the same allocation, reclaimed");
+            // A buffer grown for a large frame is not kept.
+            spare::give(BytesMut::with_capacity(8 * READ_CHUNK));
+            assert_eq!(spare::take().capacity(), 0);
+            // At most KEPT are.
+            for _ in 0..100 {
+                spare::give(BytesMut::with_capacity(READ_CHUNK));
+            }
+            let kept = std::iter::from_fn(|| Some(spare::take()))
+                .take_while(|b| b.capacity() > 0)
+                .count();
+            assert_eq!(kept, 16);
+        })
+        .join()
+        .unwrap();
     }
 
     /// Writes `frames` (raw bytes) on `io`, then makes it the WebSocket client end.

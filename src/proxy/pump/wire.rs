@@ -95,6 +95,7 @@ impl Header {
 /// the peer is a client) or must not be (a server). `Ok(None)`: not all of it is there yet.
 /// Checks what the header alone can tell: reserved bits (no extension is ever negotiated),
 /// opcodes, the mask, control frames' size and fragmentation, and `max_frame`.
+#[inline]
 pub fn parse_header(buf: &[u8], masked: bool, max_frame: usize) -> Result<Option<Header>, WireError> {
     let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
         return Ok(None);
