@@ -1395,6 +1395,51 @@ mod tests {
         .unwrap();
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_flood_from_a_client_that_never_reads_holds_at_most_the_pong_cap() {
+        // Directly: what wsgate owes one peer of its own frames stops at the cap.
+        let (io, _peer) = tokio::io::duplex(64);
+        let mut side = Side::new(io, Initiator::Client, true);
+        for _ in 0..1000 {
+            side.queue_control(Opcode::Pong, &[7; 125]);
+        }
+        assert!(
+            side.ctl.len() <= CTL_CAP + 127,
+            "{} bytes of pongs queued",
+            side.ctl.len()
+        );
+        // Through the relay: 2000 pings from a client whose pipe holds 1 KiB and who never
+        // reads are all taken (the pongs that do not fit are dropped, not queued), and data
+        // after them still reaches the app.
+        let ping = client_frame(true, 0x9, &[1; 125]);
+        let mut frames = vec![ping; 2000];
+        frames.push(client_frame(true, 0x2, b"after"));
+        let (proxy_client, mut client_io) = tokio::io::duplex(1024);
+        let (proxy_app, mut app) = pipe(Role::Server).await;
+        let drain = CancellationToken::new();
+        let meter: &'static Counter = Box::leak(Box::default());
+        let control = Control {
+            stopper: Stopper::new(&drain),
+            expires_at: None,
+            keepalive: None,
+            holds: None,
+            limits: LIMITS,
+            meter,
+        };
+        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let writer = tokio::spawn(async move {
+            for f in frames {
+                client_io.write_all(&f).await.unwrap();
+            }
+            client_io
+        });
+        assert_eq!(recv(&mut app).await, Message::binary(b"after".to_vec()));
+        let _client_io = tokio::time::timeout(PATIENCE, writer).await.unwrap().unwrap();
+        drain.cancel();
+        let s = summary(task).await;
+        assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
+    }
+
     /// Writes `frames` (raw bytes) on `io`, then makes it the WebSocket client end.
     async fn raw_client(mut io: DuplexStream, frames: &[Vec<u8>]) -> Ws {
         for f in frames {
