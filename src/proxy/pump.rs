@@ -1054,6 +1054,36 @@ mod tests {
         max_message: 1 << 20,
     };
 
+    /// How a test's relay is set up; `spawn` starts it over the proxy's raw ends.
+    #[derive(Default)]
+    struct Setup {
+        expires_at: Option<Instant>,
+        keepalive: Option<Keepalive>,
+        holds: Option<(Arc<Hold>, Arc<Hold>, Duration)>,
+        limits: Option<FrameLimits>,
+    }
+
+    impl Setup {
+        /// The relay's task, the drain that stops it and what it metered.
+        fn spawn(
+            self,
+            client: DuplexStream,
+            app: DuplexStream,
+        ) -> (JoinHandle<CloseSummary>, CancellationToken, &'static Counter) {
+            let drain = CancellationToken::new();
+            let meter: &'static Counter = Box::leak(Box::default());
+            let control = Control {
+                stopper: Stopper::new(&drain),
+                expires_at: self.expires_at,
+                keepalive: self.keepalive,
+                holds: self.holds,
+                limits: self.limits.unwrap_or(LIMITS),
+                meter,
+            };
+            (tokio::spawn(relay(client, app, control)), drain, meter)
+        }
+    }
+
     /// One leg: the proxy's raw end and the peer's WebSocket end in `peer_role`.
     async fn pipe(peer_role: Role) -> (DuplexStream, Ws) {
         let (proxy, peer) = tokio::io::duplex(PIPE);
@@ -1080,17 +1110,12 @@ mod tests {
     async fn start(limits: FrameLimits, expires_at: Option<Instant>) -> Relay {
         let (proxy_client, client) = pipe(Role::Client).await;
         let (proxy_app, app) = pipe(Role::Server).await;
-        let drain = CancellationToken::new();
-        let meter: &'static Counter = Box::leak(Box::default());
-        let control = Control {
-            stopper: Stopper::new(&drain),
+        let setup = Setup {
             expires_at,
-            keepalive: None,
-            holds: None,
-            limits,
-            meter,
+            limits: Some(limits),
+            ..Setup::default()
         };
-        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let (task, drain, meter) = setup.spawn(proxy_client, proxy_app);
         Relay {
             client,
             app,
@@ -1330,21 +1355,15 @@ mod tests {
         let (proxy_client, _client_io) = tokio::io::duplex(1024);
         let (proxy_app, mut app) = pipe(Role::Server).await;
         let budget = MemoryBudget::new(8 * 1024);
-        let drain = CancellationToken::new();
-        let meter: &'static Counter = Box::leak(Box::default());
-        let control = Control {
-            stopper: Stopper::new(&drain),
-            expires_at: None,
-            keepalive: None,
+        let setup = Setup {
             holds: Some((
                 Hold::new(budget.clone()),
                 Hold::new(budget.clone()),
                 Duration::from_secs(600),
             )),
-            limits: LIMITS,
-            meter,
+            ..Setup::default()
         };
-        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let (task, drain, meter) = setup.spawn(proxy_client, proxy_app);
         const SENT: usize = 100;
         let sender = tokio::spawn(async move {
             for _ in 0..SENT {
@@ -1416,17 +1435,7 @@ mod tests {
         frames.push(client_frame(true, 0x2, b"after"));
         let (proxy_client, mut client_io) = tokio::io::duplex(1024);
         let (proxy_app, mut app) = pipe(Role::Server).await;
-        let drain = CancellationToken::new();
-        let meter: &'static Counter = Box::leak(Box::default());
-        let control = Control {
-            stopper: Stopper::new(&drain),
-            expires_at: None,
-            keepalive: None,
-            holds: None,
-            limits: LIMITS,
-            meter,
-        };
-        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let (task, drain, _) = Setup::default().spawn(proxy_client, proxy_app);
         let writer = tokio::spawn(async move {
             for f in frames {
                 client_io.write_all(&f).await.unwrap();
@@ -1464,17 +1473,7 @@ mod tests {
     async fn start_raw(frames: &[Vec<u8>]) -> (Ws, Ws, JoinHandle<CloseSummary>) {
         let (proxy_client, client_io) = tokio::io::duplex(PIPE);
         let (proxy_app, app) = pipe(Role::Server).await;
-        let drain: &'static CancellationToken = Box::leak(Box::default());
-        let meter: &'static Counter = Box::leak(Box::default());
-        let control = Control {
-            stopper: Stopper::new(drain),
-            expires_at: None,
-            keepalive: None,
-            holds: None,
-            limits: LIMITS,
-            meter,
-        };
-        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let (task, _drain, _) = Setup::default().spawn(proxy_client, proxy_app);
         (raw_client(client_io, frames).await, app, task)
     }
 
@@ -1539,20 +1538,14 @@ mod tests {
     async fn keepalive_pings_both_peers_and_a_silent_peer_is_closed_at_the_idle_timeout() {
         let (proxy_client, mut client) = pipe(Role::Client).await;
         let (proxy_app, mut app) = pipe(Role::Server).await;
-        let drain = CancellationToken::new();
-        let meter: &'static Counter = Box::leak(Box::default());
-        let control = Control {
-            stopper: Stopper::new(&drain),
-            expires_at: None,
+        let setup = Setup {
             keepalive: Some(Keepalive {
                 ping_interval: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(25),
             }),
-            holds: None,
-            limits: LIMITS,
-            meter,
+            ..Setup::default()
         };
-        let task = tokio::spawn(relay(proxy_client, proxy_app, control));
+        let (task, _drain, _) = setup.spawn(proxy_client, proxy_app);
         // Both read (so tungstenite answers the Pings) until the first Ping each.
         let t0 = Instant::now();
         assert!(matches!(recv(&mut client).await, Message::Ping(_)));
