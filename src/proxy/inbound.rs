@@ -470,6 +470,7 @@ impl Inbound {
             expires_at,
             keepalive: self.limits.keepalive,
             holds: Some((client_hold, app_hold, self.limits.message_timeout)),
+            queues: Some((Hold::new(self.budget.clone()), Hold::new(self.budget.clone()))),
             limits: frame_limits(&self.limits),
             meter: metrics.as_ref(),
         };

@@ -371,6 +371,7 @@ impl Outbound {
             expires_at: None,
             keepalive: self.limits.keepalive,
             holds: Some((app_hold, remote_hold, self.limits.message_timeout)),
+            queues: Some((Hold::new(self.budget.clone()), Hold::new(self.budget.clone()))),
             limits: frame_limits(&self.limits),
             meter: metrics.as_ref(),
         };

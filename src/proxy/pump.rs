@@ -13,13 +13,15 @@
 //! connection itself through its [`Stopper`]: drain (1001), the client certificate's expiry or a
 //! trust change that no longer admits it (1008), no frame from a peer within the idle timeout
 //! although each leg is pinged (1001), a message left unfinished past the message timeout
-//! (1008); a peer whose unfinished message would exceed the memory budget is closed with 1013.
+//! (1008), frames waiting for a peer that does not read past the memory budget (1013); a peer
+//! whose unfinished message would exceed the budget is closed with 1013.
 //!
-//! What one connection holds is bounded: one frame being received (up to the frame limit,
-//! charged to the budget beyond the allowance) and the frames read with it, which are not read
-//! past while the other peer does not take them (backpressure). The read buffer is freed
-//! whenever it is empty, so an idle connection holds none. After a stop every write gets
-//! [`STOP_WRITE_TIMEOUT`], and the relay ends within [`CLOSE_GRACE`]. Depends on `budget`.
+//! What one connection holds is bounded: one frame being received (up to the frame limit) and
+//! the frames read with it, which are not read past while the other peer does not take them
+//! (backpressure); both are charged to the budget beyond the allowance. The read buffer is freed
+//! whenever it is empty, so an idle connection holds none, and one grown for a large frame is
+//! given up once that frame is gone. After a stop every write gets [`STOP_WRITE_TIMEOUT`], and
+//! the relay ends within [`CLOSE_GRACE`], then both connections linger. Depends on `budget`.
 
 pub mod wire;
 
@@ -91,6 +93,8 @@ pub enum StopReason {
     Idle,
     /// A peer left a message unfinished past the message timeout.
     Unfinished,
+    /// What waits for a peer that does not read would exceed the memory budget.
+    Budget,
 }
 
 impl StopReason {
@@ -109,6 +113,11 @@ impl StopReason {
                 1008,
                 "message not finished in time",
                 "message not finished within the message timeout",
+            ),
+            StopReason::Budget => (
+                1013,
+                "memory budget exceeded, try again later",
+                "memory budget exceeded by frames waiting for a peer that does not read",
             ),
         }
     }
@@ -171,6 +180,10 @@ pub struct Control<'m> {
     /// What each direction holds of unfinished messages (client's, app's), and how long a
     /// message may stay unfinished.
     pub holds: Option<(Arc<Hold>, Arc<Hold>, Duration)>,
+    /// What each peer sent that waits for the other to take it (the client's for the app, the
+    /// app's for the client), charged to the budget beyond the allowance; past it the connection
+    /// is ended with 1013.
+    pub queues: Option<(Arc<Hold>, Arc<Hold>)>,
     /// The largest frame and message a peer may send.
     pub limits: FrameLimits,
     /// Counts relayed messages.
@@ -244,8 +257,10 @@ mod spare {
     /// otherwise (a buffer grown for a large frame is not kept).
     pub(super) fn give(mut buf: BytesMut) {
         buf.clear();
-        // What was read and consumed is room again (no allocation, no copy: it is empty).
-        if !buf.try_reclaim(READ_CHUNK) || buf.capacity() > 2 * READ_CHUNK {
+        // `try_reclaim` never allocates: it tells whether the allocation holds that much, and
+        // makes what was read and consumed room again (no copy: the buffer is empty). Larger
+        // than two chunks is not kept, smaller than one is of no use.
+        if buf.try_reclaim(2 * READ_CHUNK + 1) || !buf.try_reclaim(READ_CHUNK) {
             return;
         }
         let _ = SPARE.try_with(|s| {
@@ -300,6 +315,11 @@ struct Side<S> {
     read_done: bool,
     /// Nothing more is written to it: a write failed, or was given up after a stop.
     write_dead: bool,
+    /// A write to it failed (not given up): the peer is gone.
+    write_failed: bool,
+    /// Its read buffer grew past the usual size (a large frame): it is not kept once empty,
+    /// and a small remainder moves to a usual one.
+    grown: bool,
     /// Data messages finished and their payload bytes, not yet metered.
     msgs: u64,
     bytes: u64,
@@ -324,6 +344,8 @@ impl<S> Side<S> {
             dirty: false,
             read_done: false,
             write_dead: false,
+            write_failed: false,
+            grown: false,
             msgs: 0,
             bytes: 0,
         }
@@ -412,6 +434,10 @@ struct Books<'a> {
     limits: FrameLimits,
     /// What each peer's unfinished message holds (client's, app's).
     holds: [Option<&'a Hold>; 2],
+    /// What each peer sent that waits for the other (client's, app's).
+    queues: [Option<&'a Hold>; 2],
+    /// The budget refused what waits for a peer: the connection is ended with 1013.
+    over_budget: bool,
     /// When each peer last sent anything, in milliseconds since `origin`.
     seen: [&'a AtomicU64; 2],
     origin: tokio::time::Instant,
@@ -478,7 +504,7 @@ where
         let n = match Pin::new(&mut dst.io).poll_write(cx, buf) {
             Poll::Pending => return wrote,
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                dst.write_dead = true;
+                (dst.write_dead, dst.write_failed) = (true, true);
                 continue;
             }
             Poll::Ready(Ok(n)) => n,
@@ -535,16 +561,28 @@ where
         0 => READ_CHUNK,
         n => n.clamp(READ_CHUNK, MAX_READ),
     };
+    if src.grown && src.need <= READ_CHUNK && src.rbuf.len() <= READ_CHUNK {
+        // The large frame is gone: what is left of the next one moves to a usual buffer, so a
+        // peer cannot keep a large allocation while holding (and being charged for) a few bytes.
+        let mut usual = spare::take();
+        usual.extend_from_slice(&src.rbuf);
+        src.rbuf = usual;
+        src.grown = false;
+    }
     if src.rbuf.capacity() == 0 {
         src.rbuf = spare::take();
     }
     src.rbuf.reserve(room);
+    src.grown |= room > READ_CHUNK || src.rbuf.capacity() > 2 * READ_CHUNK;
     let i = Books::index(src.who);
     match tokio_util::io::poll_read_buf(Pin::new(&mut src.io), cx, &mut src.rbuf) {
         Poll::Pending => {
             // Idle: an idle connection holds no read buffer.
             if src.rbuf.is_empty() {
-                spare::give(std::mem::take(&mut src.rbuf));
+                let buf = std::mem::take(&mut src.rbuf);
+                if !std::mem::take(&mut src.grown) {
+                    spare::give(buf);
+                }
             }
             false
         }
@@ -594,6 +632,8 @@ fn end_source<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &Books<'_>, why
 /// Takes the whole frames out of what `src` sent: data frames become due to `dst` as they
 /// are, control frames are handled here. Counts what `src`'s unfinished message holds.
 fn take_frames<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &mut Books<'_>) -> Result<(), Refusal> {
+    // A message ended in this pass: what is held after it is the next one's, timed from now.
+    let mut ended = false;
     loop {
         let avail = &src.rbuf[src.fwd..];
         let Some(h) = wire::parse_header(avail, src.masked, books.limits.max_frame)? else {
@@ -680,23 +720,40 @@ fn take_frames<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &mut Books<'_>
             }
         }
         msg.wire += total as u64;
+        let len = msg.len;
         if h.fin {
-            src.msgs += 1;
-            src.bytes += msg.len;
             src.msg = None;
+            ended = true;
         }
         if dst.accepts() {
             src.fwd += total;
+            if h.fin {
+                src.msgs += 1;
+                src.bytes += len;
+            }
         } else {
             src.cut(total);
         }
     }
     // What the unfinished message holds: its frames so far and the frame being received.
-    if let Some(hold) = books.holds[Books::index(src.who)] {
+    let i = Books::index(src.who);
+    if let Some(hold) = books.holds[i] {
+        if ended {
+            hold.release();
+        }
         let held = src.msg.as_ref().map_or(0, |m| m.wire) as usize + (src.rbuf.len() - src.fwd);
         if !hold.set(held) {
             return Err(Refusal::Budget);
         }
+    }
+    // What waits for the other peer: charged too, beyond the allowance; past the budget the
+    // frames are dropped and the connection is ended with 1013.
+    if let Some(queue) = books.queues[i]
+        && !queue.set(src.fwd)
+    {
+        src.rbuf.advance(src.fwd);
+        (src.fwd, src.fwd_close) = (0, false);
+        books.over_budget = true;
     }
     Ok(())
 }
@@ -707,6 +764,8 @@ enum Polled {
     Finished,
     /// One peer is done: the other gets [`CLOSE_GRACE`].
     OneDone,
+    /// The budget refused what waits for a peer: the connection is to be stopped.
+    OverBudget,
 }
 
 /// The two peers and the books: the relay's state between polls.
@@ -750,6 +809,21 @@ where
         }
         poll_flush_out(client, cx);
         poll_flush_out(app, cx);
+        // What waits for each peer shrank as it was written.
+        for (queue, fwd) in books.queues.iter().zip([client.fwd, app.fwd]) {
+            if let Some(queue) = queue {
+                queue.set(fwd);
+            }
+        }
+        // A peer whose writes fail is gone: the other one is told.
+        if client.write_failed && !client.read_done {
+            books.note(client.who, None, "connection failed while being written to");
+            end_source(&mut **client, &mut **app, books, "peer connection failed");
+        }
+        if app.write_failed && !app.read_done {
+            books.note(app.who, None, "connection failed while being written to");
+            end_source(&mut **app, &mut **client, books, "peer connection failed");
+        }
         if client.msgs > 0 {
             meter.relayed(client.direction(), client.msgs, client.bytes);
             (client.msgs, client.bytes) = (0, 0);
@@ -757,6 +831,9 @@ where
         if app.msgs > 0 {
             meter.relayed(app.direction(), app.msgs, app.bytes);
             (app.msgs, app.bytes) = (0, 0);
+        }
+        if std::mem::take(&mut books.over_budget) {
+            return Poll::Ready(Polled::OverBudget);
         }
         match (client.done(), app.done()) {
             (true, true) => Poll::Ready(Polled::Finished),
@@ -857,6 +934,7 @@ where
         expires_at,
         keepalive,
         holds,
+        queues,
         limits,
         meter,
     } = control;
@@ -873,6 +951,11 @@ where
                     holds.as_ref().map(|h| h.0.as_ref()),
                     holds.as_ref().map(|h| h.1.as_ref()),
                 ],
+                queues: [
+                    queues.as_ref().map(|q| q.0.as_ref()),
+                    queues.as_ref().map(|q| q.1.as_ref()),
+                ],
+                over_budget: false,
                 seen: [&seen[0], &seen[1]],
                 origin,
                 first: None,
@@ -909,13 +992,15 @@ where
                 polled = std::future::poll_fn(|cx| relay.poll_io(cx)) => match polled {
                     Polled::Finished => break,
                     Polled::OneDone => end_by = grace(end_by),
+                    Polled::OverBudget => stopper.stop(StopReason::Budget),
                 },
             }
         }
         relay.books.first
     };
-    drop(app);
-    linger(client.io).await;
+    // Both connections end the careful way (close_notify on a TLS one, FIN, unread input
+    // drained for a moment), so a Close just sent is not destroyed by a reset.
+    tokio::join!(linger(client.io), linger(app.io));
     first.unwrap_or(CloseSummary {
         initiator: Initiator::Proxy,
         code: None,
@@ -1060,6 +1145,7 @@ mod tests {
         expires_at: Option<Instant>,
         keepalive: Option<Keepalive>,
         holds: Option<(Arc<Hold>, Arc<Hold>, Duration)>,
+        queues: Option<(Arc<Hold>, Arc<Hold>)>,
         limits: Option<FrameLimits>,
     }
 
@@ -1077,6 +1163,7 @@ mod tests {
                 expires_at: self.expires_at,
                 keepalive: self.keepalive,
                 holds: self.holds,
+                queues: self.queues,
                 limits: self.limits.unwrap_or(LIMITS),
                 meter,
             };
@@ -1297,8 +1384,10 @@ mod tests {
         assert!(!r.task.is_finished(), "the relay did not wait for the app");
         let s = summary(r.task).await;
         let waited = t0.elapsed();
+        // Cut at the grace; then both connections linger (the app, which neither reads nor
+        // closes, for the whole linger).
         assert!(
-            waited >= CLOSE_GRACE && waited < CLOSE_GRACE + Duration::from_secs(1),
+            waited >= CLOSE_GRACE && waited <= CLOSE_GRACE + LINGER + Duration::from_millis(100),
             "{waited:?}"
         );
         assert_eq!(
@@ -1398,8 +1487,15 @@ mod tests {
             let again = spare::take();
             assert!(again.capacity() >= READ_CHUNK && again.is_empty());
             assert_eq!(again.as_ptr(), at.wrapping_sub(5000), "the same allocation, reclaimed");
-            // A buffer grown for a large frame is not kept.
+            // A buffer grown for a large frame is not kept, even when little of it is left
+            // after what was read.
             spare::give(BytesMut::with_capacity(8 * READ_CHUNK));
+            assert_eq!(spare::take().capacity(), 0);
+            let mut big = BytesMut::with_capacity(2 << 20);
+            big.extend_from_slice(&vec![0u8; (2 << 20) - 20 * 1024]);
+            big.advance(big.len());
+            assert!(big.capacity() >= 20 * 1024 && big.capacity() <= 2 * READ_CHUNK);
+            spare::give(big);
             assert_eq!(spare::take().capacity(), 0);
             // At most KEPT are.
             for _ in 0..100 {
@@ -1447,6 +1543,133 @@ mod tests {
         drain.cancel();
         let s = summary(task).await;
         assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1001)));
+    }
+
+    /// A client frame of any size (masked with a fixed key).
+    fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x11, 0x22, 0x33, 0x44];
+        let mut f = vec![0x80 | opcode, 0x80 | 127];
+        f.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        f.extend_from_slice(&key);
+        let start = f.len();
+        f.extend_from_slice(payload);
+        wire::apply_mask(&mut f[start..], key, 0);
+        f
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finished_messages_never_reach_the_message_timeout_when_reads_end_inside_frames() {
+        use crate::proxy::budget::{Hold, MemoryBudget};
+        let budget = MemoryBudget::new(1 << 20);
+        let (proxy_client, mut client_io) = tokio::io::duplex(PIPE);
+        let (proxy_app, mut app) = pipe(Role::Server).await;
+        let setup = Setup {
+            holds: Some((
+                Hold::new(budget.clone()),
+                Hold::new(budget.clone()),
+                Duration::from_secs(2),
+            )),
+            ..Setup::default()
+        };
+        let (task, _drain, _) = setup.spawn(proxy_client, proxy_app);
+        // Each write ends 3 bytes into the next message; every message is finished 0.5 s after
+        // it started, 20 of them over 10 s against a 2 s message timeout.
+        let frames: Vec<Vec<u8>> = (0..21u8).map(|i| client_frame(true, 0x2, &[i; 100])).collect();
+        let mut pending = Vec::new();
+        for (i, frame) in frames.iter().enumerate() {
+            let (head, tail) = frame.split_at(3);
+            pending.extend_from_slice(head);
+            if i > 0 {
+                client_io.write_all(&pending).await.unwrap();
+                pending.clear();
+                assert_eq!(recv(&mut app).await, Message::binary(vec![i as u8 - 1; 100]));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            pending.extend_from_slice(tail);
+        }
+        assert!(!task.is_finished(), "the relay was stopped: {:?}", task.await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_large_frame_a_small_remainder_moves_to_a_usual_buffer() {
+        let (proxy_client, mut client_io) = tokio::io::duplex(4 << 20);
+        let (proxy_app, mut app) = pipe(Role::Server).await;
+        let payload = vec![5u8; 1 << 20];
+        let mut bytes = masked_frame(0x2, &payload);
+        bytes.push(0x82);
+        client_io.write_all(&bytes).await.unwrap();
+        let reader = tokio::spawn(async move { recv(&mut app).await });
+        let mut client = Side::new(proxy_client, Initiator::Client, true);
+        let mut app_side = Side::new(proxy_app, Initiator::Upstream, false);
+        let seen = [AtomicU64::new(0), AtomicU64::new(0)];
+        let meter = Counter::default();
+        let mut relay = super::Relay {
+            client: &mut client,
+            app: &mut app_side,
+            books: Books {
+                limits: LIMITS,
+                holds: [None, None],
+                queues: [None, None],
+                over_budget: false,
+                seen: [&seen[0], &seen[1]],
+                origin: Instant::now(),
+                first: None,
+            },
+            meter: &meter,
+            one_done: false,
+        };
+        for _ in 0..10_000 {
+            if reader.is_finished() {
+                break;
+            }
+            let _ = std::future::poll_fn(|cx| Poll::Ready(relay.poll_io(cx))).await;
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(reader.await.unwrap(), Message::binary(payload));
+        let _ = std::future::poll_fn(|cx| Poll::Ready(relay.poll_io(cx))).await;
+        assert_eq!(&client.rbuf[..], &[0x82]);
+        assert!(client.rbuf.capacity() <= 2 * READ_CHUNK, "{}", client.rbuf.capacity());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_waiting_for_a_client_that_does_not_read_are_charged_and_bounded_by_the_budget() {
+        use crate::proxy::budget::{ALLOWANCE, Hold, MemoryBudget};
+        for (budget_size, refused) in [(1 << 20, false), (100 * 1024, true)] {
+            let budget = MemoryBudget::new(budget_size);
+            // The client's pipe holds almost nothing and the client never reads.
+            let (proxy_client, _client_io) = tokio::io::duplex(1024);
+            let (proxy_app, mut app) = pipe(Role::Server).await;
+            let setup = Setup {
+                queues: Some((Hold::new(budget.clone()), Hold::new(budget.clone()))),
+                ..Setup::default()
+            };
+            let (task, drain, meter) = setup.spawn(proxy_client, proxy_app);
+            app.send(Message::binary(vec![1u8; 300 * 1024])).await.unwrap();
+            if refused {
+                assert_eq!(
+                    recv_close(&mut app).await,
+                    (1013, "memory budget exceeded, try again later".into())
+                );
+                let s = summary(task).await;
+                assert_eq!((s.initiator, s.code), (Initiator::Proxy, Some(1013)));
+                assert_eq!(
+                    meter.get(Direction::UpstreamToClient),
+                    (1, 300 * 1024),
+                    "read, never sent"
+                );
+            } else {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let waiting = 300 * 1024 + 10 - ALLOWANCE;
+                let used = budget.used();
+                assert!(
+                    used + 1024 >= waiting && used <= waiting,
+                    "{used} charged, {waiting} waiting"
+                );
+                drain.cancel();
+                summary(task).await;
+            }
+            assert_eq!(budget.used(), 0, "all refunded at the end");
+        }
     }
 
     /// Writes `frames` (raw bytes) on `io`, then makes it the WebSocket client end.
