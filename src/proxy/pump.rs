@@ -758,6 +758,23 @@ fn take_frames<A, B>(src: &mut Side<A>, dst: &mut Side<B>, books: &mut Books<'_>
     Ok(())
 }
 
+/// The books of `side` after a poll's reads and writes: what it sent that waits for `other` is
+/// charged as it now is (it shrank as it was written), a peer whose writes failed is gone (the
+/// other one is told), and what it sent is metered.
+fn settle<A, B>(side: &mut Side<A>, other: &mut Side<B>, books: &mut Books<'_>, meter: &dyn RelayMeter) {
+    if let Some(queue) = books.queues[Books::index(side.who)] {
+        queue.set(side.fwd);
+    }
+    if side.write_failed && !side.read_done {
+        books.note(side.who, None, "connection failed while being written to");
+        end_source(side, other, books, "peer connection failed");
+    }
+    if side.msgs > 0 {
+        meter.relayed(side.direction(), side.msgs, side.bytes);
+        (side.msgs, side.bytes) = (0, 0);
+    }
+}
+
 /// What a poll of the relay ended with.
 enum Polled {
     /// Both peers are done.
@@ -809,29 +826,8 @@ where
         }
         poll_flush_out(client, cx);
         poll_flush_out(app, cx);
-        // What waits for each peer shrank as it was written.
-        for (queue, fwd) in books.queues.iter().zip([client.fwd, app.fwd]) {
-            if let Some(queue) = queue {
-                queue.set(fwd);
-            }
-        }
-        // A peer whose writes fail is gone: the other one is told.
-        if client.write_failed && !client.read_done {
-            books.note(client.who, None, "connection failed while being written to");
-            end_source(&mut **client, &mut **app, books, "peer connection failed");
-        }
-        if app.write_failed && !app.read_done {
-            books.note(app.who, None, "connection failed while being written to");
-            end_source(&mut **app, &mut **client, books, "peer connection failed");
-        }
-        if client.msgs > 0 {
-            meter.relayed(client.direction(), client.msgs, client.bytes);
-            (client.msgs, client.bytes) = (0, 0);
-        }
-        if app.msgs > 0 {
-            meter.relayed(app.direction(), app.msgs, app.bytes);
-            (app.msgs, app.bytes) = (0, 0);
-        }
+        settle(&mut **client, &mut **app, books, *meter);
+        settle(&mut **app, &mut **client, books, *meter);
         if std::mem::take(&mut books.over_budget) {
             return Poll::Ready(Polled::OverBudget);
         }

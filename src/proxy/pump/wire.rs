@@ -2,7 +2,7 @@
 //! checked, text checked as UTF-8 across fragments, Close payloads checked, and the few frames
 //! wsgate writes itself (Ping, Pong, Close). Data frames are never rebuilt: the relay forwards
 //! their bytes as they came, mask included, since a client's frames go on to a server and a
-//! server's to a client on the other leg too. A leaf: depends on nothing but `std`.
+//! server's to a client on the other leg too. A leaf: depends on `std` and aws-lc-rs (mask keys).
 
 /// What is wrong with what a peer sent; the relay closes that peer with [`WireError::code`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -316,29 +316,13 @@ pub fn push_close(out: &mut Vec<u8>, code: Option<u16>, reason: &str, mask: bool
     push_control(out, Opcode::Close, &payload, mask);
 }
 
-/// A masking key for a frame wsgate sends to a server. RFC 6455 asks for keys a peer cannot
-/// predict; they only keep caches along the way from being poisoned, so a fast generator
-/// seeded from the system's randomness is enough.
+/// A masking key for a frame wsgate sends to a server: RFC 6455 asks for keys a peer cannot
+/// predict. Only wsgate's own Pings, Pongs and Closes need one (forwarded frames keep theirs),
+/// so the system's generator is cheap enough.
 fn mask_key() -> [u8; 4] {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let mut seed = [0u8; 8];
-            let _ = aws_lc_rs::rand::fill(&mut seed);
-            u64::from_le_bytes(seed) | 1
-        });
-    }
-    STATE.with(|s| {
-        // xorshift64*
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32).to_le_bytes()[..4]
-            .try_into()
-            .unwrap_or([0x5a; 4])
-    })
+    let mut key = [0x5a; 4];
+    let _ = aws_lc_rs::rand::fill(&mut key);
+    key
 }
 
 #[cfg(test)]
