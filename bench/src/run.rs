@@ -151,7 +151,7 @@ pub fn figures(a: &RunArgs) -> Vec<Figure> {
         f(
             "idle_kib",
             format!(
-                "idle memory per proxied WebSocket (PSS, {} connections, KiB)",
+                "idle memory per proxied WebSocket (anonymous PSS, {} connections, KiB)",
                 a.memory_connections
             ),
             Lower,
