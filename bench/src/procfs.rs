@@ -86,6 +86,52 @@ impl CpuSnapshot {
     }
 }
 
+/// The whole machine's CPU time so far, in clock ticks: the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCpu {
+    /// Ticks spent running anything (user, nice, system, irq, softirq) or taken by the
+    /// hypervisor (steal).
+    pub busy: u64,
+    /// Ticks the hypervisor gave to another guest while this one wanted to run.
+    pub steal: u64,
+    /// All ticks, idle and iowait included.
+    pub total: u64,
+}
+
+impl MachineCpu {
+    /// Reads `/proc/stat`; `None` where there is none.
+    pub fn read() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The `cpu` line of a `/proc/stat` text: user nice system idle iowait irq softirq steal.
+    fn parse(text: &str) -> Option<Self> {
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = <[u64; 8]>::try_from(f).ok()?;
+        let busy = user + nice + system + irq + softirq + steal;
+        Some(Self {
+            busy,
+            steal,
+            total: busy + idle + iowait,
+        })
+    }
+
+    /// Per cent of all CPU time since `earlier` that was busy, and that was stolen.
+    pub fn since(&self, earlier: &MachineCpu) -> (f64, f64) {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        (
+            100.0 * self.busy.saturating_sub(earlier.busy) as f64 / total,
+            100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total,
+        )
+    }
+}
+
 /// The proportional set size of `pids` together without file-backed pages, KiB: the anonymous
 /// and shared-memory share (`Pss_Anon` + `Pss_Shmem` of `/proc/PID/smaps_rollup`).
 ///
@@ -142,5 +188,45 @@ mod tests {
         );
         drop(held);
         assert_eq!(process_tree(me)[0], me);
+    }
+
+    #[test]
+    fn the_machine_is_busy_while_this_test_spins() {
+        let before = MachineCpu::read().unwrap();
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        let mut x = 0u64;
+        while std::time::Instant::now() < until {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let (busy, steal) = MachineCpu::read().unwrap().since(&before);
+        // One of the machine's CPUs spun the whole time.
+        let stat = std::fs::read_to_string("/proc/stat").unwrap();
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count() as f64;
+        assert!(busy >= 80.0 / cpus && busy <= 100.0, "{busy} % busy");
+        assert!((0.0..=busy).contains(&steal), "{steal} % stolen");
+    }
+
+    #[test]
+    fn a_proc_stat_line_is_read_field_by_field() {
+        let text = "cpu  10 1 5 80 2 1 1 3 0 0\ncpu0 5 0 2 40 1 0 0 1 0 0\n";
+        let m = MachineCpu::parse(text).unwrap();
+        assert_eq!(
+            m,
+            MachineCpu {
+                busy: 21,
+                steal: 3,
+                total: 103
+            }
+        );
+        let later = MachineCpu {
+            busy: 31,
+            steal: 3,
+            total: 123,
+        };
+        assert_eq!(later.since(&m), (50.0, 0.0));
+        assert_eq!(MachineCpu::parse("cpu 1 2 3\n"), None);
     }
 }

@@ -440,6 +440,17 @@ fn proc_value(path: &str, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Above this share of the machine's CPU busy before a run, the run warns (and its summary says).
+const BUSY_WARNING_PCT: f64 = 5.0;
+
+/// How busy the machine is with nothing of the run started yet: per cent of all its CPU time
+/// over one second that was busy, and that the hypervisor took.
+async fn quietness() -> Option<(f64, f64)> {
+    let before = procfs::MachineCpu::read()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Some(procfs::MachineCpu::read()?.since(&before))
+}
+
 /// What the run ran on and with.
 fn machine(a: &RunArgs, wsgate: &Path) -> serde_json::Value {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -483,6 +494,21 @@ fn machine_markdown(m: &serde_json::Value) -> String {
         m["target_cpus"].as_str().unwrap_or("any (not pinned)"),
         m["load_cpus"].as_str().unwrap_or("any (not pinned)"),
     );
+    if let Some(busy) = m["busy_before_run_pct"].as_f64() {
+        let warn = if busy > BUSY_WARNING_PCT {
+            ": **something else was running; these figures are suspect**"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "- machine busy in the second before the run: {busy:.1} % of all CPU time{warn}\n"
+        ));
+    }
+    if let Some(steal) = m["steal_during_run_pct"].as_f64() {
+        out.push_str(&format!(
+            "- CPU time taken by the hypervisor (steal) during the run: {steal:.1} %\n"
+        ));
+    }
     if let Some(versions) = m["versions"].as_object() {
         for (k, v) in versions {
             out.push_str(&format!("- {k}: {}\n", s(v)));
@@ -525,7 +551,17 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     };
     std::fs::create_dir_all(&out)?;
     // Before the run, so the commit named is the one measured.
-    let machine = machine(&a, &wsgate_exe);
+    let mut machine = machine(&a, &wsgate_exe);
+    let quiet = quietness().await;
+    machine["busy_before_run_pct"] = json!(quiet.map(|(busy, _)| busy));
+    if let Some((busy, _)) = quiet
+        && busy > BUSY_WARNING_PCT
+    {
+        eprintln!(
+            "wsgate-bench: warning: the machine was {busy:.0} % busy in the second before the run: something else is running, and its CPU will show in the figures"
+        );
+    }
+    let cpu_at_start = procfs::MachineCpu::read();
     let work = tempfile::Builder::new().prefix("wsgate-bench-").tempdir()?;
     let pki = Pki::create(&work.path().join("pki"))?;
     let (mut echo, echo_addr) = targets::start_echo(&bench_exe, a.load_cpus.as_deref(), &work.path().join("echo.log"))?;
@@ -558,6 +594,11 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     let _ = echo.wait();
     result?;
 
+    machine["steal_during_run_pct"] = json!(
+        cpu_at_start
+            .zip(procfs::MachineCpu::read())
+            .map(|(start, end)| end.since(&start).1)
+    );
     let settings = json!({ "args": format!("{a:?}"), "machine": machine, "failures": run.failures });
     report::write_raw(&out, &run.records, &settings)?;
     std::fs::write(out.join("machine.json"), serde_json::to_string_pretty(&machine)?)?;
