@@ -1146,6 +1146,14 @@ mod tests {
     }
 
     impl Setup {
+        /// Holds on `budget` for both legs' unfinished messages, with this message timeout.
+        fn holding(budget: &Arc<crate::proxy::budget::MemoryBudget>, message_timeout: Duration) -> Self {
+            Setup {
+                holds: Some((Hold::new(budget.clone()), Hold::new(budget.clone()), message_timeout)),
+                ..Setup::default()
+            }
+        }
+
         /// The relay's task, the drain that stops it and what it metered.
         fn spawn(
             self,
@@ -1435,19 +1443,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_does_not_read_holds_back_its_sender_and_nothing_is_charged() {
-        use crate::proxy::budget::{Hold, MemoryBudget};
+        use crate::proxy::budget::MemoryBudget;
         // The client's pipe holds almost nothing and the client never reads.
         let (proxy_client, _client_io) = tokio::io::duplex(1024);
         let (proxy_app, mut app) = pipe(Role::Server).await;
         let budget = MemoryBudget::new(8 * 1024);
-        let setup = Setup {
-            holds: Some((
-                Hold::new(budget.clone()),
-                Hold::new(budget.clone()),
-                Duration::from_secs(600),
-            )),
-            ..Setup::default()
-        };
+        let setup = Setup::holding(&budget, Duration::from_secs(600));
         let (task, drain, meter) = setup.spawn(proxy_client, proxy_app);
         const SENT: usize = 100;
         let sender = tokio::spawn(async move {
@@ -1555,18 +1556,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn finished_messages_never_reach_the_message_timeout_when_reads_end_inside_frames() {
-        use crate::proxy::budget::{Hold, MemoryBudget};
+        use crate::proxy::budget::MemoryBudget;
         let budget = MemoryBudget::new(1 << 20);
         let (proxy_client, mut client_io) = tokio::io::duplex(PIPE);
         let (proxy_app, mut app) = pipe(Role::Server).await;
-        let setup = Setup {
-            holds: Some((
-                Hold::new(budget.clone()),
-                Hold::new(budget.clone()),
-                Duration::from_secs(2),
-            )),
-            ..Setup::default()
-        };
+        let setup = Setup::holding(&budget, Duration::from_secs(2));
         let (task, _drain, _) = setup.spawn(proxy_client, proxy_app);
         // Each write ends 3 bytes into the next message; every message is finished 0.5 s after
         // it started, 20 of them over 10 s against a 2 s message timeout.
