@@ -138,6 +138,60 @@ pub fn table(figures: &[Figure], targets: &[Kind], records: &[Record]) -> String
     out
 }
 
+/// The same comparisons taken within each round, and their median: a round's noise moves both
+/// targets of a ratio alike, so these are steadier than the ratio of the medians on a shared
+/// machine. The best peer is the one best by the medians.
+pub fn round_ratios(figures: &[Figure], targets: &[Kind], records: &[Record]) -> String {
+    let value = |f: &str, k: Kind, round: usize| {
+        records
+            .iter()
+            .find(|r| r.figure == f && r.target == k.name() && r.round == round)
+            .map(|r| r.value)
+    };
+    let rounds = records.iter().map(|r| r.round).max().unwrap_or(0);
+    let med = medians(records);
+    let series = |f: &str, a: Kind, b: Kind| {
+        let mut ratios: Vec<f64> = (1..=rounds)
+            .filter_map(|round| Some(value(f, a, round)? / value(f, b, round)?))
+            .filter(|r| r.is_finite())
+            .collect();
+        if ratios.is_empty() {
+            return "–".to_owned();
+        }
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let mid = median(&mut ratios).unwrap_or(f64::NAN);
+        format!("{} (median {mid:.2})", listed.join(", "))
+    };
+    let mut out = String::from(
+        "| figure | wsgate ÷ limit, by round | wsgate ÷ best peer, by round | 2 workers ÷ 1, by round |\n|---|---|---|---|\n",
+    );
+    for f in figures {
+        if value(f.id, Kind::Wsgate, 1).is_none() {
+            continue;
+        }
+        let peers = targets
+            .iter()
+            .filter(|k| k.is_peer())
+            .filter_map(|k| Some((*k, *med.get(&(f.id, k.name()))?)));
+        let best = match f.better {
+            Better::Lower => peers.min_by(|a, b| a.1.total_cmp(&b.1)),
+            Better::Higher => peers.max_by(|a, b| a.1.total_cmp(&b.1)),
+        };
+        let peer = best.map_or_else(
+            || "–".to_owned(),
+            |(k, _)| format!("{}: {}", k.name(), series(f.id, Kind::Wsgate, k)),
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {} | {peer} | {} |",
+            f.label,
+            series(f.id, Kind::Wsgate, Kind::Limit),
+            series(f.id, Kind::Wsgate2w, Kind::Wsgate)
+        );
+    }
+    out
+}
+
 /// Writes `raw.csv` and `raw.json` (with the run's settings) into `dir`.
 pub fn write_raw(dir: &Path, records: &[Record], settings: &serde_json::Value) -> Result<()> {
     let mut csv = String::from("round,target,figure,value,detail\n");
@@ -155,6 +209,26 @@ pub fn write_raw(dir: &Path, records: &[Record], settings: &serde_json::Value) -
 mod tests {
     use super::*;
 
+    /// One CPU figure's value for `target` in `round`.
+    fn rec(round: usize, target: &'static str, value: f64) -> Record {
+        Record {
+            round,
+            target,
+            figure: "cpu",
+            value,
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    /// The figure those records are of.
+    fn cpu() -> Figure {
+        Figure {
+            id: "cpu",
+            label: "CPU".into(),
+            better: Better::Lower,
+        }
+    }
+
     #[test]
     fn the_median_of_three_rounds_is_the_middle_one() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
@@ -165,29 +239,47 @@ mod tests {
 
     #[test]
     fn the_table_compares_wsgate_with_the_limit_and_the_best_peer() {
-        let rec = |target, value| Record {
-            round: 1,
-            target,
-            figure: "cpu",
-            value,
-            detail: serde_json::Value::Null,
-        };
         let records = [
-            rec("limit", 100.0),
-            rec("wsgate", 150.0),
-            rec("nginx", 400.0),
-            rec("haproxy", 300.0),
+            rec(1, "limit", 100.0),
+            rec(1, "wsgate", 150.0),
+            rec(1, "nginx", 400.0),
+            rec(1, "haproxy", 300.0),
         ];
-        let figures = [Figure {
-            id: "cpu",
-            label: "CPU".into(),
-            better: Better::Lower,
-        }];
+        let figures = [cpu()];
         let t = table(
             &figures,
             &[Kind::Limit, Kind::Wsgate, Kind::Nginx, Kind::Haproxy],
             &records,
         );
         assert!(t.contains("| CPU | 100 | 150 | 400 | 300 | 1.50× | 0.50× | – |"), "{t}");
+    }
+
+    #[test]
+    fn ratios_are_also_taken_within_each_round_against_the_peer_best_by_the_medians() {
+        // Round 2 is slow for everyone (the limit's value doubles); its ratios stay near the others'.
+        let records = [
+            rec(1, "limit", 100.0),
+            rec(1, "wsgate", 150.0),
+            rec(1, "haproxy", 300.0),
+            rec(1, "nginx", 500.0),
+            rec(2, "limit", 200.0),
+            rec(2, "wsgate", 280.0),
+            rec(2, "haproxy", 700.0),
+            rec(2, "nginx", 560.0),
+            rec(3, "limit", 100.0),
+            rec(3, "wsgate", 160.0),
+            rec(3, "haproxy", 320.0),
+            rec(3, "nginx", 520.0),
+        ];
+        let figures = [cpu()];
+        let t = round_ratios(
+            &figures,
+            &[Kind::Limit, Kind::Wsgate, Kind::Nginx, Kind::Haproxy],
+            &records,
+        );
+        assert!(
+            t.contains("| CPU | 1.50, 1.40, 1.60 (median 1.50) | haproxy: 0.50, 0.40, 0.50 (median 0.50) | – |"),
+            "{t}"
+        );
     }
 }

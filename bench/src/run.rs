@@ -603,9 +603,10 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     report::write_raw(&out, &run.records, &settings)?;
     std::fs::write(out.join("machine.json"), serde_json::to_string_pretty(&machine)?)?;
     let table = report::table(&figures(&a), &a.targets, &run.records);
+    let by_round = report::round_ratios(&figures(&a), &a.targets, &run.records);
     let failures: String = run.failures.iter().map(|f| format!("- failed: {f}\n")).collect();
     let summary = format!(
-        "# wsgate-bench: medians of {} round(s)\n\n{table}\n{}{failures}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
+        "# wsgate-bench: medians of {} round(s)\n\n{table}\nThe same ratios within each round:\n\n{by_round}\n{}{failures}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
         a.rounds,
         machine_markdown(&machine)
     );
