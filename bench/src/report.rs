@@ -97,15 +97,24 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// The peer (nginx, HAProxy or Caddy) with the best median of `f`: the lowest cost or the
+/// highest rate; with that median.
+fn best_peer(f: &Figure, targets: &[Kind], med: &BTreeMap<(&'static str, &'static str), f64>) -> Option<(Kind, f64)> {
+    let peers = targets
+        .iter()
+        .filter(|k| k.is_peer())
+        .filter_map(|k| Some((*k, *med.get(&(f.id, k.name()))?)));
+    match f.better {
+        Better::Lower => peers.min_by(|a, b| a.1.total_cmp(&b.1)),
+        Better::Higher => peers.max_by(|a, b| a.1.total_cmp(&b.1)),
+    }
+}
+
 /// The markdown table: medians per target, wsgate ÷ limit, wsgate ÷ the best peer (the lowest
 /// cost or the highest rate among nginx, HAProxy and Caddy), two workers ÷ one.
 pub fn table(figures: &[Figure], targets: &[Kind], records: &[Record]) -> String {
     let med = medians(records);
-    let get = |f: &str, k: Kind| {
-        med.iter()
-            .find(|((fi, t), _)| *fi == f && *t == k.name())
-            .map(|(_, v)| *v)
-    };
+    let get = |f: &str, k: Kind| med.get(&(f, k.name())).copied();
     let mut out = String::from("| figure |");
     for k in targets {
         let _ = write!(out, " {} |", k.name());
@@ -121,11 +130,7 @@ pub fn table(figures: &[Figure], targets: &[Kind], records: &[Record]) -> String
         for k in targets {
             let _ = write!(out, " {} |", get(f.id, *k).map(fmt).unwrap_or_else(|| "–".into()));
         }
-        let peers = targets.iter().filter(|k| k.is_peer()).filter_map(|k| get(f.id, *k));
-        let best = match f.better {
-            Better::Lower => peers.min_by(f64::total_cmp),
-            Better::Higher => peers.max_by(f64::total_cmp),
-        };
+        let best = best_peer(f, targets, &med).map(|(_, v)| v);
         let ws = get(f.id, Kind::Wsgate);
         let _ = writeln!(
             out,
@@ -169,15 +174,7 @@ pub fn round_ratios(figures: &[Figure], targets: &[Kind], records: &[Record]) ->
         if value(f.id, Kind::Wsgate, 1).is_none() {
             continue;
         }
-        let peers = targets
-            .iter()
-            .filter(|k| k.is_peer())
-            .filter_map(|k| Some((*k, *med.get(&(f.id, k.name()))?)));
-        let best = match f.better {
-            Better::Lower => peers.min_by(|a, b| a.1.total_cmp(&b.1)),
-            Better::Higher => peers.max_by(|a, b| a.1.total_cmp(&b.1)),
-        };
-        let peer = best.map_or_else(
+        let peer = best_peer(f, targets, &med).map_or_else(
             || "–".to_owned(),
             |(k, _)| format!("{}: {}", k.name(), series(f.id, Kind::Wsgate, k)),
         );
