@@ -104,9 +104,29 @@ impl MachineCpu {
         Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
     }
 
+    /// Reads each CPU's line of `/proc/stat` (`cpu0`, `cpu1`, …), in order; empty where there
+    /// is none. Says which side of a run was saturated: the targets' CPU or the load's.
+    pub fn read_each() -> Vec<Self> {
+        std::fs::read_to_string("/proc/stat")
+            .map(|text| Self::parse_each(&text))
+            .unwrap_or_default()
+    }
+
     /// The `cpu` line of a `/proc/stat` text: user nice system idle iowait irq softirq steal.
     fn parse(text: &str) -> Option<Self> {
-        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        Self::parse_line(text.lines().find(|l| l.starts_with("cpu "))?)
+    }
+
+    /// The per-CPU lines of a `/proc/stat` text.
+    fn parse_each(text: &str) -> Vec<Self> {
+        text.lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .filter_map(Self::parse_line)
+            .collect()
+    }
+
+    /// One `cpu…` line's ticks.
+    fn parse_line(line: &str) -> Option<Self> {
         let f: Vec<u64> = line
             .split_whitespace()
             .skip(1)
@@ -175,7 +195,7 @@ mod tests {
         let before = CpuSnapshot::take(&[me]);
         let mut x = 0u64;
         for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
         assert_ne!(x, 1);
         assert!(CpuSnapshot::take(&[me]).since(&before) > Duration::ZERO);
@@ -193,6 +213,7 @@ mod tests {
     #[test]
     fn the_machine_is_busy_while_this_test_spins() {
         let before = MachineCpu::read().unwrap();
+        let each_before = MachineCpu::read_each();
         let until = std::time::Instant::now() + Duration::from_millis(300);
         let mut x = 0u64;
         while std::time::Instant::now() < until {
@@ -207,6 +228,15 @@ mod tests {
             .count() as f64;
         assert!(busy >= 80.0 / cpus && busy <= 100.0, "{busy} % busy");
         assert!((0.0..=busy).contains(&steal), "{steal} % stolen");
+        // Each CPU read on its own: one of them or several in turn ran the spinning thread.
+        let each: Vec<f64> = MachineCpu::read_each()
+            .iter()
+            .zip(&each_before)
+            .map(|(now, then)| now.since(then).0)
+            .collect();
+        assert_eq!(each.len() as f64, cpus);
+        let spun: f64 = each.iter().sum();
+        assert!(spun >= 80.0, "the CPUs were {each:?} % busy");
     }
 
     #[test]
@@ -228,5 +258,14 @@ mod tests {
         };
         assert_eq!(later.since(&m), (50.0, 0.0));
         assert_eq!(MachineCpu::parse("cpu 1 2 3\n"), None);
+        let each = MachineCpu::parse_each(text);
+        assert_eq!(
+            each,
+            vec![MachineCpu {
+                busy: 8,
+                steal: 1,
+                total: 49
+            }]
+        );
     }
 }

@@ -189,6 +189,50 @@ pub fn round_ratios(figures: &[Figure], targets: &[Kind], records: &[Record]) ->
     out
 }
 
+/// How busy each side was in every CPU figure's window, median of the rounds: the target's CPU
+/// time ÷ the window, then the load generator's and echo app's together, both in % of one CPU.
+/// Whichever side is near 100 % bounds that figure's rate (a two-worker target may pass 100).
+pub fn busy_table(figures: &[Figure], targets: &[Kind], records: &[Record]) -> String {
+    let share = |r: &Record, key: &str| {
+        let ms = r.detail.get(key)?.as_f64()?;
+        let secs = r.detail.get("secs")?.as_f64()?;
+        (secs > 0.0).then(|| ms / (secs * 10.0))
+    };
+    let mut out = String::from("| figure (target % / load %) |");
+    for k in targets {
+        let _ = write!(out, " {} |", k.name());
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(targets.len()));
+    out.push('\n');
+    let mut rows = 0;
+    for f in figures.iter().filter(|f| f.id.ends_with("_cpu_us")) {
+        let cells: Vec<String> = targets
+            .iter()
+            .map(|k| {
+                let of = |key: &str| {
+                    let mut v: Vec<f64> = records
+                        .iter()
+                        .filter(|r| r.figure == f.id && r.target == k.name())
+                        .filter_map(|r| share(r, key))
+                        .collect();
+                    median(&mut v)
+                };
+                match (of("cpu_ms"), of("load_cpu_ms")) {
+                    (Some(t), Some(l)) => format!("{t:.0} / {l:.0}"),
+                    _ => "–".into(),
+                }
+            })
+            .collect();
+        if cells.iter().all(|c| c == "–") {
+            continue;
+        }
+        rows += 1;
+        let _ = writeln!(out, "| {} | {} |", f.label, cells.join(" | "));
+    }
+    if rows == 0 { String::new() } else { out }
+}
+
 /// Writes `raw.csv` and `raw.json` (with the run's settings) into `dir`.
 pub fn write_raw(dir: &Path, records: &[Record], settings: &serde_json::Value) -> Result<()> {
     let mut csv = String::from("round,target,figure,value,detail\n");
@@ -278,5 +322,39 @@ mod tests {
             t.contains("| CPU | 1.50, 1.40, 1.60 (median 1.50) | haproxy: 0.50, 0.40, 0.50 (median 0.50) | – |"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_busy_table_says_which_side_was_saturated_in_each_cpu_window() {
+        let window = |target: &'static str, cpu_ms: f64, load_cpu_ms: f64| Record {
+            round: 1,
+            target,
+            figure: "hs_cpu_us",
+            value: 1.0,
+            detail: serde_json::json!({ "secs": 5.0, "cpu_ms": cpu_ms, "load_cpu_ms": load_cpu_ms }),
+        };
+        // The limit is load-bound (its load side at 99 %), nginx bound by its own CPU.
+        let records = [window("limit", 3850.0, 4950.0), window("nginx", 4900.0, 2600.0)];
+        let figures = [
+            Figure {
+                id: "hs_cpu_us",
+                label: "CPU per handshake".into(),
+                better: Better::Lower,
+            },
+            Figure {
+                id: "hs_rate",
+                label: "handshakes/s".into(),
+                better: Better::Higher,
+            },
+        ];
+        let t = busy_table(&figures, &[Kind::Limit, Kind::Nginx, Kind::Haproxy], &records);
+        assert!(t.contains("| CPU per handshake | 77 / 99 | 98 / 52 | – |"), "{t}");
+        assert!(!t.contains("handshakes/s"), "{t}");
+        // Records without the load's CPU (runs before it was measured) give no table.
+        let older = Record {
+            detail: serde_json::json!({ "secs": 5.0, "cpu_ms": 3850.0 }),
+            ..window("limit", 0.0, 0.0)
+        };
+        assert_eq!(busy_table(&figures, &[Kind::Limit], &[older]), "");
     }
 }

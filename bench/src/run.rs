@@ -195,6 +195,14 @@ struct Window {
     ops: u64,
     secs: f64,
     cpu: Duration,
+    /// The load generator's and the echo app's CPU time in the window: near the window's
+    /// length, the load side was saturated and bounded the rate.
+    load_cpu: Duration,
+    /// How busy each CPU of the machine was in the window, %.
+    cpus_busy_pct: Vec<f64>,
+    /// How much of each CPU's time the hypervisor gave to another guest in the window, %:
+    /// a stall no target can help (the round-trip tail shows it first).
+    cpus_steal_pct: Vec<f64>,
     errors: u64,
     rtts: Vec<u32>,
 }
@@ -209,7 +217,15 @@ impl Window {
     }
 
     fn detail(&self) -> serde_json::Value {
-        json!({ "ops": self.ops, "secs": self.secs, "cpu_ms": self.cpu.as_secs_f64() * 1e3, "errors": self.errors })
+        json!({
+            "ops": self.ops,
+            "secs": self.secs,
+            "cpu_ms": self.cpu.as_secs_f64() * 1e3,
+            "load_cpu_ms": self.load_cpu.as_secs_f64() * 1e3,
+            "cpus_busy_pct": self.cpus_busy_pct,
+            "cpus_steal_pct": self.cpus_steal_pct,
+            "errors": self.errors,
+        })
     }
 }
 
@@ -258,11 +274,19 @@ impl Run<'_> {
         let sh = load.shared.clone();
         let (ops0, err0) = (sh.ops.load(Ordering::Relaxed), sh.errors.load(Ordering::Relaxed));
         let cpu0 = CpuSnapshot::take(&target.pids);
+        let load0 = CpuSnapshot::take(&self.env.load_pids);
+        let each0 = procfs::MachineCpu::read_each();
         let t0 = Instant::now();
         sh.recording.store(true, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs_f64(a.secs)).await;
         sh.recording.store(false, Ordering::Relaxed);
         let cpu = CpuSnapshot::take(&target.pids).since(&cpu0);
+        let load_cpu = CpuSnapshot::take(&self.env.load_pids).since(&load0);
+        let (cpus_busy_pct, cpus_steal_pct) = procfs::MachineCpu::read_each()
+            .iter()
+            .zip(&each0)
+            .map(|(now, then)| now.since(then))
+            .unzip();
         let secs = t0.elapsed().as_secs_f64();
         let ops = sh.ops.load(Ordering::Relaxed) - ops0;
         let errors = sh.errors.load(Ordering::Relaxed) - err0;
@@ -281,6 +305,9 @@ impl Run<'_> {
             ops,
             secs,
             cpu,
+            load_cpu,
+            cpus_busy_pct,
+            cpus_steal_pct,
             errors,
             rtts,
         }
@@ -577,6 +604,7 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
             wsgate_base_exe: a.wsgate_base.clone(),
             pki: &pki,
             echo: echo_addr,
+            load_pids: vec![std::process::id(), echo.id()],
             client: Client {
                 addr: echo_addr,
                 tls: pki.client_config()?,
@@ -604,9 +632,10 @@ pub async fn run(a: RunArgs) -> Result<PathBuf> {
     std::fs::write(out.join("machine.json"), serde_json::to_string_pretty(&machine)?)?;
     let table = report::table(&figures(&a), &a.targets, &run.records);
     let by_round = report::round_ratios(&figures(&a), &a.targets, &run.records);
+    let busy = report::busy_table(&figures(&a), &a.targets, &run.records);
     let failures: String = run.failures.iter().map(|f| format!("- failed: {f}\n")).collect();
     let summary = format!(
-        "# wsgate-bench: medians of {} round(s)\n\n{table}\nThe same ratios within each round:\n\n{by_round}\n{}{failures}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
+        "# wsgate-bench: medians of {} round(s)\n\n{table}\nThe same ratios within each round:\n\n{by_round}\nHow busy each side was in the window, % of one CPU (the target; the load generator and the echo app together); the side near 100 bounds the rate:\n\n{busy}\n{}{failures}\nRaw results: raw.csv, raw.json. Settings: {a:?}\n",
         a.rounds,
         machine_markdown(&machine)
     );

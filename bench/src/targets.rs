@@ -81,6 +81,8 @@ pub struct Env<'a> {
     pub pki: &'a Pki,
     /// The echo app every proxy forwards to.
     pub echo: SocketAddr,
+    /// The load side's processes: this one (the load generator) and the echo app.
+    pub load_pids: Vec<u32>,
     /// The load generator's client settings (the target's address is filled in).
     pub client: Client,
     /// CPUs for a one-worker target (`taskset -c` list), or none to not pin.

@@ -104,6 +104,30 @@ fn smoke(targets: &[&str]) {
             );
         }
     }
+    // Every CPU window also says how busy the load side and each CPU were: the load generator
+    // always works, so its CPU time cannot be zero.
+    for r in records.iter().filter(|r| r["figure"] == "hs_cpu_us") {
+        let detail = &r["detail"];
+        assert!(detail["load_cpu_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+        let cpus = detail["cpus_busy_pct"].as_array().unwrap();
+        assert!(
+            !cpus.is_empty()
+                && cpus
+                    .iter()
+                    .all(|c| c.as_f64().is_some_and(|p| (0.0..=100.0).contains(&p))),
+            "{r}"
+        );
+        assert_eq!(
+            detail["cpus_steal_pct"].as_array().map(Vec::len),
+            Some(cpus.len()),
+            "{r}"
+        );
+    }
+    assert!(
+        stdout.contains("| figure (target % / load %) |"),
+        "no busy table printed:
+{stdout}"
+    );
     for file in ["raw.csv", "machine.json", "summary.md"] {
         assert!(out.path().join(file).is_file(), "{file} was not written");
     }
