@@ -359,7 +359,15 @@ impl Run<'_> {
             bail!("no operation completed in the window");
         }
         if let Measure::Latency = m {
-            let detail = json!({ "samples": w.rtts.len(), "rate": w.rate(), "errors": w.errors });
+            // The CPUs' busy and stolen shares too: a tail the hypervisor made shows there.
+            let detail = json!({
+                "samples": w.rtts.len(),
+                "rate": w.rate(),
+                "errors": w.errors,
+                "max_ms": w.rtts.last().map(|v| f64::from(*v) / 1e3),
+                "cpus_busy_pct": w.cpus_busy_pct,
+                "cpus_steal_pct": w.cpus_steal_pct,
+            });
             for (id, q) in [("rtt_p50_ms", 0.5), ("rtt_p99_ms", 0.99)] {
                 let v = report::quantile(&w.rtts, q).context("no round trip measured")?;
                 self.record(round, target.kind, id, f64::from(v) / 1e3, detail.clone());

@@ -123,10 +123,17 @@ fn smoke(targets: &[&str]) {
             "{r}"
         );
     }
+    for r in records.iter().filter(|r| r["figure"] == "rtt_p99_ms") {
+        assert!(
+            r["detail"]["cpus_steal_pct"].as_array().is_some_and(|c| !c.is_empty()),
+            "{r}"
+        );
+        let p99 = r["value"].as_f64().unwrap();
+        assert!(r["detail"]["max_ms"].as_f64().is_some_and(|max| max >= p99), "{r}");
+    }
     assert!(
         stdout.contains("| figure (target % / load %) |"),
-        "no busy table printed:
-{stdout}"
+        "no busy table printed:\n{stdout}"
     );
     for file in ["raw.csv", "machine.json", "summary.md"] {
         assert!(out.path().join(file).is_file(), "{file} was not written");
