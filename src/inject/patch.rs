@@ -164,6 +164,55 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Most runtime workers the injector gives a sidecar: a bound for quantities like `1k` (a
+/// thousand CPUs), far above any sidecar's need.
+pub const MAX_SIDECAR_WORKERS: u32 = 64;
+
+/// The sidecar's runtime workers (`TOKIO_WORKER_THREADS`): its CPU limit rounded up, else its
+/// CPU request rounded up, at least 1 and at most [`MAX_SIDECAR_WORKERS`]. Without it tokio
+/// starts one worker per CPU the container may use, which without a CPU limit (the injector's
+/// default) is every CPU of the node: 64 threads in a sidecar on a 64-CPU node that asked for
+/// 50m. One worker is also the cheapest per relayed message at a moderate rate
+/// (docs/performance.md, "Two workers"); a pod that needs more asks for the CPU.
+pub fn sidecar_workers(cpu_limit: Option<&str>, cpu_request: Option<&str>) -> u32 {
+    let cores = cpu_limit
+        .and_then(cpu_cores)
+        .or_else(|| cpu_request.and_then(cpu_cores))
+        .unwrap_or(0.0);
+    // Compared as floats first: a huge quantity must not wrap when turned into an integer.
+    if cores >= f64::from(MAX_SIDECAR_WORKERS) {
+        return MAX_SIDECAR_WORKERS;
+    }
+    (cores.ceil() as u32).max(1)
+}
+
+/// CPUs in a Kubernetes CPU quantity (`50m` → 0.05, `1.5` → 1.5, `2` → 2); `None` when it is
+/// not one (the annotations and flags are checked for the shape before this).
+fn cpu_cores(quantity: &str) -> Option<f64> {
+    let q = quantity.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let scale = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => return None,
+    };
+    let cores = number.parse::<f64>().ok()? * scale;
+    cores.is_finite().then_some(cores)
+}
+
 /// The sidecar container for a pod with these options.
 pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Container {
     // An outbound-only pod's sidecar gets no --listen, --upstream nor --allow: without
@@ -236,10 +285,11 @@ pub fn sidecar(opts: &PodOptions, settings: &InjectSettings, native: bool) -> Co
         ("cpu", &pick(&o.cpu_request, &r.cpu_request)),
         ("memory", &pick(&o.memory_request, &r.memory_request)),
     ]);
-    let limits = quantities([
-        ("cpu", &pick(&o.cpu_limit, &r.cpu_limit)),
-        ("memory", &pick(&o.memory_limit, &r.memory_limit)),
-    ]);
+    let cpu_limit = pick(&o.cpu_limit, &r.cpu_limit);
+    let cpu_request = pick(&o.cpu_request, &r.cpu_request);
+    let limits = quantities([("cpu", &cpu_limit), ("memory", &pick(&o.memory_limit, &r.memory_limit))]);
+    let workers = sidecar_workers(cpu_limit.as_deref(), cpu_request.as_deref());
+    env.push(self::env("TOKIO_WORKER_THREADS", &workers.to_string()));
     Container {
         name: SIDECAR.into(),
         image: Some(settings.image.clone()),

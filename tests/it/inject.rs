@@ -603,6 +603,45 @@ fn resource_annotations_override_the_injectors_defaults_one_by_one() {
     assert_eq!(limits["memory"].0, "256Mi");
 }
 
+fn workers_of(c: &Container) -> String {
+    let env = c.env.iter().flatten().find(|e| e.name == "TOKIO_WORKER_THREADS");
+    env.and_then(|e| e.value.clone())
+        .expect("TOKIO_WORKER_THREADS on the sidecar")
+}
+
+/// Without it tokio would start one worker per CPU of the node (the default sidecar has no CPU
+/// limit): the sidecar gets its CPU limit rounded up, else its request, at least one.
+#[test]
+fn the_sidecar_runs_as_many_workers_as_the_cpus_it_asks_for_and_one_by_default() {
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        // The injector's default: 50m requested, no limit.
+        (&[], "1"),
+        (&[("wsgate.dev/cpu-limit", "1500m")], "2"),
+        (&[("wsgate.dev/cpu-request", "3"), ("wsgate.dev/cpu-limit", "2")], "2"),
+        (&[("wsgate.dev/cpu-request", "2.5")], "3"),
+        (&[("wsgate.dev/cpu-limit", "1k")], "64"),
+    ];
+    for (extra, want) in cases {
+        let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
+        annotate(&mut review, &[("wsgate.dev/inject", "true")]);
+        annotate(&mut review, extra);
+        for native in [false, true] {
+            let out = run(&review, false, native);
+            let c = sidecar_of(&out.pod, native);
+            assert_eq!(workers_of(&c), want, "{extra:?}");
+        }
+    }
+    use wsgate::inject::patch::sidecar_workers;
+    assert_eq!(sidecar_workers(None, None), 1);
+    assert_eq!(sidecar_workers(Some("0"), Some("4")), 1, "a zero limit still runs one");
+    assert_eq!(sidecar_workers(Some("100Mi"), None), 64, "nonsense for a CPU is capped");
+    assert_eq!(
+        sidecar_workers(Some("1e3"), Some("2")),
+        2,
+        "not a quantity: the request"
+    );
+}
+
 #[test]
 fn one_outbound_entry_becomes_a_loopback_listener_of_the_sidecar_without_a_warning() {
     let mut review = fixture("pod-create-kubectl-apply.captured-k8s-1.20.json");
