@@ -249,15 +249,36 @@ pub fn dns_name_allowed(name: &str, namespace: &str, cluster_domain: &str) -> bo
 /// Whether `value` has the shape of a Kubernetes quantity (`50m`, `128Mi`, `0.5`): the same
 /// check as the `--sidecar-*` flags' (`cli::quantity`); the API server has the last word.
 pub fn is_quantity(value: &str) -> bool {
+    quantity_value(value).is_some()
+}
+
+/// The value of a Kubernetes quantity in its base unit (`50m` → 0.05, `2Ki` → 2048, `1.5` →
+/// 1.5); `None` when `value` does not have a quantity's shape (a number of digits and dots, then
+/// one of the decimal or binary suffixes).
+pub fn quantity_value(value: &str) -> Option<f64> {
     let (num, suffix) = value.split_at(
         value
             .find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(value.len()),
     );
-    const SUFFIXES: [&str; 14] = [
-        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    const SUFFIXES: [(&str, f64); 14] = [
+        ("", 1.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
     ];
-    num.parse::<f64>().is_ok() && SUFFIXES.contains(&suffix)
+    let scale = SUFFIXES.iter().find(|(s, _)| *s == suffix)?.1;
+    Some(num.parse::<f64>().ok()? * scale)
 }
 
 /// A resource annotation's quantity, if the pod sets one.

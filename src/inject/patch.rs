@@ -175,42 +175,16 @@ pub const MAX_SIDECAR_WORKERS: u32 = 64;
 /// 50m. One worker is also the cheapest per relayed message at a moderate rate
 /// (docs/performance.md, "Two workers"); a pod that needs more asks for the CPU.
 pub fn sidecar_workers(cpu_limit: Option<&str>, cpu_request: Option<&str>) -> u32 {
+    let parse = |q: &str| annotations::quantity_value(q.trim());
     let cores = cpu_limit
-        .and_then(cpu_cores)
-        .or_else(|| cpu_request.and_then(cpu_cores))
+        .and_then(parse)
+        .or_else(|| cpu_request.and_then(parse))
         .unwrap_or(0.0);
     // Compared as floats first: a huge quantity must not wrap when turned into an integer.
     if cores >= f64::from(MAX_SIDECAR_WORKERS) {
         return MAX_SIDECAR_WORKERS;
     }
     (cores.ceil() as u32).max(1)
-}
-
-/// CPUs in a Kubernetes CPU quantity (`50m` → 0.05, `1.5` → 1.5, `2` → 2); `None` when it is
-/// not one (the annotations and flags are checked for the shape before this).
-fn cpu_cores(quantity: &str) -> Option<f64> {
-    let q = quantity.trim();
-    let split = q.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let scale = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        _ => return None,
-    };
-    let cores = number.parse::<f64>().ok()? * scale;
-    cores.is_finite().then_some(cores)
 }
 
 /// The sidecar container for a pod with these options.
