@@ -930,6 +930,17 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_quantity_is_read_in_its_base_unit() {
+        assert_eq!(quantity_value("50m"), Some(0.05));
+        assert_eq!(quantity_value("1.5"), Some(1.5));
+        assert_eq!(quantity_value("2Ki"), Some(2048.0));
+        assert_eq!(quantity_value("3k"), Some(3000.0));
+        for bad in ["", "lots", "1Gb", "-1", "1.2.3m", "1e3"] {
+            assert_eq!(quantity_value(bad), None, "{bad}");
+        }
+    }
+
     fn outbound_of(annotations: &[(&str, &str)]) -> Result<Vec<Outbound>, AnnotationError> {
         options(&pod(annotations), "a", &InjectSettings::example()).map(|o| o.outbound)
     }
